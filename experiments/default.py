@@ -1,0 +1,142 @@
+"""Default experiment: a small dense Xenith decoder on the embedded Shakespeare corpus.
+
+Every field of every experiment is defined and commented here; other experiments start
+from `get_config()` and change what they need.
+
+  python main.py --config=experiments/default.py --workdir=runs/default
+  python main.py --config=experiments/default.py:size=tiny --workdir=runs/tiny
+  python main.py --config=experiments/default.py --config.model.num_layers=6 ...
+"""
+
+import ml_collections
+
+# Model sizes selected by the config argument (`experiments/default.py:size=base`).
+# tiny: seconds on a CPU (tests); small: the default, trains on 2 CPU cores in ~10 min;
+# base: a GPU-sized model (~125M parameters).
+SIZES = {
+    'tiny': dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=128, vocab_size=512, max_seq_len=64, global_batch_size=8),
+    'small': dict(embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
+                  mlp_dim=768, vocab_size=2048, max_seq_len=128, global_batch_size=32),
+    'base': dict(embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+                 mlp_dim=2048, vocab_size=32000, max_seq_len=1024, global_batch_size=256),
+}
+
+# Logical axis names (on params and activations) -> mesh axes. MaxText-style names;
+# the mesh axes are `data`, `fsdp`, `tensor`, `expert` (see `config.mesh`).
+LOGICAL_AXIS_RULES = (
+    # Activations.
+    ('activation_batch', ('data', 'fsdp', 'expert')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
+    # Parameters.
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('norm', None),
+    ('layers', None),
+    ('exp', 'expert'),
+)
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """Parses a config argument `k1=v1,k2=v2` into a dict."""
+  if not arg:
+    return {}
+  out = {}
+  for item in arg.split(','):
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'Config argument {item!r} is not of the form key=value.')
+    out[key.strip()] = value.strip()
+  return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default config; `arg` picks a size, e.g. `size=tiny`."""
+  args = parse_arg(arg)
+  size = args.pop('size', 'small')
+  if args:
+    raise ValueError(f'Unknown config argument(s) {sorted(args)}; known: size.')
+  if size not in SIZES:
+    raise ValueError(f'Unknown size {size!r}; choose one of {sorted(SIZES)}.')
+  s = SIZES[size]
+
+  config = ml_collections.ConfigDict()
+  config.size = size  # Which entry of SIZES this config started from (for HParams).
+  config.seed = 0  # Seeds param init, dropout and data shuffling.
+
+  # Loop.
+  config.num_train_steps = 3000  # Total optimizer steps.
+  config.log_every_steps = 50  # Train metrics are written every this many steps.
+  config.eval_every_steps = 500  # Evaluate on the validation split every this many steps.
+  config.num_eval_batches = 16  # Validation batches per evaluation; -1 = the whole split.
+  config.checkpoint_every_steps = 500  # Save a checkpoint every this many steps.
+  config.keep_checkpoints = 3  # Keep this many most recent checkpoints.
+  config.global_batch_size = s['global_batch_size']  # Sequences per step, all devices.
+  config.max_seq_len = s['max_seq_len']  # Tokens per packed training sequence.
+  config.on_nonfinite = 'stop'  # Non-finite loss/grads: 'stop' the run or 'skip' the update.
+  config.peak_flops_per_device = 0.0  # For train/mfu; 0 = look up the accelerator (CPU: measure).
+
+  # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 3e-3  # Peak learning rate.
+  config.optimizer.warmup_steps = 200  # Linear warmup from 0 to the peak.
+  config.optimizer.end_lr_fraction = 0.1  # Final learning rate as a fraction of the peak.
+  config.optimizer.b1 = 0.9  # Adam beta1.
+  config.optimizer.b2 = 0.95  # Adam beta2.
+  config.optimizer.eps = 1e-8  # Adam epsilon.
+  config.optimizer.weight_decay = 0.1  # Decoupled weight decay (not on norms or biases).
+  config.optimizer.grad_clip_norm = 1.0  # Clip gradients to this global norm; 0 = off.
+
+  # Model: a pre-norm decoder-only transformer.
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = s['vocab_size']  # Embedding rows; the tokenizer must fit in it.
+  config.model.embed_dim = s['embed_dim']  # Width of the residual stream.
+  config.model.num_layers = s['num_layers']  # Decoder blocks.
+  config.model.num_heads = s['num_heads']  # Query heads.
+  config.model.num_kv_heads = s['num_kv_heads']  # Key/value heads (grouped-query attention).
+  config.model.head_dim = s['head_dim']  # Width of each attention head.
+  config.model.mlp_dim = s['mlp_dim']  # Hidden width of the SwiGLU MLP.
+  config.model.norm = 'rmsnorm'  # 'rmsnorm' or 'layernorm'.
+  config.model.norm_eps = 1e-6  # Epsilon inside the norms.
+  config.model.tie_embeddings = True  # Output head reuses the token embedding matrix.
+  config.model.rope_theta = 10_000.0  # RoPE base wavelength.
+  config.model.dropout_rate = 0.0  # Dropout on residual branches during training.
+  config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay fp32).
+  config.model.remat = 'none'  # Rematerialise blocks: 'none', 'full', 'dots', 'dots_no_batch'.
+  config.model.scan_layers = False  # Stack blocks with nn.scan (faster compiles for deep models).
+
+  # Data: documents -> TFDS array_record -> grain -> SentencePiece -> packed sequences.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'shakespeare'  # 'shakespeare' (embedded corpus) or 'folder'.
+  config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
+  config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
+  config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.
+  config.data.cache_dir = ''  # Downloads, prepared datasets, tokenizers; '' = ~/.cache/xenith.
+
+  # Device mesh: sizes of the axes; -1 fills the remaining devices (at most one -1).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Data parallelism (replicated params).
+  config.mesh.fsdp = 1  # Fully sharded data parallelism (params sharded over 'embed').
+  config.mesh.tensor = 1  # Tensor parallelism (heads, mlp, vocab).
+  config.mesh.expert = 1  # Expert parallelism (used by MoE layers).
+  config.logical_axis_rules = LOGICAL_AXIS_RULES  # Logical axis name -> mesh axes.
+  return config
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+  """Learning-rate x width sweep over the tiny model; see launch/sweep.py."""
+  del arg
+  from xenith import sweeps  # Imported here so configs stay importable without the library.
+  return sweeps.product({
+      'optimizer.learning_rate': [1e-3, 3e-3],
+      'model.embed_dim': [64, 128],
+  })

@@ -1,0 +1,1 @@
+"""Xenith: sparse (Mixture-of-Experts), long-context language models in Flax/Linen."""

@@ -1,0 +1,1 @@
+"""Documents -> TFDS array_record -> grain -> tokens -> packed batches."""

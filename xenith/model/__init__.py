@@ -1,0 +1,1 @@
+"""The Xenith decoder and its parts."""
