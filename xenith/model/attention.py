@@ -1,0 +1,103 @@
+"""Grouped-query self-attention with RoPE, and the reference attention kernel."""
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xenith.model import layers
+from xenith.model import masks
+from xenith.model import rope
+
+# Finite rather than -inf so that a fully masked row (never produced by
+# `masks.make_attention_mask`, but possible with hand-made masks) gives a
+# uniform distribution instead of NaNs.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+  """Reference softmax attention with grouped KV heads; O(q_len * kv_len) memory.
+
+  Query head h uses KV head h // (heads // kv_heads), the grouping of Hugging
+  Face's `repeat_kv`. Scores and softmax are float32 whatever the input dtype.
+
+  Args:
+    query: [batch, q_len, heads, head_dim].
+    key: [batch, kv_len, kv_heads, head_dim].
+    value: [batch, kv_len, kv_heads, head_dim].
+    mask: [batch or 1, q_len, kv_len] bool, True = may attend; None = all.
+
+  Returns:
+    [batch, q_len, heads, head_dim] in the dtype of `value`.
+  """
+  batch, q_len, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(
+        f'heads ({num_heads}) must be a multiple of kv_heads ({num_kv_heads}).'
+    )
+  group = num_heads // num_kv_heads
+  # query: [batch, q_len, kv_heads, group, head_dim]
+  query = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  # scores: [batch, kv_heads, group, q_len, kv_len]
+  scores = jnp.einsum(
+      'bqkgd,bskd->bkgqs', query, key, preferred_element_type=jnp.float32
+  )
+  scores = scores * (head_dim**-0.5)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, value)
+  return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention within packed documents.
+
+  Kernels keep head axes separate (query [embed, heads, head_dim], key/value
+  [embed, kv_heads, head_dim], out [heads, head_dim, embed]) so tensor
+  parallelism can shard heads.
+  """
+
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      segment_ids: jax.Array | None,
+      positions: jax.Array,
+  ) -> jax.Array:
+    """x: [batch, seq, embed]; segment_ids, positions: [batch, seq] -> [batch, seq, embed]."""
+    cfg = self.config
+    q_shape = (cfg.num_heads, cfg.head_dim)
+    kv_shape = (cfg.num_kv_heads, cfg.head_dim)
+    query = layers.dense(
+        q_shape, ('embed', 'heads', 'head_dim'), cfg, name='query')(x)
+    key = layers.dense(
+        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='key')(x)
+    value = layers.dense(
+        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='value')(x)
+
+    q_names = ('activation_batch', 'activation_length', 'activation_heads', None)
+    kv_names = (
+        'activation_batch', 'activation_length', 'activation_kv_heads', None)
+    query = nn.with_logical_constraint(query, q_names)
+    key = nn.with_logical_constraint(key, kv_names)
+    value = nn.with_logical_constraint(value, kv_names)
+
+    inv_freq = rope.inv_frequencies(cfg)
+    query = rope.apply_rope(query, positions, inv_freq)
+    key = rope.apply_rope(key, positions, inv_freq)
+
+    mask = masks.make_attention_mask(x.shape[1], segment_ids)
+    out = dot_product_attention(query, key, value, mask)
+    out = nn.with_logical_constraint(out, q_names)  # [batch, seq, heads, head_dim]
+    return layers.dense(
+        cfg.embed_dim, ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+        name='out')(out)

@@ -1,0 +1,152 @@
+"""The dense decoder-only transformer: `DecoderBlock`, `Decoder`, `make_model`."""
+
+import math
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xenith.model import attention
+from xenith.model import layers
+from xenith.model import mlp
+from xenith.model import norms
+
+_EMBED_NAMES = ('activation_batch', 'activation_length', 'activation_embed')
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); dropout on branches."""
+
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      segment_ids: jax.Array | None,
+      positions: jax.Array,
+      deterministic: bool,
+  ) -> tuple[jax.Array, None]:
+    """x: [batch, seq, embed] -> (x, None); the pair is `nn.scan`'s carry/output."""
+    cfg = self.config
+    x = nn.with_logical_constraint(x, _EMBED_NAMES)
+    branch = norms.make_norm(cfg, 'attn_norm')(x)
+    branch = attention.Attention(cfg, name='attn')(branch, segment_ids, positions)
+    branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
+    x = x + branch
+
+    branch = norms.make_norm(cfg, 'mlp_norm')(x)
+    branch = mlp.Mlp(cfg, name='mlp')(branch)
+    branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
+    x = x + branch
+    return nn.with_logical_constraint(x, _EMBED_NAMES), None
+
+
+def _block_class(config: ml_collections.FrozenConfigDict) -> type[nn.Module]:
+  """`DecoderBlock`, rematerialised per `config.remat`."""
+  if config.remat == 'none':
+    return DecoderBlock
+  if config.remat not in REMAT_POLICIES:
+    raise ValueError(
+        f'Unknown remat {config.remat!r}; choose none or one of '
+        f'{sorted(REMAT_POLICIES)}.')
+  return nn.remat(
+      DecoderBlock,
+      policy=REMAT_POLICIES[config.remat],
+      # Inside scan the loop already stops XLA from merging the recomputation
+      # into the forward pass; elsewhere it must be prevented explicitly.
+      prevent_cse=not config.scan_layers,
+      static_argnums=(4,),  # `deterministic` (self is argument 0).
+  )
+
+
+class Decoder(nn.Module):
+  """Decoder-only language model configured by `config` (a frozen `config.model`).
+
+  Params are float32; activations use `config.dtype`; logits are float32.
+  With `config.scan_layers` the blocks live under `layers` with a leading
+  layer axis (logical name 'layers'); otherwise under `block_0`, `block_1`, ...
+  """
+
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.Array,
+      *,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      deterministic: bool = True,
+  ) -> jax.Array:
+    """Next-token logits.
+
+    Args:
+      inputs: [batch, seq] int32 token ids.
+      segment_ids: [batch, seq] int32 packed-document ids, 0 = padding; None =
+        one document per row and no padding.
+      positions: [batch, seq] int32 positions within each document; None =
+        0..seq-1 in every row.
+      deterministic: False enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      logits: [batch, seq, vocab] float32.
+    """
+    cfg = self.config
+    dtype = layers.compute_dtype(cfg)
+    batch, seq_len = inputs.shape
+    if positions is None:
+      positions = jnp.broadcast_to(
+          jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+
+    # Unit-scale embeddings keep AdamW's per-step relative change small; the
+    # tied head divides by sqrt(embed_dim) to bring logits back to unit scale.
+    embed = nn.Embed(
+        num_embeddings=cfg.vocab_size,
+        features=cfg.embed_dim,
+        dtype=dtype,
+        param_dtype=layers.PARAM_DTYPE,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+        name='embed',
+    )
+    x = embed(inputs)  # [batch, seq, embed]
+    x = nn.with_logical_constraint(x, _EMBED_NAMES)
+
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block,
+          variable_axes={'params': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
+      x, _ = stack(cfg, name='layers')(x, segment_ids, positions, deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, name=f'block_{i}')(
+            x, segment_ids, positions, deterministic)
+
+    x = norms.make_norm(cfg, 'final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x).astype(jnp.float32) / math.sqrt(cfg.embed_dim)
+    else:
+      logits = layers.dense(
+          cfg.vocab_size, ('embed', 'vocab'), cfg, name='head')(x)
+    logits = logits.astype(jnp.float32)  # [batch, seq, vocab]
+    return nn.with_logical_constraint(
+        logits, ('activation_batch', 'activation_length', 'activation_vocab'))
+
+
+def make_model(model_config: ml_collections.ConfigDict) -> Decoder:
+  """A `Decoder` for a (mutable) `config.model`; the config is frozen here."""
+  return Decoder(config=ml_collections.FrozenConfigDict(model_config))
