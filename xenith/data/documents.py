@@ -1,0 +1,125 @@
+"""Documents from a local folder of `.txt` and `.jsonl` files, validated up front.
+
+A `.txt` file is one document; a `.jsonl` file holds one document per line, a JSON
+object with a string field "text". Folders are searched recursively, in sorted
+order of relative path; hidden files and folders (names starting with '.') are
+ignored. Bad input raises `DataError` naming the file (and byte offset or line);
+empty documents are skipped, counted and logged.
+"""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Iterator
+
+from absl import logging
+
+from xenith.data.errors import DataError
+
+SUFFIXES = ('.txt', '.jsonl')
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One document: `source` is its file's path relative to the folder."""
+  source: str
+  text: str
+
+
+@dataclasses.dataclass
+class DocumentStats:
+  """Counts from one pass over a folder."""
+  documents: int = 0  # Non-empty documents yielded.
+  skipped_empty: int = 0  # Documents that were empty or only whitespace.
+
+
+def list_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+  """The `.txt`/`.jsonl` files under `folder`, recursively, in sorted order."""
+  if not str(folder):
+    raise DataError("config.data.path is empty; source='folder' needs a folder.")
+  root = pathlib.Path(folder).expanduser()
+  if not root.is_dir():
+    raise DataError(f'Data folder {str(root)!r} does not exist or is not a folder '
+                    '(config.data.path).')
+  files = []
+  for path in root.rglob('*'):
+    rel = path.relative_to(root)
+    if any(part.startswith('.') for part in rel.parts):
+      continue
+    if path.suffix.lower() in SUFFIXES and path.is_file():
+      files.append(path)
+  if not files:
+    raise DataError(f'Data folder {str(root)!r} has no .txt or .jsonl files.')
+  return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def folder_fingerprint(folder: str | pathlib.Path) -> str:
+  """A hash of relative paths, sizes and modification times of the folder's files.
+
+  Cheap (no file is read), so an unchanged folder is recognised instantly; any
+  edit, addition, removal or rename changes it.
+  """
+  root = pathlib.Path(folder).expanduser()
+  h = hashlib.sha256()
+  for path in list_files(root):
+    st = path.stat()
+    h.update(f'{path.relative_to(root).as_posix()}\0{st.st_size}\0'
+             f'{st.st_mtime_ns}\n'.encode())
+  return h.hexdigest()
+
+
+def _decode(path: pathlib.Path, data: bytes) -> str:
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path}: not valid UTF-8 at byte offset {e.start} '
+                    f'(byte 0x{data[e.start]:02x}).') from None
+  # Newlines are normalised so that passages split the same way on every OS.
+  return text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
+
+
+def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str]]:
+  """Yields (line number, text) of each record; blank lines are not records."""
+  for lineno, line in enumerate(text.split('\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path}:{lineno}: malformed JSON ({e.msg} at column '
+                      f'{e.colno}).') from None
+    if not isinstance(record, dict) or 'text' not in record:
+      raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" '
+                      'field.')
+    if not isinstance(record['text'], str):
+      raise DataError(f'{path}:{lineno}: field "text" must be a string, got '
+                      f'{type(record["text"]).__name__}.')
+    yield lineno, record['text']
+
+
+def read_folder(folder: str | pathlib.Path,
+                stats: DocumentStats | None = None) -> Iterator[Document]:
+  """Yields the folder's non-empty documents; counts into `stats` if given.
+
+  Raises:
+    DataError: missing or empty folder, undecodable bytes, malformed JSON lines.
+  """
+  root = pathlib.Path(folder).expanduser()
+  stats = stats if stats is not None else DocumentStats()
+  for path in list_files(root):
+    rel = path.relative_to(root).as_posix()
+    text = _decode(path, path.read_bytes())
+    if path.suffix.lower() == '.jsonl':
+      records = [(f'{rel}:{n}', t) for n, t in _jsonl_texts(path, text)]
+    else:
+      records = [(rel, text)]
+    for where, doc_text in records:
+      if not doc_text.strip():
+        stats.skipped_empty += 1
+        logging.warning('Skipping empty document %s (%d skipped so far).', where,
+                        stats.skipped_empty)
+        continue
+      stats.documents += 1
+      yield Document(source=rel, text=doc_text)
+

@@ -1,0 +1,187 @@
+"""The data pipeline's entry point: an experiment config -> tokenizer and batches.
+
+  documents (Shakespeare or a folder) -> passages -> TFDS array_record
+  -> tfds.data_source -> grain (shard, shuffle per epoch, repeat, tokenize,
+  concat-then-split packing, batch)
+
+Each batch is a dict of int32 arrays [per_process_batch, max_seq_len]: `inputs`
+(each document is BOS + tokens + EOS), `segment_ids` and `positions` (see
+`packing.py`). The trainer predicts inputs[t+1] from inputs[..t] where segment ids
+agree, so there are no separate targets.
+
+Everything runs in the calling process (no grain worker processes), so an
+iterator restored from `get_state()` continues exactly where it stopped.
+"""
+
+import dataclasses
+import itertools
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from xenith.data import cache as cache_lib
+from xenith.data import packing
+from xenith.data import sources
+from xenith.data import text_dataset
+from xenith.data import tokenizer as tokenizer_lib
+from xenith.data import unigram
+from xenith.data.errors import DataError
+
+Batch = dict[str, np.ndarray]  # Each value: int32 [per_process_batch, max_seq_len].
+FEATURES = ('inputs', 'segment_ids', 'positions')
+
+# Tokenization runs ahead of the train loop in background threads (the state
+# still records exactly which passages were consumed).
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+
+
+class _Tokenize:
+  """{'text': bytes, ...} -> {'inputs': int32 [n + 2]}: BOS + tokens + EOS."""
+
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer):
+    self._tokenizer = tokenizer
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    text = record['text']
+    # A TFDS data source gives bytes; tfds.testing.mock_data gives str.
+    text = text.decode() if isinstance(text, bytes) else text
+    ids = self._tokenizer.encode(text)
+    tok = self._tokenizer
+    return {'inputs': np.asarray([tok.bos_id, *ids, tok.eos_id], np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """What the trainer needs from the data.
+
+  Attributes:
+    tokenizer: encodes/decodes text; `vocab_size` <= config.model.vocab_size.
+    train: `iter(train)` is an infinite, checkpointable grain DatasetIterator
+      of this process's batches (`get_state()` / `set_state()`, or Orbax with
+      `grain.checkpoint.CheckpointSave` / `CheckpointRestore`).
+    unigram_loss: validation cross-entropy (nats per predicted token) under the
+      train split's add-one smoothed unigram distribution; the baseline to beat.
+    stats: counts: documents, skipped_empty_documents, train_passages,
+      validation_passages, train_tokens, validation_tokens (no BOS/EOS).
+    fingerprint: names the prepared dataset under `<cache>/tfds/`.
+    batch_size: rows per batch in this process (global_batch_size // processes).
+    seq_len: tokens per row (config.max_seq_len).
+  """
+  tokenizer: tokenizer_lib.Tokenizer
+  train: grain.IterDataset
+  unigram_loss: float
+  stats: dict[str, float]
+  fingerprint: str
+  batch_size: int
+  seq_len: int
+  _validation_rows: grain.IterDataset = dataclasses.field(repr=False)
+  _process_index: int = dataclasses.field(repr=False)
+  _process_count: int = dataclasses.field(repr=False)
+
+  def eval_batches(self, num_batches: int = -1) -> Iterator[Batch]:
+    """A fresh, finite, deterministic iterator over the validation split.
+
+    The split is packed the same way in every process, and global batches are
+    cut from it row by row; each process yields its slice of each, so all
+    processes see the same number of batches. The last batch is padded with
+    all-zero rows (segment_ids 0: nothing to score).
+
+    Args:
+      num_batches: at most this many batches; -1 for the whole split.
+    """
+    rows = iter(self._validation_rows)
+    global_rows = self.batch_size * self._process_count
+    first = self._process_index * self.batch_size
+    for _ in itertools.count() if num_batches < 0 else range(num_batches):
+      chunk = list(itertools.islice(rows, global_rows))
+      if not chunk:
+        return
+      mine = chunk[first:first + self.batch_size]
+      batch = {k: np.zeros((self.batch_size, self.seq_len), np.int32)
+               for k in FEATURES}
+      for i, row in enumerate(mine):
+        for k in FEATURES:
+          batch[k][i] = row[k]
+      yield batch
+
+
+def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                   process_index: int, process_count: int) -> grain.IterDataset:
+  """Infinite packed batches of this process's shard, reshuffled every epoch."""
+  ds = grain.MapDataset.source(split)[process_index::process_count]
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise DataError(f'The train split has {len(split)} passages, fewer than the '
+                    f'{process_count} processes reading it.')
+  # shuffle -> repeat: each epoch uses seed + epoch, so the order changes.
+  ds = ds.shuffle(seed=seed % 2**32).repeat().map(_Tokenize(tokenizer))
+  rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
+  return rows.batch(batch_size, drop_remainder=True)
+
+
+def _validation_rows(split, tokenizer, seq_len: int) -> grain.IterDataset:
+  ds = grain.MapDataset.source(split).map(_Tokenize(tokenizer))
+  return packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
+
+
+def _check_settings(config, process_index: int, process_count: int) -> None:
+  """Fails fast on settings that would only break after long preparation."""
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} is not in [0, '
+                    f'{process_count}).')
+  if config.global_batch_size % process_count:
+    raise DataError(f'config.global_batch_size={config.global_batch_size} is not '
+                    f'divisible by the {process_count} processes.')
+  if config.max_seq_len < 2:
+    raise DataError(f'config.max_seq_len={config.max_seq_len} must be at least 2.')
+  spec = config.data.tokenizer
+  if spec not in ('train', 'mixtral'):
+    tokenizer_lib.check_model_path(spec)
+
+
+def create_datasets(config, *, process_index: int = 0,
+                    process_count: int = 1) -> Datasets:
+  """Prepares (or reuses) the data and tokenizer named by `config`.
+
+  Args:
+    config: the experiment config; reads `config.data.*`,
+      `config.model.vocab_size`, `config.max_seq_len`,
+      `config.global_batch_size` and `config.seed`.
+    process_index: this process (jax.process_index()); reads shard
+      `process_index` of `process_count` of the train split.
+    process_count: the number of processes (jax.process_count()).
+
+  Returns:
+    The tokenizer, the train batches, validation batches and the baseline loss.
+
+  Raises:
+    DataError: bad data or settings, before any long work starts.
+  """
+  _check_settings(config, process_index, process_count)
+  cache = cache_lib.cache_dir(config.data)
+  source = sources.make_source(config.data, cache)
+  data = text_dataset.prepare(source, config.data.validation_fraction, cache)
+  tokenizer = tokenizer_lib.load_tokenizer(
+      config.data.tokenizer, vocab_size=config.model.vocab_size, cache=cache,
+      train_split=data.train, fingerprint=data.fingerprint)
+  token_stats = unigram.token_stats(data.train, data.validation, tokenizer,
+                                    cache, data.fingerprint)
+  batch_size = config.global_batch_size // process_count
+  train = _train_batches(
+      data.train, tokenizer, seq_len=config.max_seq_len, batch_size=batch_size,
+      seed=config.seed, process_index=process_index,
+      process_count=process_count)
+  return Datasets(
+      tokenizer=tokenizer,
+      train=train,
+      unigram_loss=token_stats['unigram_loss'],
+      stats={**data.stats, 'train_tokens': token_stats['train_tokens'],
+             'validation_tokens': token_stats['validation_tokens']},
+      fingerprint=data.fingerprint,
+      batch_size=batch_size,
+      seq_len=config.max_seq_len,
+      _validation_rows=_validation_rows(data.validation, tokenizer,
+                                        config.max_seq_len),
+      _process_index=process_index,
+      _process_count=process_count,
+  )
