@@ -1,0 +1,54 @@
+"""Xenith entry point.
+
+  python main.py --config=experiments/default.py --workdir=runs/default
+  python main.py --config=experiments/default.py:size=tiny --workdir=runs/tiny \
+      --config.num_train_steps=100 --config.model.num_layers=3
+
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import TensorFlow.
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from xenith.config_validation import ConfigError, validate
+from xenith.data.errors import DataError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, optionally with an argument: '
+    'experiments/default.py:size=tiny.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, TensorBoard logs and final metrics.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    validate(config, jax.device_count(), jax.process_count())
+  except ConfigError as e:
+    sys.exit(f'Invalid config: {e}')
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  logging.info('JAX devices: %s', jax.devices())
+  logging.info('Config:\n%s', config)
+
+  if _MODE.value == 'train':
+    from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
+    try:
+      train.train_and_evaluate(config, _WORKDIR.value)
+    except (ConfigError, DataError, train.NonFiniteError) as e:
+      sys.exit(f'{type(e).__name__}: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

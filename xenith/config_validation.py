@@ -1,0 +1,98 @@
+"""Checks an experiment config before anything is built or compiled.
+
+Every contradiction raises `ConfigError`, whose message is one line naming the field,
+e.g. `config.model.num_heads=6 must be divisible by config.model.num_kv_heads=4`.
+"""
+
+import os
+
+import ml_collections
+
+NORMS = ('rmsnorm', 'layernorm')
+DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+ON_NONFINITE = ('stop', 'skip')
+DATA_SOURCES = ('shakespeare', 'folder')
+NAMED_TOKENIZERS = ('train', 'mixtral')
+
+
+class ConfigError(ValueError):
+  """An invalid config; `field` is the dotted path under `config.`."""
+
+  def __init__(self, field: str, message: str):
+    self.field = field
+    super().__init__(f'config.{field}: {message}')
+
+
+def _get(config, field):
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  return value
+
+
+def _require(config, field, ok, message):
+  if not ok(_get(config, field)):
+    raise ConfigError(field, f'{_get(config, field)!r} {message}')
+
+
+def _positive(config, *fields):
+  for field in fields:
+    _require(config, field, lambda v: isinstance(v, int) and v > 0, 'must be a positive int')
+
+
+def _one_of(config, field, choices):
+  _require(config, field, lambda v: v in choices, f'must be one of {choices}')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             process_count: int = 1) -> None:
+  """Raises ConfigError on the first invalid field of `config`."""
+  # Imported here: sharding imports ConfigError from this module.
+  from xenith import sharding
+
+  _positive(config, 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+            'checkpoint_every_steps', 'keep_checkpoints', 'global_batch_size', 'max_seq_len')
+  _require(config, 'num_eval_batches', lambda v: v == -1 or v > 0, 'must be -1 (all) or > 0')
+  _one_of(config, 'on_nonfinite', ON_NONFINITE)
+  _require(config, 'peak_flops_per_device', lambda v: v >= 0, 'must be >= 0')
+
+  opt = 'optimizer.'
+  _require(config, opt + 'learning_rate', lambda v: v > 0, 'must be > 0')
+  _require(config, opt + 'warmup_steps',
+           lambda v: 0 <= v < config.num_train_steps, 'must be in [0, num_train_steps)')
+  _require(config, opt + 'end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
+  _require(config, opt + 'grad_clip_norm', lambda v: v >= 0, 'must be >= 0 (0 = off)')
+  _require(config, opt + 'weight_decay', lambda v: v >= 0, 'must be >= 0')
+
+  m = config.model
+  _positive(config, 'model.vocab_size', 'model.embed_dim', 'model.num_layers',
+            'model.num_heads', 'model.num_kv_heads', 'model.head_dim', 'model.mlp_dim')
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError('model.num_heads', f'{m.num_heads} must be divisible by '
+                      f'config.model.num_kv_heads={m.num_kv_heads}')
+  if m.head_dim % 2:
+    raise ConfigError('model.head_dim', f'{m.head_dim} must be even (RoPE rotates pairs)')
+  _one_of(config, 'model.norm', NORMS)
+  _one_of(config, 'model.dtype', DTYPES)
+  _one_of(config, 'model.remat', REMAT_POLICIES)
+  _require(config, 'model.dropout_rate', lambda v: 0 <= v < 1, 'must be in [0, 1)')
+
+  _one_of(config, 'data.source', DATA_SOURCES)
+  if config.data.source == 'folder':
+    _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(v),
+             "is not a folder (data.source='folder' reads .txt/.jsonl files from it)")
+  tokenizer = config.data.tokenizer
+  if tokenizer not in NAMED_TOKENIZERS and not os.path.isfile(tokenizer):
+    raise ConfigError('data.tokenizer', f'{tokenizer!r} is neither one of '
+                      f'{NAMED_TOKENIZERS} nor an existing SentencePiece .model file')
+  _require(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
+
+  shape = sharding.mesh_shape(config.mesh, num_devices)
+  ways = sharding.batch_parallelism(shape, config.logical_axis_rules)
+  if config.global_batch_size % ways:
+    raise ConfigError('global_batch_size', f'{config.global_batch_size} must be divisible '
+                      f'by the batch parallelism {ways} (mesh axes of activation_batch)')
+  if config.global_batch_size % process_count:
+    raise ConfigError('global_batch_size', f'{config.global_batch_size} must be divisible '
+                      f'by the process count {process_count}')

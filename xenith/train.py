@@ -1,0 +1,190 @@
+"""The train loop: from an experiment config to trained, checkpointed, logged weights.
+
+Read `train_and_evaluate` top to bottom; the jitted step functions are above it.
+"""
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax.linen as nn
+import jax
+import ml_collections
+
+from xenith import flops
+from xenith import optimizer
+from xenith import sharding
+from xenith.checkpointing import Checkpointer
+from xenith.data import pipeline
+from xenith.model.transformer import make_model
+from xenith.steps import make_eval_step, make_train_step
+from xenith.train_state import abstract_train_state, init_train_state
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradients became NaN/inf and `config.on_nonfinite` is 'stop'."""
+
+
+def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  """`{'model.embed_dim': 256, ...}` with scalar values, for TensorBoard's HParams view."""
+  out = {}
+  for key, value in config.items():
+    name = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten_config(value, name + '.'))
+    else:
+      out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  return out
+
+
+class _SigtermFlag:
+  """Remembers a SIGTERM so the loop can checkpoint at the next step boundary."""
+
+  def __init__(self):
+    self.received = False
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: checkpointing after the current step, then exiting.')
+    self.received = True
+
+
+def _evaluate(eval_step, params, datasets, num_batches, batch_sharding) -> dict[str, float]:
+  total = None
+  for batch in datasets.eval_batches(num_batches):
+    metrics = eval_step(params, sharding.global_batch(batch, batch_sharding))
+    total = metrics if total is None else total.merge(metrics)
+  result = jax.device_get(total.compute())
+  loss = float(result['loss'])
+  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 80.0)),
+          'eval/accuracy': float(result['accuracy'])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Returns the final train and eval metrics (also written to workdir/final_metrics.json).
+  """
+  rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+  mesh = sharding.create_mesh(config.mesh)
+  logging.info('Mesh: %s', dict(mesh.shape))
+
+  datasets = pipeline.create_datasets(
+      config, process_index=jax.process_index(), process_count=jax.process_count())
+  model = make_model(config.model)
+  tx = optimizer.create_optimizer(config)
+  lr_schedule = optimizer.learning_rate_schedule(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = sharding.replicated(mesh)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_state, state_shardings = abstract_train_state(
+        model, tx, config.max_seq_len, mesh, rules)
+    train_step = jax.jit(
+        make_train_step(model, tx, skip_nonfinite=config.on_nonfinite == 'skip'),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model),
+                        in_shardings=(state_shardings.params, batch_sharding),
+                        out_shardings=replicated)
+
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    train_iter = iter(datasets.train)
+    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    latest = checkpointer.latest_step()
+    if latest is None:
+      state = init_train_state(model, tx, config.max_seq_len, init_key, state_shardings)
+    else:
+      state = checkpointer.restore(latest, abstract_state, train_iter)
+    initial_step = int(state.step)
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    if initial_step == 0:
+      writer.write_hparams(flatten_config(config))
+      writer.write_scalars(0, {'eval/unigram_baseline_loss': datasets.unigram_loss,
+                               'train/num_params': num_params})
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=config.num_train_steps, writer=writer,
+        every_steps=config.log_every_steps)
+
+    tokens_per_step = config.global_batch_size * config.max_seq_len
+    model_flops_per_step = flops.train_flops_per_token(
+        config.model, config.max_seq_len) * tokens_per_step
+    peak_flops = flops.peak_flops(config.peak_flops_per_device)
+    sigterm = _SigtermFlag()
+    pending = None  # TrainMetrics accumulated since the last log.
+    train_summary, eval_summary = {}, {}
+    interval_start, interval_steps = None, 0
+
+    def check_finite(step):
+      if pending is not None and config.on_nonfinite == 'stop':
+        if float(pending.nonfinite_steps.compute()) > 0:
+          last = checkpointer.latest_step()
+          raise NonFiniteError(
+              f'Non-finite loss or gradients at or before step {step}. Stopped without '
+              f'saving; the last checkpoint (step {last}) is intact. Lower the learning '
+              f'rate, or set --config.on_nonfinite=skip to skip such steps.')
+
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.global_batch(next(train_iter), batch_sharding)
+        state, metrics = train_step(state, batch, dropout_key)
+      pending = metrics if pending is None else pending.merge(metrics)
+      if interval_start is None:  # Time from the end of the first (compiling) step.
+        jax.block_until_ready(state.step)
+        interval_start = time.perf_counter()
+      else:
+        interval_steps += 1
+      report_progress(step)
+
+      last_step = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last_step:
+        check_finite(step)
+        summary = jax.device_get(pending.compute())
+        elapsed = time.perf_counter() - interval_start
+        train_summary = {f'train/{k}': float(v) for k, v in summary.items()}
+        train_summary['train/learning_rate'] = float(lr_schedule(step - 1))
+        if interval_steps:
+          step_time = elapsed / interval_steps
+          train_summary.update({
+              'train/step_time': step_time,
+              'train/tokens_per_sec': tokens_per_step / step_time,
+              'train/mfu': model_flops_per_step / step_time / peak_flops})
+        writer.write_scalars(step, train_summary)
+        pending, interval_steps, interval_start = None, 0, time.perf_counter()
+
+      if step % config.eval_every_steps == 0 or last_step:
+        with report_progress.timed('eval', wait_jax_async_dispatch=False):
+          eval_summary = _evaluate(eval_step, state.params, datasets,
+                                   config.num_eval_batches, batch_sharding)
+        writer.write_scalars(step, eval_summary)
+        interval_start = time.perf_counter()  # Evaluation is not train time.
+
+      if step % config.checkpoint_every_steps == 0 or last_step or sigterm.received:
+        check_finite(step)
+        checkpointer.save(step, state, train_iter)
+      if sigterm.received:
+        logging.warning('Stopping at step %d after SIGTERM; the checkpoint is saved.', step)
+        break
+
+    checkpointer.close()
+    writer.flush()
+
+  final = {'step': int(state.step), **train_summary, **eval_summary}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+      json.dump(final, f, indent=2)
+  return final
+
