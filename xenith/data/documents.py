@@ -36,8 +36,6 @@ class DocumentStats:
 
 def list_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
   """The `.txt`/`.jsonl` files under `folder`, recursively, in sorted order."""
-  if not str(folder):
-    raise DataError("config.data.path is empty; source='folder' needs a folder.")
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
     raise DataError(f'Data folder {str(root)!r} does not exist or is not a folder '
@@ -98,9 +96,11 @@ def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str]]:
     yield lineno, record['text']
 
 
-def read_folder(folder: str | pathlib.Path,
-                stats: DocumentStats | None = None) -> Iterator[Document]:
+def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
+                log_skips: bool = True) -> Iterator[Document]:
   """Yields the folder's non-empty documents; counts into `stats` if given.
+
+  `log_skips=False` keeps later passes over an already checked folder quiet.
 
   Raises:
     DataError: missing or empty folder, undecodable bytes, malformed JSON lines.
@@ -117,8 +117,9 @@ def read_folder(folder: str | pathlib.Path,
     for where, doc_text in records:
       if not doc_text.strip():
         stats.skipped_empty += 1
-        logging.warning('Skipping empty document %s (%d skipped so far).', where,
-                        stats.skipped_empty)
+        if log_skips:
+          logging.warning('Skipping empty document %s (%d skipped so far).',
+                          where, stats.skipped_empty)
         continue
       stats.documents += 1
       yield Document(source=rel, text=doc_text)

