@@ -30,6 +30,29 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _config_overrides(argv):
+  return [a.split('=', 1)[0][len('--config.'):] for a in argv if a.startswith('--config.')]
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with config-file and unknown-field failures as one line."""
+  try:
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # A config file that failed to load raises only when used.
+    return argv
+  except flags.Error as e:
+    sys.exit(f'Invalid flags: {e}')
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no field.
+    missing = str(e).strip('"\'')
+    names = [o for o in _config_overrides(argv) if o.split('.')[-1] == missing]
+    field = names[0] if names else missing
+    sys.exit(f'Invalid config: config.{field}: no such field in the experiment config')
+  except OSError as e:  # ml_collections: the config file did not load.
+    cause = e.__cause__ or e
+    reason = [line.strip() for line in str(cause).splitlines() if line.strip()][-1]
+    sys.exit(f'Invalid flags: --config={flags.FLAGS["config"].config_filename}: {reason}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -51,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,10 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict
   if len(fill) > 1:
     raise ConfigError(f'mesh.{fill[1]}', f'only one mesh axis may be -1, got {fill}')
   fixed = math.prod(size for size in sizes.values() if size != -1)
+  described = ' x '.join(f'{a}={s}' for a, s in sizes.items() if s != -1)
+  if fixed > num_devices:
+    raise ConfigError(
+        'mesh', f'{described} = {fixed} devices is larger than the {num_devices} available')
   if fill:
     if num_devices % fixed:
       raise ConfigError(
@@ -39,10 +43,9 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict
           f'({fixed})')
     sizes[fill[0]] = num_devices // fixed
   elif fixed != num_devices:
-    which = 'larger' if fixed > num_devices else 'smaller'
     raise ConfigError(
-        'mesh', f'{" x ".join(f"{a}={s}" for a, s in sizes.items())} = {fixed} devices '
-        f'is {which} than the {num_devices} available')
+        'mesh', f'{described} = {fixed} devices is smaller than the {num_devices} available '
+        '(set one axis to -1 to fill)')
   return sizes
 
 
