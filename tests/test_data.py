@@ -297,6 +297,20 @@ def test_prepared_data_is_reused_and_reprepared_on_change(tmp_path, monkeypatch)
   assert tokens(changed) > tokens(first)
 
 
+def test_at_least_one_validation_passage(tmp_path):
+  folder = tmp_path / 'corpus'
+  folder.mkdir()
+  rng = random.Random(3)
+  (folder / 'a.txt').write_text(
+      '\n\n'.join(_paragraph(rng, 400) for _ in range(3)))  # 3 passages.
+  ds = pipeline.create_datasets(
+      make_config(tmp_path / 'cache', folder, validation_fraction=0.0))
+  assert (ds.stats['train_passages'], ds.stats['validation_passages']) == (2, 1)
+  eos = sum(int(np.sum(b['inputs'] == ds.tokenizer.eos_id))
+            for b in ds.eval_batches(-1))
+  assert eos == 1
+
+
 def test_concurrent_processes_prepare_once(tmp_path):
   folder = write_corpus(tmp_path / 'corpus', seed=2)
   script = (

@@ -71,7 +71,7 @@ class Datasets:
   tokenizer: tokenizer_lib.Tokenizer
   train: grain.IterDataset
   unigram_loss: float
-  stats: dict[str, float]
+  stats: dict[str, int]
   fingerprint: str
   batch_size: int
   seq_len: int
@@ -135,6 +135,10 @@ def _check_settings(config, process_index: int, process_count: int) -> None:
   if config.max_seq_len < 2:
     raise DataError(f'config.max_seq_len={config.max_seq_len} must be at least 2.')
   spec = config.data.tokenizer
+  if spec == 'mixtral' and config.model.vocab_size < tokenizer_lib.MIXTRAL_VOCAB:
+    raise DataError(f"config.data.tokenizer='mixtral' has "
+                    f'{tokenizer_lib.MIXTRAL_VOCAB} pieces, more than '
+                    f'config.model.vocab_size={config.model.vocab_size}.')
   if spec not in ('train', 'mixtral'):
     tokenizer_lib.check_model_path(spec)
 

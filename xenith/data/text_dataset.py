@@ -180,4 +180,6 @@ def prepare(source: Source, validation_fraction: float,
                             download=False)
   builder = XenithPassages(data_dir=data_dir)
   stats = {k: int(v) for k, v in builder.info.metadata.items()}
+  stats['train_passages'] = len(splits['train'])
+  stats['validation_passages'] = len(splits['validation'])
   return PreparedData(fp, splits['train'], splits['validation'], stats)

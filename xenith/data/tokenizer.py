@@ -25,6 +25,7 @@ from xenith.data.errors import DataError
 MIXTRAL_REQUIREMENT = 'mistral-common==1.13.1'
 MIXTRAL_WHEEL = 'mistral_common-1.13.1-py3-none-any.whl'
 MIXTRAL_MEMBER = 'mistral_common/data/tokenizer.model.v1'
+MIXTRAL_VOCAB = 32000
 
 # At most this many characters of the train split feed SentencePiece training;
 # larger corpora are subsampled evenly (by passage) so training stays seconds.
@@ -83,8 +84,11 @@ class Tokenizer:
     return self._sp.encode(texts, num_threads=num_threads)
 
   def decode(self, ids) -> str:
-    """The text of `ids`; BOS/EOS/pad ids are dropped."""
-    return self._sp.decode([int(i) for i in ids])
+    """The text of `ids`; BOS, EOS and padding (id 0) are dropped."""
+    # Mixtral has <unk> at 0, which SentencePiece would render as ' ⁇ '; in
+    # our batches 0 is padding, and byte fallback never produces <unk>.
+    drop_zero = self._sp.is_control(0) or self._sp.is_unknown(0)
+    return self._sp.decode([int(i) for i in ids if int(i) or not drop_zero])
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
