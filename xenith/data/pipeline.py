@@ -46,9 +46,9 @@ class _Tokenize:
     text = record['text']
     # A TFDS data source gives bytes; tfds.testing.mock_data gives str.
     text = text.decode() if isinstance(text, bytes) else text
-    ids = self._tokenizer.encode(text)
     tok = self._tokenizer
-    return {'inputs': np.asarray([tok.bos_id, *ids, tok.eos_id], np.int32)}
+    ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+    return {'inputs': np.asarray(ids, np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +113,11 @@ def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
     raise DataError(f'The train split has {len(split)} passages, fewer than the '
                     f'{process_count} processes reading it.')
-  # shuffle -> repeat: each epoch uses seed + epoch, so the order changes.
-  ds = ds.shuffle(seed=seed % 2**32).repeat().map(_Tokenize(tokenizer))
+  # shuffle -> repeat: epoch e shuffles with shuffle_seed + e, so the order
+  # changes every epoch. Hashing config.seed keeps runs with seeds s and s + 1
+  # from replaying each other's epochs one epoch apart.
+  shuffle_seed = int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
+  ds = ds.shuffle(seed=shuffle_seed).repeat().map(_Tokenize(tokenizer))
   rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
   return rows.batch(batch_size, drop_remainder=True)
 
