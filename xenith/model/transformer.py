@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xenith.model import attention
+from xenith.model import embed as embed_lib
 from xenith.model import layers
 from xenith.model import mlp
 from xenith.model import norms
@@ -106,17 +107,8 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(
           jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
 
-    # Unit-scale embeddings keep AdamW's per-step relative change small; the
-    # tied head divides by sqrt(embed_dim) to bring logits back to unit scale.
-    embed = nn.Embed(
-        num_embeddings=cfg.vocab_size,
-        features=cfg.embed_dim,
-        dtype=dtype,
-        param_dtype=layers.PARAM_DTYPE,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
-        name='embed',
-    )
+    embed = embed_lib.Embed(
+        cfg.vocab_size, cfg.embed_dim, dtype=dtype, name='embed')
     x = embed(inputs)  # [batch, seq, embed]
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
 
@@ -138,11 +130,13 @@ class Decoder(nn.Module):
 
     x = norms.make_norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:
-      logits = embed.attend(x).astype(jnp.float32) / math.sqrt(cfg.embed_dim)
+      # The table is unit scale (see `Embed`); this brings logits back to it.
+      logits = embed.attend(x) / math.sqrt(cfg.embed_dim)
     else:
       logits = layers.dense(
-          cfg.vocab_size, ('embed', 'vocab'), cfg, name='head')(x)
-    logits = logits.astype(jnp.float32)  # [batch, seq, vocab]
+          cfg.vocab_size, ('embed', 'vocab'), cfg, out_dtype=jnp.float32,
+          name='head')(x)
+    # logits: [batch, seq, vocab] float32
     return nn.with_logical_constraint(
         logits, ('activation_batch', 'activation_length', 'activation_vocab'))
 
