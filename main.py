@@ -30,6 +30,14 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of Orbax and grain (a dozen lines per checkpoint)."""
+
+  def filter(self, record):
+    noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
+    return not noisy or record.levelno >= logging.logging.WARNING
+
+
 def _config_overrides(argv):
   return [a.split('=', 1)[0][len('--config.'):] for a in argv if a.startswith('--config.')]
 
@@ -56,6 +64,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   try:
     validate(config, jax.device_count(), jax.process_count())
