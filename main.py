@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from xenith.checkpointing import CheckpointMismatchError
 from xenith.config_validation import ConfigError, validate
 from xenith.data.errors import DataError
 
@@ -78,7 +79,7 @@ def main(argv):
     from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
     try:
       train.train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, DataError, train.NonFiniteError) as e:
+    except (ConfigError, DataError, CheckpointMismatchError, train.NonFiniteError) as e:
       sys.exit(f'{type(e).__name__}: {e}')
 
 

@@ -136,7 +136,7 @@ def test_sigterm_saves_then_resume_is_exact(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_without_touching_checkpoints(uninterrupted, tmp_path):
+def test_nonfinite_loss_or_other_model_never_touch_checkpoints(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   _run(workdir, '--config.num_train_steps=20', '--config.optimizer.warmup_steps=5')
   assert _checkpoint_steps(workdir) == [10, 20]
@@ -149,6 +149,12 @@ def test_nonfinite_loss_stops_without_touching_checkpoints(uninterrupted, tmp_pa
   assert last_line.startswith('NonFiniteError: Non-finite loss'), last_line
   assert 'the last checkpoint (step 20) is intact' in last_line
   assert _checkpoint_steps(workdir) == [10, 20]
+  assert before == {d: os.path.getmtime(os.path.join(workdir, 'checkpoints', str(d)))
+                    for d in (10, 20)}
+  # A different model in the same workdir: a clear error, checkpoints untouched.
+  result = _run(workdir, '--config.model.embed_dim=32', check=False)
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('CheckpointMismatchError: The checkpoint at step 20'), last_line
   assert before == {d: os.path.getmtime(os.path.join(workdir, 'checkpoints', str(d)))
                     for d in (10, 20)}
 

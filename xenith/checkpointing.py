@@ -3,10 +3,13 @@
 import os
 
 from absl import logging
-import jax
 import orbax.checkpoint as ocp
 
 from xenith.train_state import TrainState
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint does not fit the config (another model, another workdir?)."""
 
 
 class Checkpointer:
@@ -32,9 +35,16 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: TrainState, data_iterator) -> TrainState:
     """Restores `step` into `abstract_state`'s shardings and rewinds `data_iterator`."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax: shapes or tree structure differ from the config's.
+      reason = str(e).splitlines()[0]
+      raise CheckpointMismatchError(
+          f'The checkpoint at step {step} in {self.directory} does not match this '
+          f'config ({reason}). Use a new --workdir for a different model; the '
+          'checkpoint was left untouched.') from e
     data_iterator.set_state(restored['data'])
     logging.info('Restored checkpoint for step %d from %s', step, self.directory)
     return restored['state']
@@ -46,7 +56,3 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-
-def abstract_like(state) -> TrainState:
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
