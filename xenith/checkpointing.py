@@ -53,6 +53,13 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the save in flight (never abandon one), then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 

@@ -86,7 +86,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with (jax.set_mesh(mesh), nn.logical_axis_rules(rules),
+        Checkpointer(workdir, config.keep_checkpoints) as checkpointer):
     abstract_state, state_shardings = abstract_train_state(
         model, tx, config.max_seq_len, mesh, rules)
     train_step = jax.jit(
@@ -97,7 +98,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         in_shardings=(state_shardings.params, batch_sharding),
                         out_shardings=replicated)
 
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     train_iter = iter(datasets.train)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     latest = checkpointer.latest_step()
@@ -179,7 +179,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning('Stopping at step %d after SIGTERM; the checkpoint is saved.', step)
         break
 
-    checkpointer.close()
     writer.flush()
 
   final = {'step': int(state.step), **train_summary, **eval_summary}
