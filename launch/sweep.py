@@ -1,4 +1,4 @@
-"""Runs every point of an experiment's sweep as its own `main.py` run, then tabulates them.
+r"""Runs every point of an experiment's sweep as its own `main.py` run, then tabulates them.
 
   python launch/sweep.py --config=experiments/default.py:size=tiny --workdir=runs/sweep \
       --parallel=2 -- --config.num_train_steps=300
@@ -11,8 +11,10 @@ skips finished points and resumes the others from their checkpoints. At the end
 `tensorboard --logdir <workdir>` compares the runs in its HParams view.
 """
 
+import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -24,6 +26,7 @@ sys.path.insert(0, ROOT)  # Run as a script: make `xenith` importable.
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from ml_collections import config_flags
 
 from xenith import sweeps
 
@@ -72,6 +75,26 @@ def _command(spec, run_dir, point, extra):
           *(f'--config.{k}={sweeps.format_value(v)}' for k, v in point.items()), *extra]
 
 
+def _run_config(command):
+  """The config that main.py will build from `command`, by the same flag parsing."""
+  argv = ['main.py'] + [a for a in command[2:] if a.startswith('--config')]
+  flag_values = flags.FlagValues()  # Private: the sweep's own --config is a string.
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  try:
+    flag_values(argv)
+    return flag_values.config
+  except flags.Error as e:
+    raise sweeps.SweepError(str(e).splitlines()[0]) from None
+  except (AttributeError, KeyError) as e:  # A --config.<field> names no field.
+    message = str(e).replace("\\'", "'")  # e.g. `''num_trian_steps'\nDid you mean ...`.
+    bad = [a.split('=')[0] for a in argv[1:]
+           if any(f"'{part}'" in message for part in a.split('=')[0].split('.')[1:])]
+    hint = re.search(r'Did you mean "(\w+)"', message)
+    raise sweeps.SweepError(
+        f'{bad[0] if bad else message}: no such field in the experiment config'
+        + (f' (did you mean {hint.group(1)}?)' if hint else '')) from None
+
+
 def _marker(run_dir):
   try:
     with open(os.path.join(run_dir, _MARKER)) as f:
@@ -80,13 +103,20 @@ def _marker(run_dir):
     return None
 
 
-def _finished(run_dir, command):
-  """Whether this exact command already ran to completion in `run_dir`."""
-  marker = _marker(run_dir)
-  # Compared without the interpreter path, so a moved virtualenv does not rerun.
-  return (marker is not None and marker['exit_code'] == 0 and
-          marker['command'][1:] == command[1:] and
-          bool(sweeps.read_final_metrics(run_dir)))
+def _finished(run_dir, num_train_steps):
+  """Whether the run reached its last step (a run stopped by SIGTERM exits 0 earlier)."""
+  return sweeps.read_final_metrics(run_dir).get('step', -1) >= num_train_steps
+
+
+def _status(run_dir, num_train_steps, code):
+  """'ok', 'failed', 'unfinished' or 'not run', and the exit code (None: from the marker)."""
+  if not os.path.isdir(run_dir):
+    return 'not run', None
+  if code is None:
+    code = (_marker(run_dir) or {}).get('exit_code')
+  if code:
+    return 'failed', code
+  return ('ok' if _finished(run_dir, num_train_steps) else 'unfinished'), code
 
 
 def _log_tail(path, lines=5):
@@ -107,6 +137,8 @@ class _Runner:
 
   def start(self, i, command, run_dir):
     os.makedirs(run_dir, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):  # An earlier sweep's outcome.
+      os.remove(os.path.join(run_dir, _MARKER))
     log = open(os.path.join(run_dir, 'log.txt'), 'a')
     log.write(f'# {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(command)}\n')
     log.flush()
@@ -130,16 +162,12 @@ class _Runner:
         process.send_signal(signal.SIGTERM)
 
 
-def run_sweep(spec, workdir, points, names, indices, extra, parallel):
-  """Runs the points at `indices`; returns the exit code of every point (None: not run)."""
-  commands = [_command(spec, os.path.join(workdir, n), p, extra)
-              for n, p in zip(names, points)]
-  codes = [(_marker(os.path.join(workdir, n)) or {}).get('exit_code') for n in names]
-  todo = [i for i in indices if not _finished(os.path.join(workdir, names[i]), commands[i])]
-  print(f'Sweep: {len(indices)} of {len(points)} points, {len(indices) - len(todo)} already '
-        f'finished, {parallel} at a time, in {workdir}', flush=True)
+def run_sweep(workdir, names, commands, todo, parallel):
+  """Runs `commands[i]` for i in `todo`; returns {i: exit code}, None where we stopped it."""
+  codes = {}
   runner = _Runner(parallel)
   previous = signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+  todo = list(todo)
   try:
     while (todo and not runner.stopping) or runner.running:
       while todo and len(runner.running) < parallel and not runner.stopping:
@@ -148,21 +176,22 @@ def run_sweep(spec, workdir, points, names, indices, extra, parallel):
         runner.start(i, commands[i], os.path.join(workdir, names[i]))
       for i, code, seconds in runner.poll():
         run_dir = os.path.join(workdir, names[i])
-        codes[i] = code
+        codes[i] = None if runner.stopping else code
         with open(os.path.join(run_dir, _MARKER), 'w') as f:
-          json.dump({'overrides': points[i], 'command': commands[i], 'exit_code': code}, f,
-                    indent=2)
-        status = 'ok' if code == 0 else f'FAILED (exit {code})'
+          json.dump({'command': commands[i], 'exit_code': codes[i]}, f, indent=2)
+        status = ('stopped' if runner.stopping else 'ok' if code == 0 else
+                  f'FAILED (exit {code})')
         print(f'{status:<7} {names[i]} ({seconds:.0f} s)', flush=True)
-        if code:
+        if code and not runner.stopping:
           print(_log_tail(os.path.join(run_dir, 'log.txt')), end='', flush=True)
       time.sleep(0.2)
   except KeyboardInterrupt:
     print('Interrupted: waiting for running points to checkpoint and exit ...', flush=True)
     runner.stop()
     for i, (process, log, _) in runner.running.items():
-      codes[i] = process.wait()
+      process.wait()
       log.close()
+      codes[i] = None
   finally:
     signal.signal(signal.SIGTERM, previous)
   return codes
@@ -179,34 +208,39 @@ def main(argv):
     indices = list(range(len(points)))
     if _POINTS.value is not None:
       try:
-        indices = [int(i) for i in _POINTS.value]
+        indices = list(dict.fromkeys(int(i) for i in _POINTS.value))  # Each once.
       except ValueError:
         raise sweeps.SweepError(f'--points={",".join(_POINTS.value)}: not integers') from None
       bad = [i for i in indices if not 0 <= i < len(points)]
       if bad:
         raise sweeps.SweepError(f'--points: {bad} out of range; the sweep has '
                                 f'{len(points)} points (0 to {len(points) - 1})')
+    names = sweeps.point_names(points)
+    run_dirs = [os.path.join(workdir, name) for name in names]
+    commands = [_command(spec, d, p, extra) for d, p in zip(run_dirs, points)]
+    # Parsed now, so that a bad flag fails here rather than in every run.
+    num_steps = [_run_config(c).num_train_steps for c in commands]
   except sweeps.SweepError as e:
     sys.exit(f'Invalid sweep: {e}')
-  names = sweeps.point_names(points)
+  todo = [i for i in indices if not _finished(run_dirs[i], num_steps[i])]
 
   if _DRY_RUN.value:
     for i in indices:
-      run_dir = os.path.join(workdir, names[i])
-      command = _command(spec, run_dir, points[i], extra)
-      done = ' (finished)' if _finished(run_dir, command) else ''
-      print(f'[{i}] {names[i]}{done}\n    {shlex.join(command)}')
+      done = '' if i in todo else ' (finished)'
+      print(f'[{i}] {names[i]}{done}\n    {shlex.join(commands[i])}')
     return
 
-  os.makedirs(workdir, exist_ok=True)
-  codes = run_sweep(spec, workdir, points, names, indices, extra, _PARALLEL.value)
-  print('\n' + sweeps.write_summary(workdir, points, names, codes))
-  print(f'Summary: {os.path.join(workdir, "summary.md")} and summary.csv; '
+  print(f'Sweep: {len(indices)} of {len(points)} points, {len(indices) - len(todo)} already '
+        f'finished, {_PARALLEL.value} at a time, in {workdir}', flush=True)
+  codes = run_sweep(workdir, names, commands, todo, _PARALLEL.value)
+  results = [_status(d, n, codes.get(i)) for i, (d, n) in enumerate(zip(run_dirs, num_steps))]
+  table = sweeps.write_summary(workdir, points, names, *zip(*results))
+  print(f'\n{table}\nSummary: {os.path.join(workdir, "summary.md")} and summary.csv; '
         f'TensorBoard: tensorboard --logdir {workdir}')
-  failed = [names[i] for i in indices if codes[i] != 0]
-  if failed:
-    sys.exit(f'{len(failed)} of {len(indices)} points failed or did not finish: '
-             f'{", ".join(failed)} (see log.txt in each run folder)')
+  not_ok = [names[i] for i in indices if results[i][0] != 'ok']
+  if not_ok:
+    sys.exit(f'{len(not_ok)} of {len(indices)} points failed or did not finish: '
+             f'{", ".join(not_ok)} (see log.txt in each run folder)')
 
 
 if __name__ == '__main__':

@@ -185,17 +185,15 @@ def _table_value(value: Any) -> str:
   return '' if value is None else format_value(value)
 
 
-def write_summary(workdir: str, points: Sequence[Mapping[str, Any]],
-                  names: Sequence[str], exit_codes: Sequence[int | None]) -> str:
+def write_summary(workdir: str, points: Sequence[Mapping[str, Any]], names: Sequence[str],
+                  statuses: Sequence[str], exit_codes: Sequence[int | None]) -> str:
   """Writes `summary.csv` and `summary.md` to `workdir`; returns the Markdown table.
 
-  One row per point: its swept fields, status (`ok`, or `failed` with the run's exit
-  code; `not run` for None) and final metrics read from the point's run directory.
+  One row per point: its swept fields, status (`ok`; `failed`, with the run's exit code;
+  `unfinished` or `not run`) and the final metrics read from the point's run directory.
   """
   fields = sweep_fields(points)
   metrics = [read_final_metrics(os.path.join(workdir, name)) for name in names]
-  statuses = ['not run' if code is None else 'ok' if code == 0 else 'failed'
-              for code in exit_codes]
   present = {key for m in metrics for key in m}
   ordered = [key for key in SUMMARY_METRICS if key in present]
   all_metrics = ordered + sorted(present - set(ordered))
@@ -212,9 +210,10 @@ def write_summary(workdir: str, points: Sequence[Mapping[str, Any]],
   header = [labels[k] for k in fields] + ['status'] + ordered
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for point, status, code, m in zip(points, statuses, exit_codes, metrics):
-    if status == 'failed':
+    if status == 'failed' and code is not None:
       status = f'failed (exit {code})'
-    cells = [_table_value(point.get(k)) for k in fields] + [status]
+    # Swept values in full: they tell the points apart.
+    cells = [format_value(point[k]) if k in point else '' for k in fields] + [status]
     cells += [_table_value(m.get(k)) for k in ordered]
     lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
   table = '\n'.join(lines) + '\n'
