@@ -13,6 +13,7 @@ Each point runs as its own run under `<workdir>/<point name>`; `write_summary` t
 tabulates every point's final metrics.
 """
 
+import collections
 import copy
 import csv
 import hashlib
@@ -54,9 +55,7 @@ def zip_(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 def field_labels(keys: Sequence[str]) -> dict[str, str]:
   """Short labels (`learning_rate`), or the dotted name where two fields share one."""
   short = {key: key.rsplit('.', 1)[-1] for key in keys}
-  counts = {}
-  for label in short.values():
-    counts[label] = counts.get(label, 0) + 1
+  counts = collections.Counter(short.values())
   return {key: label if counts[label] == 1 else key for key, label in short.items()}
 
 
