@@ -133,7 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-  """Learning-rate x width sweep over the tiny model; see launch/sweep.py."""
+  """Learning-rate x width sweep (4 points); the size comes from `arg`. See launch/sweep.py."""
   del arg
   from xenith import sweeps  # Imported here so configs stay importable without the library.
   return sweeps.product({

@@ -97,6 +97,10 @@ def test_tensorboard_tags_and_final_metrics(uninterrupted):
     final = json.load(f)
   assert final['step'] == NUM_STEPS
   assert final['eval/loss'] == pytest.approx(loss[120])
+  # Running a finished workdir again trains nothing and keeps its final metrics.
+  _run(uninterrupted)
+  with open(os.path.join(uninterrupted, 'final_metrics.json')) as f:
+    assert json.load(f) == final
   # Hyperparameters for TensorBoard's HParams view.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tags = set()

@@ -108,6 +108,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     initial_step = int(state.step)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
+    final_path = os.path.join(workdir, 'final_metrics.json')
+    if initial_step >= config.num_train_steps and os.path.exists(final_path):
+      logging.info('Already trained to step %d; nothing to do.', initial_step)
+      with open(final_path) as f:
+        return json.load(f)
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
@@ -183,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   final = {'step': int(state.step), **train_summary, **eval_summary}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+    with open(final_path, 'w') as f:
       json.dump(final, f, indent=2)
   return final
 
