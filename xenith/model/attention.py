@@ -73,7 +73,13 @@ class Attention(nn.Module):
       segment_ids: jax.Array | None,
       positions: jax.Array,
   ) -> jax.Array:
-    """x: [batch, seq, embed]; segment_ids, positions: [batch, seq] -> [batch, seq, embed]."""
+    """Self-attention over x: [batch, seq, embed] -> [batch, seq, embed].
+
+    Args:
+      x: [batch, seq, embed] normalized residual stream.
+      segment_ids: [batch, seq] document ids (0 = padding), or None.
+      positions: [batch, seq] positions for RoPE.
+    """
     cfg = self.config
     q_shape = (cfg.num_heads, cfg.head_dim)
     kv_shape = (cfg.num_kv_heads, cfg.head_dim)
