@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) beside the repo and installs requirements.txt into it.
-# Idempotent: reinstalls only when requirements.txt changes. Usage: source-free,
-#   ./launch/setup.sh          -> prints the venv's python path on its last line.
+# Creates .venv (Python 3.11) beside the repo and installs requirement files into it
+# (default: requirements.txt). Idempotent: reinstalls only when those files change.
+#   ./launch/setup.sh [requirements-test.txt ...]  -> prints the venv's python on its last line.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${XENITH_VENV:-$root/.venv}"
@@ -11,15 +11,18 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "Xenith needs Python 3.11; '$python' is $("$python" --version 2>&1)." >&2
   exit 1
 fi
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+files=("$root/requirements.txt")
+for extra in "$@"; do files+=("$root/$extra"); done
+set_name="$(printf '%s' "$*" | tr -c 'A-Za-z0-9._-' '_')"
+stamp="$venv/.requirements${set_name:+-$set_name}.sha256"
+want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing requirements into $venv ..." >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" >&2
+  "$venv/bin/python" -m pip install -q $(printf -- '-r %q ' "${files[@]}") >&2
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"

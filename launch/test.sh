@@ -3,7 +3,7 @@
 # first if needed. Extra arguments go to pytest: ./launch/test.sh -m "not slow" -x
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="$("$root/launch/setup.sh" | tail -n 1)"
+python="$("$root/launch/setup.sh" requirements-test.txt | tail -n 1)"
 cd "$root"
 # Two workers (the CI machine has 2 cores); a file's tests stay on one worker so
 # module fixtures such as the uninterrupted reference run are built once.
