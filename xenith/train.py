@@ -1,6 +1,6 @@
 """The train loop: from an experiment config to trained, checkpointed, logged weights.
 
-Read `train_and_evaluate` top to bottom; the jitted step functions are above it.
+Read `train_and_evaluate` top to bottom; the jitted steps it runs are in `steps.py`.
 """
 
 import json
@@ -171,11 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending, interval_steps, interval_start = None, 0, time.perf_counter()
 
       if step % config.eval_every_steps == 0 or last_step:
+        eval_start = time.perf_counter()
         with report_progress.timed('eval', wait_jax_async_dispatch=False):
           eval_summary = _evaluate(eval_step, state.params, datasets,
                                    config.num_eval_batches, batch_sharding)
         writer.write_scalars(step, eval_summary)
-        interval_start = time.perf_counter()  # Evaluation is not train time.
+        interval_start += time.perf_counter() - eval_start  # Evaluation is not train time.
 
       if step % config.checkpoint_every_steps == 0 or last_step or sigterm.received:
         check_finite(step)
