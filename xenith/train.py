@@ -171,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending, interval_steps, interval_start = None, 0, time.perf_counter()
 
       if step % config.eval_every_steps == 0 or last_step:
+        jax.block_until_ready(state)  # Finish queued train steps: they are train time.
         eval_start = time.perf_counter()
         with report_progress.timed('eval', wait_jax_async_dispatch=False):
           eval_summary = _evaluate(eval_step, state.params, datasets,
