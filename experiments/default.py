@@ -109,6 +109,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.norm_eps = 1e-6  # Epsilon inside the norms.
   config.model.tie_embeddings = True  # Output head reuses the token embedding matrix.
   config.model.rope_theta = 10_000.0  # RoPE base wavelength.
+  # RoPE context extension (xenith/model/rope.py). YaRN as in Hugging Face transformers.
+  config.model.rope_scaling = ml_collections.ConfigDict()
+  config.model.rope_scaling.type = 'none'  # 'none' (plain RoPE) or 'yarn'.
+  config.model.rope_scaling.factor = 1.0  # YaRN: new context / original context (>= 1).
+  # YaRN: context length the weights were trained at (set it to that run's max_seq_len).
+  config.model.rope_scaling.original_max_position = s['max_seq_len']
+  config.model.rope_scaling.beta_fast = 32.0  # YaRN: dims turning more often keep their frequency.
+  config.model.rope_scaling.beta_slow = 1.0  # YaRN: dims turning less often are interpolated.
+  config.model.rope_scaling.truncate = True  # YaRN: round the ramp ends to whole dims.
+  # YaRN scale on cos/sin (q.k gets its square); 0 = 0.1 * ln(factor) + 1, or from mscale.
+  config.model.rope_scaling.attention_factor = 0.0
+  # YaRN, DeepSeek-style (both > 0, attention_factor 0): the attention factor is
+  # mscale(factor, mscale) / mscale(factor, mscale_all_dim), mscale(f, m) = 0.1 * m * ln(f) + 1.
+  config.model.rope_scaling.mscale = 0.0  # Numerator's multiplier; 0 = off.
+  config.model.rope_scaling.mscale_all_dim = 0.0  # Denominator's multiplier; 0 = off.
   config.model.dropout_rate = 0.0  # Dropout on residual branches during training.
   config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay fp32).
   config.model.remat = 'none'  # Rematerialise blocks: 'none', 'full', 'dots', 'dots_no_batch'.

@@ -14,6 +14,7 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 ON_NONFINITE = ('stop', 'skip')
 DATA_SOURCES = ('shakespeare', 'folder')
 NAMED_TOKENIZERS = ('train', 'mixtral')
+ROPE_SCALING_TYPES = ('none', 'yarn')  # As xenith.model.rope.ROPE_SCALING_TYPES.
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,23 @@ def _one_of(config, field, choices):
   _require(config, field, lambda v: v in choices, f'must be one of {choices}')
 
 
+def _validate_rope(config) -> None:
+  """RoPE base and `config.model.rope_scaling` (checked whatever its type)."""
+  _require(config, 'model.rope_theta', lambda v: v > 1, 'must be > 1')
+  r = 'model.rope_scaling.'
+  _one_of(config, r + 'type', ROPE_SCALING_TYPES)
+  _require(config, r + 'factor', lambda v: v >= 1, 'must be >= 1 (new context / original)')
+  _positive(config, r + 'original_max_position')
+  _require(config, r + 'beta_slow', lambda v: v > 0, 'must be > 0')
+  scaling = config.model.rope_scaling
+  if scaling.beta_fast <= scaling.beta_slow:
+    raise ConfigError(r + 'beta_fast', f'{scaling.beta_fast} must be > '
+                      f'config.{r}beta_slow={scaling.beta_slow}')
+  _require(config, r + 'truncate', lambda v: isinstance(v, bool), 'must be True or False')
+  for field in ('attention_factor', 'mscale', 'mscale_all_dim'):
+    _require(config, r + field, lambda v: v >= 0, 'must be >= 0 (0 = the default)')
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`."""
@@ -73,6 +91,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
                       f'config.model.num_kv_heads={m.num_kv_heads}')
   if m.head_dim % 2:
     raise ConfigError('model.head_dim', f'{m.head_dim} must be even (RoPE rotates pairs)')
+  _validate_rope(config)
   _one_of(config, 'model.norm', NORMS)
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.remat', REMAT_POLICIES)

@@ -97,9 +97,12 @@ class Attention(nn.Module):
     key = nn.with_logical_constraint(key, kv_names)
     value = nn.with_logical_constraint(value, kv_names)
 
+    # With YaRN (cfg.rope_scaling) the frequencies are rescaled and q, k both
+    # carry its attention factor; without it the factor is 1.
     inv_freq = rope.inv_frequencies(cfg)
-    query = rope.apply_rope(query, positions, inv_freq)
-    key = rope.apply_rope(key, positions, inv_freq)
+    rope_scale = rope.attention_factor(cfg)
+    query = rope.apply_rope(query, positions, inv_freq, rope_scale)
+    key = rope.apply_rope(key, positions, inv_freq, rope_scale)
 
     mask = masks.make_attention_mask(x.shape[1], segment_ids)
     out = dot_product_attention(query, key, value, mask)
