@@ -43,6 +43,7 @@ LOGICAL_AXIS_RULES = (
     ('norm', None),
     ('layers', None),
     ('exp', 'expert'),
+    ('lora_rank', None),  # LoRA adapter rank (small): replicated.
 )
 
 
@@ -84,6 +85,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.max_seq_len = s['max_seq_len']  # Tokens per packed training sequence.
   config.on_nonfinite = 'stop'  # Non-finite loss/grads: 'stop' the run or 'skip' the update.
   config.peak_flops_per_device = 0.0  # For train/mfu; 0 = look up the accelerator (CPU: measure).
+  # A workdir (or its checkpoints/, a step or a merged-params dir) whose params seed a new
+  # run, e.g. the base model of a LoRA fine-tune; new params (adapters) are initialised
+  # fresh. '' = random init. Ignored once the run has its own checkpoint (resume).
+  config.init_from_checkpoint = ''
 
   # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
   config.optimizer = ml_collections.ConfigDict()
@@ -128,6 +133,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay fp32).
   config.model.remat = 'none'  # Rematerialise blocks: 'none', 'full', 'dots', 'dots_no_batch'.
   config.model.scan_layers = False  # Stack blocks with nn.scan (faster compiles for deep models).
+  # LoRA adapters (xenith/model/lora.py): x W + alpha / rank * x A B on the layers named
+  # in `targets`. experiments/lora_finetune.py turns them on for fine-tuning.
+  config.model.lora = ml_collections.ConfigDict()
+  config.model.lora.rank = 0  # Adapter rank; 0 = no adapters.
+  config.model.lora.alpha = 16.0  # Adapter output scale is alpha / rank.
+  config.model.lora.dropout = 0.0  # Dropout on the adapters' input during training.
+  # Layers (module names) that get adapters; any of 'query', 'key', 'value', 'out' (attention),
+  # 'gate', 'up', 'down' (MLP), 'head' (untied output head only).
+  config.model.lora.targets = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
+  # Train only the adapters: the base gets no gradients and no optimizer state.
+  config.model.lora.train_only_adapters = True
 
   # Data: documents -> TFDS array_record -> grain -> SentencePiece -> packed sequences.
   config.data = ml_collections.ConfigDict()

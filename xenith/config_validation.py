@@ -14,6 +14,8 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 ON_NONFINITE = ('stop', 'skip')
 DATA_SOURCES = ('shakespeare', 'folder')
 NAMED_TOKENIZERS = ('train', 'mixtral')
+# As xenith.model.lora.TARGETS (layers that can get LoRA adapters).
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head')
 ROPE_SCALING_TYPES = ('none', 'yarn')  # As xenith.model.rope.ROPE_SCALING_TYPES.
 
 
@@ -63,6 +65,34 @@ def _validate_rope(config) -> None:
     _require(config, r + field, lambda v: v >= 0, 'must be >= 0 (0 = the default)')
 
 
+def _validate_lora(config) -> None:
+  """`config.model.lora` (checked only when adapters are on) and `init_from_checkpoint`."""
+  _require(config, 'init_from_checkpoint', lambda v: v == '' or os.path.isdir(v),
+           "is not a directory ('' = random init; else a workdir or checkpoint dir)")
+  if 'lora' not in config.model:
+    return
+  f = 'model.lora.'
+  _require(config, f + 'rank', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (0 = no adapters)')
+  _require(config, f + 'train_only_adapters', lambda v: isinstance(v, bool),
+           'must be True or False')
+  if config.model.lora.rank == 0:
+    return
+  _require(config, f + 'alpha', lambda v: v > 0, 'must be > 0')
+  _require(config, f + 'dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)')
+  targets = config.model.lora.targets
+  if isinstance(targets, str) or not targets:
+    raise ConfigError(f + 'targets', f'{targets!r} must be a non-empty tuple of layer '
+                      f'names from {LORA_TARGETS}')
+  unknown = [t for t in targets if t not in LORA_TARGETS]
+  if unknown:
+    raise ConfigError(f + 'targets', f'{unknown} are not LoRA targets; choose from '
+                      f'{LORA_TARGETS}')
+  if 'head' in targets and config.model.tie_embeddings:
+    raise ConfigError(f + 'targets', "'head' needs config.model.tie_embeddings=False (the "
+                      'tied head is the embedding table, which has no adapter)')
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`."""
@@ -96,6 +126,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.remat', REMAT_POLICIES)
   _require(config, 'model.dropout_rate', lambda v: 0 <= v < 1, 'must be in [0, 1)')
+  _validate_lora(config)
 
   _one_of(config, 'data.source', DATA_SOURCES)
   if config.data.source == 'folder':

@@ -4,6 +4,8 @@ import jax
 import ml_collections
 import optax
 
+from xenith.model import lora
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to the peak, then cosine decay to `end_lr_fraction` of it."""
@@ -21,12 +23,25 @@ def _decay_mask(params):
   return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
+def _adapter_labels(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: 'adapter' if lora.is_adapter(p) else 'frozen', params)
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer for `config.optimizer`, stepping `config.num_train_steps` times."""
+  """The optimizer for `config.optimizer`, stepping `config.num_train_steps` times.
+
+  With `config.model.lora.train_only_adapters` it updates only the LoRA adapters: the
+  base params get zero updates (no weight decay either) and no optimizer state, and
+  gradients are clipped by the adapters' norm.
+  """
   opt = config.optimizer
-  adamw = optax.adamw(
+  tx = optax.adamw(
       learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
       weight_decay=opt.weight_decay, mask=_decay_mask)
   if opt.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  if lora.trains_only_adapters(config.model):
+    tx = optax.multi_transform(
+        {'adapter': tx, 'frozen': optax.set_to_zero()}, _adapter_labels)
+  return tx

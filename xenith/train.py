@@ -18,11 +18,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from xenith import checkpointing
 from xenith import flops
 from xenith import optimizer
 from xenith import sharding
 from xenith.checkpointing import Checkpointer
 from xenith.data import pipeline
+from xenith.model import lora
 from xenith.model.transformer import make_model
 from xenith.steps import make_eval_step, make_train_step
 from xenith.train_state import abstract_train_state, init_train_state
@@ -103,11 +105,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest = checkpointer.latest_step()
     if latest is None:
       state = init_train_state(model, tx, config.max_seq_len, init_key, state_shardings)
+      if config.get('init_from_checkpoint'):  # E.g. the base model of a LoRA fine-tune.
+        state = state.replace(params=checkpointing.load_base_params(
+            config.init_from_checkpoint, state.params))
     else:
       state = checkpointer.restore(latest, abstract_state, train_iter)
     initial_step = int(state.step)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
+    if lora.enabled(config.model):
+      logging.info('LoRA adapters: %d params', lora.num_adapter_params(state.params))
     final_path = os.path.join(workdir, 'final_metrics.json')
     if initial_step >= config.num_train_steps and os.path.exists(final_path):
       logging.info('Already trained to step %d; nothing to do.', initial_step)

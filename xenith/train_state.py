@@ -26,8 +26,21 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(rng, tokens)['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+                      opt_state=_drop_empty_boxes(tx.init(params)))
   return init
+
+
+def _drop_empty_boxes(tree):
+  """Unwraps logical-axis boxes that hold no array.
+
+  A masked optimizer (LoRA's frozen base) keeps the params' boxes around its
+  placeholders for unoptimized params; such a box has no array to shard.
+  """
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree_util.tree_map(
+      lambda x: x.unbox(apply_constraint=False)
+      if is_box(x) and not jax.tree_util.tree_leaves(x) else x,
+      tree, is_leaf=is_box)
 
 
 def abstract_train_state(model, tx, seq_len, mesh, rules) -> tuple[TrainState, TrainState]:

@@ -1,4 +1,5 @@
-"""Shared pieces of the model's layers: compute dtype and a partitioned linear map."""
+"""Shared pieces of the model's layers: compute dtype and a partitioned linear map
+(with optional LoRA adapters, see `lora.py`)."""
 
 from collections.abc import Sequence
 
@@ -6,6 +7,8 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from xenith.model import lora
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -35,12 +38,21 @@ class DenseGeneral(nn.Module):
   a mesh; fan-in is the product of the contracted axes (e.g. heads * head_dim
   for the attention output), which keeps activations at unit scale.
 
+  With `lora_rank > 0` the layer adds a low-rank adapter (see `lora.py`):
+  `lora_a` [*contracted, rank] and `lora_b` [rank, *features] (zero-initialised),
+  output `x @ kernel + lora_alpha / lora_rank * dropout(x) @ lora_a @ lora_b`. The
+  adapter dropout runs when the module is applied with a 'dropout' rng (training),
+  so the call signature stays the base layer's.
+
   Attributes:
     features: output feature shape, e.g. `(num_heads, head_dim)`.
     names: logical names of the kernel axes: contracted axes, then features.
     axis: input axes contracted with the kernel.
     dtype: compute dtype (inputs and kernel are cast to it).
     out_dtype: dtype the matmul accumulates into and returns; None = `dtype`.
+    lora_rank: adapter rank; 0 = no adapter.
+    lora_alpha: adapter output scale numerator (the scale is alpha / rank).
+    lora_dropout: dropout rate on the adapter's input.
   """
 
   features: int | Sequence[int]
@@ -48,6 +60,9 @@ class DenseGeneral(nn.Module):
   axis: int | Sequence[int] = -1
   dtype: jnp.dtype = jnp.float32
   out_dtype: jnp.dtype | None = None
+  lora_rank: int = 0
+  lora_alpha: float = 1.0
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,9 +88,41 @@ class DenseGeneral(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    return jax.lax.dot_general(
-        x, kernel, ((axis, tuple(range(n_in))), ((), ())),
-        preferred_element_type=self.out_dtype)
+    contract = ((axis, tuple(range(n_in))), ((), ()))
+    y = jax.lax.dot_general(
+        x, kernel, contract, preferred_element_type=self.out_dtype)
+    if not self.lora_rank:
+      return y
+
+    names = tuple(self.names)
+    # A like the kernel (fan-in scaling: x @ A is unit scale); B = 0, so the
+    # adapted layer starts as the base layer.
+    init_a = nn.initializers.variance_scaling(
+        1.0, 'fan_in', 'truncated_normal',
+        in_axis=tuple(range(n_in)), out_axis=(n_in,))
+    lora_a = self.param(
+        'lora_a',
+        nn.with_logical_partitioning(init_a, names[:n_in] + (lora.RANK_AXIS,)),
+        kernel_shape[:n_in] + (self.lora_rank,),
+        PARAM_DTYPE,
+    )
+    lora_b = self.param(
+        'lora_b',
+        nn.with_logical_partitioning(
+            nn.initializers.zeros, (lora.RANK_AXIS,) + names[n_in:]),
+        (self.lora_rank,) + features,
+        PARAM_DTYPE,
+    )
+    if self.lora_dropout:
+      x = nn.Dropout(self.lora_dropout)(
+          x, deterministic=not self.has_rng('dropout'))
+    # Scaling the [..., rank] activations is cheaper than scaling the output.
+    h = jax.lax.dot_general(x, lora_a.astype(self.dtype), contract)  # [..., rank]
+    h = h * jnp.asarray(self.lora_alpha / self.lora_rank, self.dtype)
+    delta = jax.lax.dot_general(
+        h, lora_b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=self.out_dtype)  # [..., *features]
+    return y + delta
 
 
 def dense(
@@ -87,12 +134,20 @@ def dense(
     out_dtype: jnp.dtype | None = None,
     name: str | None = None,
 ) -> DenseGeneral:
-  """A `DenseGeneral` in the config's compute dtype; see its attributes."""
+  """A `DenseGeneral` in the config's compute dtype; see its attributes.
+
+  The layer gets a LoRA adapter when `name` is in `config.lora.targets` (and
+  `config.lora.rank > 0`).
+  """
+  rank = lora.layer_rank(config, name)
   return DenseGeneral(
       features=features,
       names=tuple(names),
       axis=axis,
       dtype=compute_dtype(config),
       out_dtype=out_dtype,
+      lora_rank=rank,
+      lora_alpha=config.lora.alpha if rank else 1.0,
+      lora_dropout=config.lora.dropout if rank else 0.0,
       name=name,
   )

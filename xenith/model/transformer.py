@@ -10,6 +10,7 @@ import ml_collections
 from xenith.model import attention
 from xenith.model import embed as embed_lib
 from xenith.model import layers
+from xenith.model import lora
 from xenith.model import mlp
 from xenith.model import norms
 
@@ -142,5 +143,11 @@ class Decoder(nn.Module):
 
 
 def make_model(model_config: ml_collections.ConfigDict) -> Decoder:
-  """A `Decoder` for a (mutable) `config.model`; the config is frozen here."""
-  return Decoder(config=ml_collections.FrozenConfigDict(model_config))
+  """A `Decoder` for a (mutable) `config.model`; the config is frozen here.
+
+  With `lora.train_only_adapters` only the LoRA adapters receive gradients.
+  """
+  config = ml_collections.FrozenConfigDict(model_config)
+  if lora.trains_only_adapters(config):
+    return lora.frozen_base(Decoder)(config=config)
+  return Decoder(config=config)

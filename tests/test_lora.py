@@ -1,0 +1,340 @@
+"""LoRA (xenith/model/lora.py): adapters start as the base model, merge exactly, train
+alone with a frozen base, seed runs from trained checkpoints; end to end via main.py."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+from flax import linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import default
+from experiments import lora_finetune
+from xenith import checkpointing
+from xenith import config_validation
+from xenith import optimizer
+from xenith.config_validation import ConfigError, validate
+from xenith.model import layers
+from xenith.model import lora
+from xenith.model.transformer import make_model
+from xenith.steps import make_loss_fn, make_train_step
+from xenith.train_state import init_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 128
+ALL_TARGETS = lora.TARGETS  # 'head' included: the test models are untied.
+
+
+def _key(seed):
+  return jax.random.key(seed, impl='rbg')  # Faster init compiles on CPU.
+
+
+def _config(rank=4, targets=ALL_TARGETS, **model_overrides):
+  """Tiny experiment config, untied head, small vocab, LoRA of `rank` on `targets`."""
+  config = default.get_config('size=tiny')
+  config.global_batch_size = 4
+  config.max_seq_len = 16
+  config.optimizer.warmup_steps = 0
+  config.model.vocab_size = VOCAB
+  config.model.tie_embeddings = False
+  config.model.lora.rank = rank
+  config.model.lora.targets = tuple(targets)
+  for field, value in model_overrides.items():
+    setattr(config.model, field, value)
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(model):
+  return jax.jit(model.apply, static_argnames='deterministic')
+
+
+def _init(model, seed=0):
+  return nn.unbox(jax.jit(model.init)(_key(seed), jnp.zeros((1, 16), jnp.int32)))['params']
+
+
+def _flat(params):
+  return traverse_util.flatten_dict(params, sep='/')
+
+
+def _tokens(shape=(2, 16), seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB, jnp.int32)
+
+
+def _with_base(lora_params, base_params):
+  """`lora_params` with the base params replaced by `base_params` (same keys)."""
+  flat = _flat(lora_params)
+  flat.update(_flat(base_params))
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _random_adapters(params, seed=2):
+  """Params whose adapters (B included) are random, so that they change the output."""
+  flat = _flat(params)
+  keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
+  for name, x in flat.items():
+    key = next(keys)
+    if name.endswith('lora_b'):
+      flat[name] = 0.1 * jax.random.normal(key, x.shape)
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_zero_b_equals_base_and_merged_equals_unmerged(scan_layers):
+  config = _config(scan_layers=scan_layers)
+  plain_model = make_model(lora.plain_config(config.model))
+  lora_model = make_model(config.model)
+  base = _init(plain_model)
+  params = _with_base(_init(lora_model, seed=1), base)
+  assert lora.num_adapter_params(params) > 0
+  assert all(not x.any() for k, x in _flat(params).items() if k.endswith('lora_b'))
+  tokens = _tokens()
+  base_logits = _apply(plain_model)({'params': base}, tokens)
+  # B = 0: exactly the base model, whatever A is.
+  np.testing.assert_array_equal(_apply(lora_model)({'params': params}, tokens), base_logits)
+
+  params = _random_adapters(params)
+  adapted = _apply(lora_model)({'params': params}, tokens)
+  assert np.abs(adapted - base_logits).max() > 1e-2  # The adapters do something.
+  merged = lora.merge_lora(params, config.model)
+  assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, base)
+  np.testing.assert_allclose(
+      _apply(plain_model)({'params': merged}, tokens), adapted, atol=2e-5, rtol=1e-5)
+
+
+def test_targets_select_exactly_the_named_layers():
+  config = _config(targets=('query', 'down', 'head'))
+  boxed = jax.eval_shape(make_model(config.model).init, _key(0),
+                         jnp.zeros((1, 8), jnp.int32))['params']
+  flat = traverse_util.flatten_dict(boxed, sep='/')
+  adapted = {k.rsplit('/', 1)[0] for k in flat if k.rsplit('/', 1)[1] in lora.ADAPTER_PARAMS}
+  assert adapted == {'block_0/attn/query', 'block_1/attn/query', 'block_0/mlp/down',
+                     'block_1/mlp/down', 'head'}
+  m, r = config.model, config.model.lora.rank
+  # Shapes [*contracted, rank] / [rank, *features], with logical axis names from the rules.
+  assert flat['block_0/attn/query/lora_a'].value.shape == (m.embed_dim, r)
+  assert flat['block_0/attn/query/lora_b'].value.shape == (r, m.num_heads, m.head_dim)
+  assert flat['block_0/attn/query/lora_b'].names == ('lora_rank', 'heads', 'head_dim')
+  assert flat['block_0/mlp/down/lora_a'].names == ('mlp', 'lora_rank')
+  assert flat['head/lora_b'].names == ('lora_rank', 'vocab')
+  known = {name for name, _ in config.logical_axis_rules}
+  assert all(set(x.names) <= known for x in flat.values())
+
+  out = _config(targets=('out',))
+  flat = traverse_util.flatten_dict(jax.eval_shape(
+      make_model(out.model).init, _key(0), jnp.zeros((1, 8), jnp.int32))['params'], sep='/')
+  assert flat['block_0/attn/out/lora_a'].names == ('heads', 'head_dim', 'lora_rank')
+  # Rank 0: exactly the plain model's params.
+  plain = jax.eval_shape(make_model(_config(rank=0).model).init, _key(0),
+                         jnp.zeros((1, 8), jnp.int32))
+  assert not any(k.endswith(('lora_a', 'lora_b'))
+                 for k in traverse_util.flatten_dict(plain['params'], sep='/'))
+
+
+def test_adapter_dropout_runs_only_with_a_dropout_rng():
+  layer = layers.DenseGeneral(
+      features=32, names=('embed', 'mlp'), lora_rank=4, lora_alpha=8.0, lora_dropout=0.5)
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  variables = nn.unbox(layer.init(_key(0), x))
+  variables = {'params': _random_adapters(variables['params'])}
+  params = variables['params']
+  expected = x @ params['kernel'] + 2.0 * (x @ params['lora_a']) @ params['lora_b']
+  np.testing.assert_allclose(layer.apply(variables, x), expected, atol=1e-5)
+  dropped = layer.apply(variables, x, rngs={'dropout': jax.random.key(1)})
+  assert np.abs(dropped - expected).max() > 1e-3
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (config.global_batch_size, config.max_seq_len)
+  return {'inputs': rng.integers(0, VOCAB, shape, dtype=np.int32),
+          'segment_ids': np.ones(shape, np.int32),
+          'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)}
+
+
+def test_lora_train_steps_change_only_adapters():
+  config = _config(dropout=0.1)
+  model, tx = make_model(config.model), optimizer.create_optimizer(config)
+  state = init_train_state(model, tx, config.max_seq_len, _key(0), None)
+  params = state.params
+  adapter_size = lora.num_adapter_params(params)
+  # No optimizer state for the base: Adam's moments exist for the adapters only.
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  assert sum(x.size for x in moments) == 2 * adapter_size
+  # The frozen base gets zero gradients (not merely zero updates).
+  grads = jax.jit(jax.grad(make_loss_fn(model)))(params, _batch(config), jax.random.key(0))
+  for name, g in _flat(grads).items():  # dL/dA is 0 too while B = 0.
+    assert bool(np.abs(g).max() > 0) == name.endswith('lora_b'), name
+
+  train_step = jax.jit(make_train_step(model, tx, skip_nonfinite=False))
+  for i in range(3):
+    state, metrics = train_step(state, _batch(config, seed=i), jax.random.key(1))
+  summary = metrics.compute()
+  assert np.isfinite(summary['loss']) and summary['grad_norm'] > 0
+  before, after = _flat(params), _flat(state.params)
+  for name in before:
+    if name.endswith(lora.ADAPTER_PARAMS):
+      assert np.abs(after[name] - before[name]).max() > 0, name
+    else:
+      np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_train_only_adapters_off_trains_everything():
+  config = _config()
+  config.model.lora.train_only_adapters = False
+  model, tx = make_model(config.model), optimizer.create_optimizer(config)
+  state = init_train_state(model, tx, config.max_seq_len, _key(0), None)
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  assert sum(x.size for x in moments) == 2 * num_params
+  new_state, _ = jax.jit(make_train_step(model, tx, skip_nonfinite=False))(
+      state, _batch(config), jax.random.key(1))
+  before, after = _flat(state.params), _flat(new_state.params)
+  changed = {k for k in before if np.abs(after[k] - before[k]).max() > 0}
+  assert changed >= {k for k in before if not k.endswith(lora.ADAPTER_PARAMS)}
+
+
+class _NoData:
+  def get_state(self):
+    return {}
+
+
+def _save_checkpoint(workdir, config, step=3, seed=0):
+  """A real train-state checkpoint of `config` in `workdir` (what main.py writes)."""
+  model, tx = make_model(config.model), optimizer.create_optimizer(config)
+  state = init_train_state(model, tx, config.max_seq_len, _key(seed), None)
+  with checkpointing.Checkpointer(str(workdir), keep=1) as checkpointer:
+    checkpointer.save(step, state, _NoData())
+  return state.params
+
+
+def test_init_from_checkpoint_restores_base_and_keeps_fresh_adapters(tmp_path):
+  base = _save_checkpoint(tmp_path / 'base', _config(rank=0))
+  config = _config()
+  model, tx = make_model(config.model), optimizer.create_optimizer(config)
+  fresh = init_train_state(model, tx, config.max_seq_len, _key(7), None).params
+  for path in (tmp_path / 'base', tmp_path / 'base' / 'checkpoints',
+               tmp_path / 'base' / 'checkpoints' / '3'):
+    params = checkpointing.load_base_params(str(path), fresh)
+    for name, x in _flat(params).items():
+      expected = _flat(fresh if name.endswith(lora.ADAPTER_PARAMS) else base)[name]
+      np.testing.assert_array_equal(x, expected, err_msg=name)
+
+  # Another model: a clear error naming the first difference.
+  wide = _config(embed_dim=32)
+  fresh_wide = init_train_state(make_model(wide.model), optimizer.create_optimizer(wide),
+                                wide.max_seq_len, _key(7), None).params
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r'Cannot initialise from .* does not match this config '
+                           r'\(block_0/attn/key/kernel has shape \(64, 2, 16\) there, '
+                           r'\(32, 2, 16\) here\)'):
+    checkpointing.load_base_params(str(tmp_path / 'base'), fresh_wide)
+  # A LoRA checkpoint as the base: its adapters would be lost, so merge first.
+  _save_checkpoint(tmp_path / 'lora', config)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='merge them'):
+    checkpointing.load_base_params(str(tmp_path / 'lora'), fresh)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='holds no checkpoint'):
+    checkpointing.load_base_params(str(tmp_path), fresh)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.lora.rank', -1, r'config.model.lora.rank: -1 must be an int >= 0'),
+    ('model.lora.alpha', 0.0, r'config.model.lora.alpha'),
+    ('model.lora.dropout', 1.0, r'config.model.lora.dropout'),
+    ('model.lora.targets', ('query', 'experts'), r"\['experts'\] are not LoRA targets"),
+    ('model.lora.targets', (), r'config.model.lora.targets: \(\) must be a non-empty'),
+    ('model.lora.targets', ('head',), r"'head' needs config.model.tie_embeddings=False"),
+    ('init_from_checkpoint', '/no/such/run', r'config.init_from_checkpoint'),
+])
+def test_invalid_lora_fields_are_named(field, value, message):
+  config = default.get_config('size=tiny')
+  config.model.lora.rank = 4
+  *parents, leaf = field.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config, num_devices=8)
+
+
+def test_configs_and_target_lists_agree():
+  assert config_validation.LORA_TARGETS == lora.TARGETS
+  validate(lora_finetune.get_config(f'base={ROOT},size=tiny'), num_devices=8)
+  with pytest.raises(ValueError, match='needs the base run'):
+    lora_finetune.get_config('size=tiny')
+
+
+# End to end, with real processes, as a user runs it.
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device.
+  env['XENITH_CACHE'] = os.environ.get('XENITH_TEST_CACHE', env.get('XENITH_CACHE', ''))
+  if not env['XENITH_CACHE']:
+    del env['XENITH_CACHE']
+  return env
+
+
+def _run(*args, script='main.py'):
+  result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+  if result.returncode:
+    raise AssertionError(f'{script} {args} failed:\n{result.stderr[-4000:]}')
+  return result
+
+
+_SHORT = ('--config.log_every_steps=1', '--config.eval_every_steps=4',
+          '--config.num_eval_batches=1', '--config.checkpoint_every_steps=4',
+          '--config.optimizer.warmup_steps=1', '--config.num_train_steps=4')
+
+
+def _saved_params(workdir, step=4):
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return _flat(state['params']), state['opt_state']
+
+
+@pytest.mark.slow
+def test_lora_finetune_of_a_trained_checkpoint_through_main(tmp_path):
+  base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
+  _run('--config=experiments/default.py:size=tiny', f'--workdir={base_dir}', *_SHORT)
+  result = _run(f'--config=experiments/lora_finetune.py:base={base_dir},size=tiny',
+                f'--workdir={lora_dir}', *_SHORT)
+  assert 'Initialised 20 base params from' in result.stderr
+
+  base, _ = _saved_params(base_dir)
+  tuned, opt_state = _saved_params(lora_dir)
+  adapters = {k for k in tuned if k.endswith(lora.ADAPTER_PARAMS)}
+  assert adapters and set(tuned) - adapters == set(base)
+  for name in base:  # The frozen base is bit-identical to the trained checkpoint.
+    np.testing.assert_array_equal(tuned[name], base[name], err_msg=name)
+  for name in adapters:
+    if name.endswith('lora_b'):  # B starts at 0; training moved it.
+      assert np.abs(tuned[name]).max() > 0, name
+  moments = [x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
+  assert sum(x.size for x in moments) == 2 * sum(tuned[k].size for k in adapters)
+  with open(os.path.join(lora_dir, 'final_metrics.json')) as f:
+    final = json.load(f)
+  assert final['step'] == 4
+  assert np.isfinite(final['train/loss']) and np.isfinite(final['eval/loss'])
+
+  # Merge, then start a plain run from the merged weights.
+  merged_dir = str(tmp_path / 'merged')
+  result = _run(f'--config=experiments/lora_finetune.py:base={base_dir},size=tiny',
+                f'--workdir={lora_dir}', f'--out={merged_dir}', script='launch/merge_lora.py')
+  max_diff = float(result.stdout.split('by at most ')[1].rstrip('.\n'))
+  assert max_diff < 1e-4
+  config = lora_finetune.get_config(f'base={base_dir},size=tiny')
+  merged = checkpointing.load_params(merged_dir, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding
+                                     .SingleDeviceSharding(jax.devices()[0])),
+      traverse_util.unflatten_dict(base, sep='/')))
+  expected = lora.merge_lora(traverse_util.unflatten_dict(tuned, sep='/'), config.model)
+  jax.tree.map(np.testing.assert_array_equal, merged, expected)

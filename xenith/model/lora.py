@@ -1,0 +1,152 @@
+"""LoRA: low-rank adapters on chosen linear layers, base freezing, and merging.
+
+A layer named in `config.lora.targets` computes
+
+  y = x @ W + (alpha / rank) * dropout(x) @ A @ B,
+
+with A: [*contracted, rank] initialised like W (fan-in scaling) and B: [rank, *features]
+initialised to zero, so a freshly adapted model computes exactly the base model. The
+adapters sit beside the kernel they adapt (`.../query/{kernel, lora_a, lora_b}`); the
+computation is `layers.DenseGeneral`'s. Layers are chosen by their module name, so one
+name adapts that layer in every block. MoE experts are not targetable yet: their batched
+kernels ([exp, embed, mlp]) need adapters with a leading expert axis, which `merge_lora`
+already handles (it treats leading axes as batch axes, like the scan layer axis); the
+MoE layer will add an 'experts' target.
+"""
+
+from collections.abc import Mapping
+import math
+from typing import Any
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# Module names of the linear layers that can carry adapters.
+TARGETS = (
+    'query', 'key', 'value', 'out',  # Attention projections (attention.py).
+    'gate', 'up', 'down',  # SwiGLU MLP (mlp.py).
+    'head',  # Untied output head (transformer.py); the tied head is the embedding.
+)
+# Adapter param names; every other param is the base model.
+ADAPTER_PARAMS = ('lora_a', 'lora_b')
+# Logical axis name of the rank axis (replicated: it is small).
+RANK_AXIS = 'lora_rank'
+
+
+def _settings(model_config):
+  # Configs built before LoRA existed (or by hand) have no lora block: LoRA is off.
+  return model_config.get('lora') if hasattr(model_config, 'get') else None
+
+
+def enabled(model_config: ml_collections.ConfigDict) -> bool:
+  """Whether the model has adapters (`lora.rank > 0`)."""
+  settings = _settings(model_config)
+  return settings is not None and settings.rank > 0
+
+
+def trains_only_adapters(model_config: ml_collections.ConfigDict) -> bool:
+  """Whether the base is frozen: adapters on and `lora.train_only_adapters`."""
+  return enabled(model_config) and bool(model_config.lora.train_only_adapters)
+
+
+def scale(model_config: ml_collections.ConfigDict) -> float:
+  """alpha / rank, the factor on the adapters' output."""
+  return model_config.lora.alpha / model_config.lora.rank
+
+
+def layer_rank(model_config: ml_collections.ConfigDict, layer_name: str | None) -> int:
+  """The adapter rank of the linear layer named `layer_name`; 0 = no adapter."""
+  if not enabled(model_config) or layer_name not in model_config.lora.targets:
+    return 0
+  return model_config.lora.rank
+
+
+def is_adapter(path: tuple[Any, ...]) -> bool:
+  """Whether a `jax.tree_util` key path (boxed or not) leads to an adapter param."""
+  return any(getattr(k, 'key', None) in ADAPTER_PARAMS for k in path)
+
+
+def adapter_mask(params: Any) -> Any:
+  """A tree like `params` with True at adapters and False at base params."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_adapter(p), params)
+
+
+def _stop_base_gradients(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if is_adapter(p) else jax.lax.stop_gradient(x), params)
+
+
+def frozen_base(module_class: type[nn.Module]) -> type[nn.Module]:
+  """`module_class` whose base params pass no gradient (adapters train).
+
+  The optimizer's freezing (`optimizer.create_optimizer`) alone would give the same
+  updates, but the backward pass would still compute every base weight gradient (about a
+  third of a train step) and `train/grad_norm` would count them. The param tree is
+  unchanged.
+  """
+  return nn.map_variables(
+      module_class, 'params', trans_in_fn=_stop_base_gradients, init=True)
+
+
+def _low_rank_product(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
+  """A @ B in the kernel's shape; leading axes shared by A, B and the kernel (the scan
+  layer axis, an expert axis) are batch axes.
+
+  a: [*lead, *contracted, rank]; b: [*lead, rank, *features] -> [*lead, *contracted,
+  *features].
+  """
+  num_lead = a.ndim + b.ndim - 2 - len(kernel_shape)
+  lead = a.shape[:num_lead]
+  rank = a.shape[-1]
+  a = a.reshape(*lead, -1, rank)
+  b = b.reshape(*lead, rank, -1)
+  product = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return product.reshape(kernel_shape)
+
+
+def merge_lora(params: Mapping[str, Any],
+               model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Folds the adapters into their kernels: W + (alpha / rank) * A @ B.
+
+  Args:
+    params: unboxed params of a model with adapters (`model_config.lora.rank > 0`).
+    model_config: that model's `config.model`.
+
+  Returns:
+    Params of the plain model (`plain_config(model_config)`), adapters removed; its
+    outputs equal the adapted model's up to float rounding.
+  """
+  if not enabled(model_config):
+    raise ValueError('merge_lora needs a config with adapters (model.lora.rank > 0).')
+  factor = scale(model_config)
+
+  def merge(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    tree = dict(tree)
+    if 'lora_a' in tree:
+      a, b, kernel = tree.pop('lora_a'), tree.pop('lora_b'), tree['kernel']
+      if a.shape[-1] != model_config.lora.rank:
+        raise ValueError(f'Adapter rank {a.shape[-1]} != config rank '
+                         f'{model_config.lora.rank}.')
+      delta = factor * _low_rank_product(
+          a.astype(jnp.float32), b.astype(jnp.float32), kernel.shape)
+      tree['kernel'] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return {k: merge(v) for k, v in tree.items()}
+
+  return merge(params)
+
+
+def plain_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `model_config` without adapters: the config of `merge_lora`'s output."""
+  plain = ml_collections.ConfigDict(model_config.to_dict())
+  plain.lora.rank = 0
+  return plain
+
+
+def num_adapter_params(params: Any) -> int:
+  """Number of adapter parameters in `params`."""
+  return sum(math.prod(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)
+             if is_adapter(p))
