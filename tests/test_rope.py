@@ -205,6 +205,12 @@ def test_decoder_with_yarn_runs_and_differs_from_plain_rope():
   assert np.abs(yarn_logits - plain_logits).max() > 1e-3
 
 
+def test_unknown_rope_scaling_type_raises_in_the_model():
+  decoder = model.make_model(_config(dict(type='ntk')))
+  with pytest.raises(ValueError, match='ntk'):
+    jax.eval_shape(decoder.init, _key(0), jnp.zeros((1, 8), jnp.int32))
+
+
 @pytest.mark.parametrize('field,value,message', [
     ('type', 'ntk', r'config.model.rope_scaling.type: .* must be one of'),
     ('factor', 0.5, r'config.model.rope_scaling.factor: 0.5 must be >= 1'),
