@@ -110,6 +110,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.num_kv_heads = s['num_kv_heads']  # Key/value heads (grouped-query attention).
   config.model.head_dim = s['head_dim']  # Width of each attention head.
   config.model.mlp_dim = s['mlp_dim']  # Hidden width of the SwiGLU MLP.
+  # Mixture-of-Experts (xenith/model/moe.py) in place of the MLP in some layers;
+  # experiments/moe.py turns it on.
+  config.model.moe = ml_collections.ConfigDict()
+  config.model.moe.num_experts = 0  # Routed experts per MoE layer; 0 = dense model.
+  config.model.moe.num_experts_per_token = 2  # Top-k: experts each token is routed to.
+  config.model.moe.expert_mlp_dim = 0  # Hidden width of each expert; 0 = model.mlp_dim.
+  # Always-on experts beside the routed ones, one SwiGLU of width n * expert_mlp_dim.
+  config.model.moe.num_shared_experts = 0
+  config.model.moe.first_dense_layers = 0  # The first K layers keep the dense MLP.
+  config.model.moe.moe_every = 1  # Then every n-th layer is MoE (layers K+n-1, K+2n-1...).
+  # True: top-k weights renormalised to sum to 1 (Mixtral); False: raw softmax (Switch).
+  config.model.moe.normalize_top_k = True
+  # 'auto' (CPU: dropless_gather, GPU/TPU: dropless_ragged), 'dropless_gather',
+  # 'dropless_ragged', 'capacity' (drops overflow) or 'dense' (all experts; reference).
+  config.model.moe.dispatch = 'auto'
+  config.model.moe.capacity_factor = 1.25  # 'capacity': slots per expert = factor * T * k / E.
+  config.model.moe.block_size = 256  # 'dropless_gather': rows per grouped-matmul block.
+  config.model.moe.load_balance_loss_weight = 0.01  # Switch load-balance loss weight.
+  config.model.moe.router_z_loss_weight = 0.001  # ST-MoE router z-loss weight.
+  # Weight of the mean router entropy; > 0 sharpens routing, < 0 spreads it.
+  config.model.moe.router_entropy_loss_weight = 0.0
   config.model.norm = 'rmsnorm'  # 'rmsnorm' or 'layernorm'.
   config.model.norm_eps = 1e-6  # Epsilon inside the norms.
   config.model.tie_embeddings = True  # Output head reuses the token embedding matrix.

@@ -17,6 +17,8 @@ NAMED_TOKENIZERS = ('train', 'mixtral')
 # As xenith.model.lora.TARGETS (layers that can get LoRA adapters).
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head')
 ROPE_SCALING_TYPES = ('none', 'yarn')  # As xenith.model.rope.ROPE_SCALING_TYPES.
+# As xenith.model.moe_dispatch.DISPATCHES.
+MOE_DISPATCHES = ('auto', 'dropless_gather', 'dropless_ragged', 'capacity', 'dense')
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,39 @@ def _validate_lora(config) -> None:
                       'tied head is the embedding table, which has no adapter)')
 
 
+def _validate_moe(config) -> None:
+  """`config.model.moe`, checked only when the model has experts."""
+  if 'moe' not in config.model:
+    return
+  f = 'model.moe.'
+  _require(config, f + 'num_experts', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (0 = dense model)')
+  moe = config.model.moe
+  if moe.num_experts == 0:
+    return
+  _require(config, f + 'num_experts_per_token',
+           lambda v: isinstance(v, int) and 1 <= v <= moe.num_experts,
+           f'must be an int in [1, num_experts={moe.num_experts}]')
+  for field in ('expert_mlp_dim', 'num_shared_experts'):
+    _require(config, f + field, lambda v: isinstance(v, int) and v >= 0,
+             'must be an int >= 0')
+  _require(config, f + 'first_dense_layers',
+           lambda v: isinstance(v, int) and 0 <= v < config.model.num_layers,
+           f'must be in [0, num_layers={config.model.num_layers}) (some layer must be MoE)')
+  _positive(config, f + 'moe_every', f + 'block_size')
+  if moe.first_dense_layers + moe.moe_every > config.model.num_layers:
+    raise ConfigError(f + 'moe_every', f'{moe.moe_every} leaves no MoE layer after '
+                      f'{moe.first_dense_layers} dense ones in {config.model.num_layers}')
+  if config.model.scan_layers and moe.moe_every != 1:
+    raise ConfigError(f + 'moe_every', f'{moe.moe_every} needs config.model.scan_layers='
+                      'False (a scan repeats one kind of block; use moe_every=1)')
+  _one_of(config, f + 'dispatch', MOE_DISPATCHES)
+  _require(config, f + 'normalize_top_k', lambda v: isinstance(v, bool), 'must be a bool')
+  _require(config, f + 'capacity_factor', lambda v: v > 0, 'must be > 0')
+  for field in ('load_balance_loss_weight', 'router_z_loss_weight'):
+    _require(config, f + field, lambda v: v >= 0, 'must be >= 0')
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`."""
@@ -127,6 +162,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _one_of(config, 'model.remat', REMAT_POLICIES)
   _require(config, 'model.dropout_rate', lambda v: 0 <= v < 1, 'must be in [0, 1)')
   _validate_lora(config)
+  _validate_moe(config)
 
   _one_of(config, 'data.source', DATA_SOURCES)
   if config.data.source == 'folder':

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from xenith.metrics import EvalMetrics, TrainMetrics
+from xenith.model import moe
 from xenith.train_state import TrainState
 
 
@@ -29,47 +30,65 @@ def _model_inputs(batch):
   return dict(segment_ids=batch['segment_ids'], positions=batch['positions'])
 
 
-def make_loss_fn(model: nn.Module):
-  """Returns loss_fn(params, batch, dropout_key) -> mean next-token loss (training mode)."""
+def _apply(model: nn.Module, params, batch: dict, **kwargs):
+  """Logits and (MoE aux loss or None, MoE metrics) of one forward pass."""
+  logits, variables = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
+                                  mutable=[moe.STATS_COLLECTION], **kwargs)
+  return logits, moe.aux_loss_and_metrics(variables)
 
-  def loss_fn(params, batch: dict, dropout_key: jax.Array) -> jax.Array:
-    logits = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
-                         deterministic=False, rngs={'dropout': dropout_key})
+
+def make_loss_fn(model: nn.Module, with_aux: bool = False):
+  """Returns loss_fn(params, batch, dropout_key) -> training loss (training mode).
+
+  The loss is the mean next-token loss plus, for a MoE model, the weighted router losses.
+  With `with_aux` it returns (loss, (next-token loss, MoE metrics)).
+  """
+
+  def loss_fn(params, batch: dict, dropout_key: jax.Array):
+    logits, (aux_loss, moe_metrics) = _apply(
+        model, params, batch, deterministic=False, rngs={'dropout': dropout_key})
     nll, _, weights = next_token_losses(logits, batch['inputs'], batch['segment_ids'])
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    lm_loss = (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    loss = lm_loss if aux_loss is None else lm_loss + aux_loss
+    return (loss, (lm_loss, moe_metrics)) if with_aux else loss
 
   return loss_fn
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, skip_nonfinite: bool):
   """Returns train_step(state, batch, dropout_key) -> (state, TrainMetrics)."""
-  loss_fn = make_loss_fn(model)
+  loss_fn = make_loss_fn(model, with_aux=True)
 
   def train_step(state: TrainState, batch: dict, dropout_key: jax.Array):
     key = jax.random.fold_in(dropout_key, state.step)  # Same key on resume.
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
+    (total, (loss, moe_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, key)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # Keep the old params and optimizer state; only the step advances.
       new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                          new_state, state.replace(step=new_state.step))
     metrics = TrainMetrics.single_from_model_output(
         loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
-        finite=finite)
+        finite=finite, moe=moe_metrics)
     return new_state, metrics
 
   return train_step
 
 
 def make_eval_step(model: nn.Module):
-  """Returns eval_step(params, batch) -> EvalMetrics over the batch's predicted tokens."""
+  """Returns eval_step(params, batch) -> EvalMetrics over the batch's predicted tokens.
+
+  For a MoE model the metrics include the router losses and loads (`moe`).
+  """
 
   def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch))
+    logits, (_, moe_metrics) = _apply(model, params, batch)
     nll, correct, weights = next_token_losses(logits, batch['inputs'], batch['segment_ids'])
-    return EvalMetrics.single_from_model_output(loss=nll, correct=correct, mask=weights)
+    return EvalMetrics.single_from_model_output(loss=nll, correct=correct, mask=weights,
+                                                moe=moe_metrics)
 
   return eval_step

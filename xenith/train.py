@@ -20,6 +20,7 @@ import ml_collections
 
 from xenith import checkpointing
 from xenith import flops
+from xenith import metrics as metrics_lib
 from xenith import optimizer
 from xenith import sharding
 from xenith.checkpointing import Checkpointer
@@ -68,7 +69,8 @@ def _evaluate(eval_step, params, datasets, num_batches, batch_sharding) -> dict[
   result = jax.device_get(total.compute())
   loss = float(result['loss'])
   return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 80.0)),
-          'eval/accuracy': float(result['accuracy'])}
+          'eval/accuracy': float(result['accuracy']),
+          **metrics_lib.moe_scalars('eval', result['moe'])}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -166,7 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         check_finite(step)
         summary = jax.device_get(pending.compute())
         elapsed = time.perf_counter() - interval_start
+        moe_summary = summary.pop('moe')  # Router losses, expert loads; {} if dense.
         train_summary = {f'train/{k}': float(v) for k, v in summary.items()}
+        train_summary.update(metrics_lib.moe_scalars('train', moe_summary))
         train_summary['train/learning_rate'] = float(lr_schedule(step - 1))
         if interval_steps:
           step_time = elapsed / interval_steps

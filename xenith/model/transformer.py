@@ -12,6 +12,7 @@ from xenith.model import embed as embed_lib
 from xenith.model import layers
 from xenith.model import lora
 from xenith.model import mlp
+from xenith.model import moe
 from xenith.model import norms
 
 _EMBED_NAMES = ('activation_batch', 'activation_length', 'activation_embed')
@@ -24,9 +25,13 @@ REMAT_POLICIES = {
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); dropout on branches."""
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); dropout on branches.
+
+  With `use_moe` the MLP is a `moe.MoeBlock` (params under `moe`, not `mlp`).
+  """
 
   config: ml_collections.FrozenConfigDict
+  use_moe: bool = False
 
   @nn.compact
   def __call__(
@@ -35,8 +40,8 @@ class DecoderBlock(nn.Module):
       segment_ids: jax.Array | None,
       positions: jax.Array,
       deterministic: bool,
-  ) -> tuple[jax.Array, None]:
-    """x: [batch, seq, embed] -> (x, None); the pair is `nn.scan`'s carry/output."""
+  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output."""
     cfg = self.config
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
     branch = norms.make_norm(cfg, 'attn_norm')(x)
@@ -45,10 +50,13 @@ class DecoderBlock(nn.Module):
     x = x + branch
 
     branch = norms.make_norm(cfg, 'mlp_norm')(x)
-    branch = mlp.Mlp(cfg, name='mlp')(branch)
+    if self.use_moe:
+      branch, stats = moe.MoeBlock(cfg, name='moe')(branch, segment_ids)
+    else:
+      branch, stats = mlp.Mlp(cfg, name='mlp')(branch), None
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
-    return nn.with_logical_constraint(x, _EMBED_NAMES), None
+    return nn.with_logical_constraint(x, _EMBED_NAMES), stats
 
 
 def _block_class(config: ml_collections.FrozenConfigDict) -> type[nn.Module]:
@@ -75,6 +83,9 @@ class Decoder(nn.Module):
   Params are float32; activations use `config.dtype`; logits are float32.
   With `config.scan_layers` the blocks live under `layers` with a leading
   layer axis (logical name 'layers'); otherwise under `block_0`, `block_1`, ...
+  A MoE model (`config.moe.num_experts > 0`) scans its dense prefix under
+  `dense_layers` and its MoE layers under `moe_layers`, and sows the router stats of
+  every MoE layer into the `moe.STATS_COLLECTION` collection (see `moe.py`).
   """
 
   config: ml_collections.FrozenConfigDict
@@ -114,20 +125,41 @@ class Decoder(nn.Module):
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
 
     block = _block_class(cfg)
-    if cfg.scan_layers:
+    moe_stats = {}  # 'layer_<i>' -> router stats of MoE layer i.
+
+    def scan_stack(x, length, use_moe, name):
       stack = nn.scan(
           block,
           variable_axes={'params': 0},
           split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-          length=cfg.num_layers,
+          length=length,
           metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      x, _ = stack(cfg, name='layers')(x, segment_ids, positions, deterministic)
+      return stack(cfg, use_moe=use_moe, name=name)(
+          x, segment_ids, positions, deterministic)
+
+    if cfg.scan_layers and not moe.enabled(cfg):
+      x, _ = scan_stack(x, cfg.num_layers, False, 'layers')
+    elif cfg.scan_layers:
+      # A scan repeats one block: the dense prefix and the MoE layers are two stacks.
+      if cfg.moe.moe_every != 1:
+        raise ValueError('scan_layers needs config.moe.moe_every=1 (a scan repeats one '
+                         'kind of block).')
+      num_dense = cfg.moe.first_dense_layers
+      if num_dense:
+        x, _ = scan_stack(x, num_dense, False, 'dense_layers')
+      x, stacked = scan_stack(x, cfg.num_layers - num_dense, True, 'moe_layers')
+      for j in range(cfg.num_layers - num_dense):
+        moe_stats[f'layer_{num_dense + j}'] = jax.tree.map(lambda s, j=j: s[j], stacked)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, name=f'block_{i}')(
+        x, stats = block(cfg, use_moe=moe.is_moe_layer(cfg, i), name=f'block_{i}')(
             x, segment_ids, positions, deterministic)
+        if stats is not None:
+          moe_stats[f'layer_{i}'] = stats
+    if moe_stats:
+      self.sow(moe.STATS_COLLECTION, 'layers', moe_stats)
 
     x = norms.make_norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:

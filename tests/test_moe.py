@@ -1,0 +1,397 @@
+"""Tests of the Mixture-of-Experts layer (xenith/model/moe.py, moe_dispatch.py).
+
+Dispatch methods against the compute-all-experts reference, capacity drops, router
+losses against hand computation, padding, layer layouts, the train/eval steps' aux
+losses and metrics, expert parallelism on 8 simulated devices, and a MoE experiment run
+end to end through main.py (slow).
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import default
+from experiments import moe as moe_experiment
+from tests import test_sharding
+from xenith import event_files
+from xenith import metrics as metrics_lib
+from xenith import sharding
+from xenith.config_validation import ConfigError, validate
+from xenith.model import moe
+from xenith.model import moe_dispatch
+from xenith.model import transformer
+from xenith.steps import make_eval_step, make_loss_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DROPLESS = ('dropless_gather', 'dropless_ragged')
+
+
+def _key(seed):
+  return jax.random.key(seed, impl='rbg')
+
+
+def _model_config(**moe_fields) -> ml_collections.ConfigDict:
+  """Tiny model config with 4 experts, top-2, plus `moe_fields`."""
+  cfg = default.get_config('size=tiny').model
+  cfg.vocab_size = 128
+  cfg.moe.num_experts = 4
+  cfg.moe.expert_mlp_dim = 24
+  for field, value in moe_fields.items():
+    cfg.moe[field] = value
+  return cfg
+
+
+def _block(**moe_fields):
+  return moe.MoeBlock(ml_collections.FrozenConfigDict(_model_config(**moe_fields)))
+
+
+def _inputs(batch=3, seq=10, embed=64):
+  x = jax.random.normal(jax.random.key(0), (batch, seq, embed))
+  segment_ids = jnp.ones((batch, seq), jnp.int32).at[0, -3:].set(0).at[2, :2].set(0)
+  return x, segment_ids
+
+
+@functools.cache
+def _block_params(num_shared_experts=0):
+  x, segment_ids = _inputs()
+  block = _block(num_shared_experts=num_shared_experts)
+  return nn.unbox(jax.jit(block.init)(_key(0), x, segment_ids))['params']
+
+
+@functools.cache
+def _block_outputs(dispatch, num_shared_experts=0, **moe_fields):
+  """(y, stats, grads of a loss through y and aux_loss wrt (params, x)) for a dispatch."""
+  block = _block(dispatch=dispatch, num_shared_experts=num_shared_experts, **moe_fields)
+  x, segment_ids = _inputs()
+
+  def loss(params, x):
+    y, stats = block.apply({'params': params}, x, segment_ids)
+    return jnp.sum(jnp.sin(y) * jnp.cos(x)) + 10.0 * stats['aux_loss'], (y, stats)
+
+  grads, (y, stats) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
+      _block_params(num_shared_experts), x)
+  return y, stats, grads
+
+
+def _assert_trees_close(actual, desired, rtol=1e-5):
+  def close(a, b):
+    b = np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(np.abs(b).max(), 1e-6))
+  jax.tree.map(close, actual, desired)
+
+
+@pytest.mark.parametrize('dispatch,num_shared', [
+    ('dropless_gather', 0), ('dropless_ragged', 0), ('capacity', 0),
+    ('dropless_gather', 2)])
+def test_dispatch_matches_dense_forward_and_gradients(dispatch, num_shared):
+  # capacity_factor = E / k: every expert could take every token, nothing drops.
+  extra = dict(capacity_factor=2.0) if dispatch == 'capacity' else {}
+  y_ref, stats_ref, grads_ref = _block_outputs('dense', num_shared)
+  y, stats, grads = _block_outputs(dispatch, num_shared, **extra)
+  _assert_trees_close(y, y_ref)
+  _assert_trees_close(stats, stats_ref)
+  _assert_trees_close(grads, grads_ref)
+  assert float(stats['dropped_fraction']) == 0.0
+  # Every parameter, router included, receives a gradient.
+  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads[0]))
+  if num_shared:
+    assert grads[0]['shared']['up']['kernel'].shape == (64, num_shared * 24)
+
+
+def test_gather_blocks_smaller_than_expert_groups():
+  # Blocks of 8 rows: every expert's rows span several blocks plus a padded tail.
+  y_ref, _, grads_ref = _block_outputs('dense')
+  y, _, grads = _block_outputs('dropless_gather', block_size=8)
+  _assert_trees_close(y, y_ref)
+  _assert_trees_close(grads, grads_ref)
+
+
+def test_auto_dispatch_picks_gather_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert moe_dispatch.resolve('auto') == 'dropless_gather'
+  with pytest.raises(ValueError, match='Unknown MoE dispatch'):
+    moe_dispatch.resolve('megablox')
+
+
+def _expert_weights(num_experts=2, embed=4, mlp=6):
+  keys = jax.random.split(jax.random.key(3), 3)
+  return (jax.random.normal(keys[0], (num_experts, embed, mlp)),
+          jax.random.normal(keys[1], (num_experts, embed, mlp)),
+          jax.random.normal(keys[2], (num_experts, mlp, embed)))
+
+
+def test_capacity_drops_overflow_in_priority_order_and_counts_it():
+  gate, up, down = _expert_weights()
+  x = jax.random.normal(jax.random.key(4), (6, 4))
+  # First choices: five tokens on expert 0, one on expert 1; second choices the other.
+  first = jnp.array([0, 0, 0, 1, 0, 0])
+  expert_index = jnp.stack([first, 1 - first], axis=1)  # [6, 2]
+  weights = jnp.full((6, 2), 0.5)
+  # capacity = ceil(0.5 * 6 * 2 / 2) = 3 slots per expert.
+  y, kept = moe_dispatch.capacity(x, expert_index, weights, gate, up, down, 0.5)
+  # Expert 0 keeps the first three first choices (tokens 0, 1, 2); tokens 4 and 5's
+  # first choices overflow. Expert 1 takes token 3's first choice, then the second
+  # choices of tokens 0 and 1; those of 2, 4 and 5 overflow.
+  np.testing.assert_array_equal(kept, [[1, 1], [1, 1], [1, 0], [1, 0], [0, 0], [0, 0]])
+  expert = lambda e, t: moe_dispatch._swiglu(x[t], gate[e], up[e], down[e])
+  expected = [0.5 * (expert(0, t) + expert(1, t)) for t in (0, 1)]
+  expected += [0.5 * expert(0, 2), 0.5 * expert(1, 3), jnp.zeros(4), jnp.zeros(4)]
+  np.testing.assert_allclose(y, jnp.stack(expected), rtol=1e-5, atol=1e-5)
+  logits = jnp.zeros((6, 2))
+  stats = moe.router_stats(logits, expert_index, kept, jnp.ones(6, bool))
+  np.testing.assert_allclose(stats['dropped_fraction'], 6 / 12)
+  # A padding token's drops are not counted: its assignments do not exist.
+  valid = jnp.array([1, 1, 1, 1, 1, 0], bool)
+  stats = moe.router_stats(logits, expert_index, kept, valid)
+  np.testing.assert_allclose(stats['dropped_fraction'], 4 / 10)
+
+  # Dropless gather on the same routing drops nothing and equals dense.
+  y_gather, kept_gather = moe_dispatch.dropless_gather(
+      x, expert_index, weights, gate, up, down, block_size=8)
+  y_dense, _ = moe_dispatch.dense(x, expert_index, weights, gate, up, down)
+  assert kept_gather.all()
+  np.testing.assert_allclose(y_gather, y_dense, rtol=1e-5, atol=1e-5)
+
+
+def test_small_capacity_in_the_layer_reports_drops():
+  _, stats, _ = _block_outputs('capacity', capacity_factor=0.5)
+  # 25 valid tokens x 2 assignments; capacity ceil(0.5 * 30 * 2 / 4) = 8 per expert
+  # (padding tokens take no slot), so each expert drops what it got beyond 8.
+  per_expert = np.asarray(stats['expert_fraction']) * 50
+  np.testing.assert_allclose(per_expert, np.round(per_expert), atol=1e-4)
+  expected = np.maximum(np.round(per_expert) - 8, 0).sum() / 50
+  assert expected >= 18 / 50
+  np.testing.assert_allclose(stats['dropped_fraction'], expected, rtol=1e-6)
+
+
+def test_router_losses_equal_hand_computation():
+  logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-2.0, 1.0, 1.5],
+                     [5.0, 5.0, -5.0]], np.float32)
+  valid = np.array([True, True, True, False])
+  expert_index, weights = moe.route(jnp.asarray(logits), 2, normalize=True)
+  np.testing.assert_array_equal(expert_index[:3], [[0, 1], [2, 1], [2, 1]])
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(weights[0], probs[0, :2] / probs[0, :2].sum(), rtol=1e-6)
+  _, raw = moe.route(jnp.asarray(logits), 2, normalize=False)
+  np.testing.assert_allclose(raw[0], probs[0, :2], rtol=1e-6)
+
+  stats = moe.router_stats(jnp.asarray(logits), expert_index,
+                           jnp.ones((4, 2), bool), jnp.asarray(valid))
+  # Over the 3 valid tokens, 6 assignments: expert 0 once, expert 1 three times, 2 twice.
+  fraction = np.array([1, 3, 2]) / 6
+  mean_probs = probs[:3].mean(0)
+  np.testing.assert_allclose(stats['expert_fraction'], fraction, rtol=1e-6)
+  np.testing.assert_allclose(stats['load_balance_loss'], 3 * (fraction * mean_probs).sum(),
+                             rtol=1e-6)
+  lse = np.log(np.exp(logits[:3]).sum(-1))
+  np.testing.assert_allclose(stats['router_z_loss'], (lse**2).mean(), rtol=1e-6)
+  entropy = -(probs[:3] * np.log(probs[:3])).sum(-1).mean()
+  np.testing.assert_allclose(stats['router_entropy'], entropy, rtol=1e-6)
+  np.testing.assert_allclose(stats['max_load_ratio'], 3 * 3 / 6, rtol=1e-6)
+  np.testing.assert_allclose(stats['min_load_ratio'], 3 * 1 / 6, rtol=1e-6)
+  assert float(stats['dropped_fraction']) == 0.0
+
+
+def test_block_aux_loss_is_the_weighted_sum_and_padding_is_not_routed():
+  block = _block(load_balance_loss_weight=0.1, router_z_loss_weight=0.01,
+                 router_entropy_loss_weight=-0.5)
+  x, segment_ids = _inputs()
+  y, stats = jax.jit(block.apply)({'params': _block_params()}, x, segment_ids)
+  expected = (0.1 * stats['load_balance_loss'] + 0.01 * stats['router_z_loss']
+              - 0.5 * stats['router_entropy'])
+  np.testing.assert_allclose(stats['aux_loss'], expected, rtol=1e-6)
+  # Padding tokens get no expert output and change no statistic.
+  pad = np.asarray(segment_ids) == 0
+  assert np.all(np.asarray(y)[pad] == 0) and np.abs(np.asarray(y)[~pad]).min() > 0
+  other_pad = jnp.where(segment_ids[..., None] > 0, x, 7.0)
+  y2, stats2 = jax.jit(block.apply)({'params': _block_params()}, other_pad, segment_ids)
+  np.testing.assert_allclose(y2, y, rtol=1e-6)
+  _assert_trees_close(stats2, stats, rtol=1e-6)
+  assert abs(float(stats['expert_fraction'].sum()) - 1) < 1e-6
+
+
+def test_layer_pattern_param_names_and_logical_axes():
+  cfg = ml_collections.FrozenConfigDict(_model_config(first_dense_layers=1, moe_every=2))
+  assert [moe.is_moe_layer(cfg, i) for i in range(6)] == [False, False, True, False,
+                                                           True, False]
+  cfg = _model_config(first_dense_layers=1, num_shared_experts=1)
+  cfg.num_layers = 3
+  boxed = jax.eval_shape(transformer.make_model(cfg).init, _key(0),
+                         jnp.zeros((1, 8), jnp.int32))
+  flat = flax.traverse_util.flatten_dict(boxed['params'], sep='/')
+  assert 'block_0/mlp/gate/kernel' in flat and 'block_0/moe/router/kernel' not in flat
+  names = {'block_1/moe/experts/gate': ('exp', 'embed', 'mlp'),
+           'block_2/moe/experts/up': ('exp', 'embed', 'mlp'),
+           'block_1/moe/experts/down': ('exp', 'mlp', 'embed'),
+           'block_1/moe/router/kernel': ('embed', None),
+           'block_2/moe/shared/gate/kernel': ('embed', 'mlp')}
+  for path, axes in names.items():
+    assert flat[path].names == axes, path
+  assert flat['block_1/moe/experts/down'].value.shape == (4, 24, 64)
+  assert flat['block_2/moe/shared/down/kernel'].value.shape == (24, 64)
+
+
+def _stack(params, layers):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'block_{i}'] for i in layers])
+
+
+def test_scan_layout_matches_loop():
+  loop_cfg = _model_config(first_dense_layers=1)
+  loop_cfg.num_layers = 3
+  scan_cfg = _model_config(first_dense_layers=1)
+  scan_cfg.num_layers, scan_cfg.scan_layers = 3, True
+  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 128)
+  segment_ids = jnp.ones((2, 12), jnp.int32).at[1, 9:].set(0)
+  loop, scan = transformer.make_model(loop_cfg), transformer.make_model(scan_cfg)
+  params = nn.unbox(jax.jit(loop.init)(_key(0), tokens))['params']
+  scan_params = {k: v for k, v in params.items() if not k.startswith('block_')}
+  scan_params['dense_layers'] = _stack(params, [0])
+  scan_params['moe_layers'] = _stack(params, [1, 2])
+
+  def run(model, p):
+    return jax.jit(functools.partial(model.apply, mutable=[moe.STATS_COLLECTION]))(
+        {'params': p}, tokens, segment_ids=segment_ids)
+
+  (loop_logits, loop_vars), (scan_logits, scan_vars) = run(loop, params), run(scan, scan_params)
+  np.testing.assert_allclose(scan_logits, loop_logits, rtol=1e-5, atol=1e-5)
+  loop_aux, loop_metrics = moe.aux_loss_and_metrics(loop_vars)
+  scan_aux, scan_metrics = moe.aux_loss_and_metrics(scan_vars)
+  assert sorted(loop_metrics) == sorted(scan_metrics)
+  assert {'layer_1/max_load_ratio', 'layer_2/expert_fraction'} <= set(loop_metrics)
+  _assert_trees_close(scan_metrics, loop_metrics)
+  np.testing.assert_allclose(scan_aux, loop_aux, rtol=1e-5)
+
+
+def test_loss_adds_mean_layer_aux_loss_and_eval_reports_it():
+  cfg = _model_config(load_balance_loss_weight=0.5)
+  cfg.num_layers = 2
+  model = transformer.make_model(cfg)
+  batch = test_sharding._batch(ml_collections.ConfigDict(
+      dict(global_batch_size=4, max_seq_len=16, model=dict(vocab_size=128))))
+  params = nn.unbox(jax.jit(model.init)(_key(0), batch['inputs']))['params']
+  total, (lm_loss, metrics) = jax.jit(make_loss_fn(model, with_aux=True))(
+      params, batch, jax.random.key(0))
+  layer_aux = [0.5 * metrics[f'layer_{i}/load_balance_loss']
+               + 0.001 * metrics[f'layer_{i}/router_z_loss'] for i in (0, 1)]
+  np.testing.assert_allclose(total - lm_loss, np.mean(layer_aux), rtol=1e-5)
+  np.testing.assert_allclose(metrics['aux_loss'], np.mean(layer_aux), rtol=1e-5)
+  assert float(jax.jit(make_loss_fn(model))(params, batch, jax.random.key(0))) == float(total)
+
+  eval_metrics = jax.jit(make_eval_step(model))(params, batch)
+  result = jax.device_get(eval_metrics.merge(eval_metrics).compute())
+  tags = metrics_lib.moe_scalars('eval', result['moe'])
+  assert tags['eval/aux_loss'] == pytest.approx(float(metrics['aux_loss']), rel=1e-5)
+  assert {'eval/load_balance_loss', 'eval/router_z_loss', 'eval/router_entropy',
+          'eval/dropped_fraction', 'moe_eval/layer_1/max_load_ratio',
+          'moe_eval/layer_0/expert_3_fraction'} <= set(tags)
+  fractions = [tags[f'moe_eval/layer_0/expert_{e}_fraction'] for e in range(4)]
+  assert sum(fractions) == pytest.approx(1.0)
+  assert set(metrics_lib.moe_scalars('train', result['moe'])) >= {
+      'train/aux_loss', 'moe/layer_0/min_load_ratio'}
+
+
+def _sharded_config(dispatch='auto', **mesh):
+  config = test_sharding._config(**mesh)
+  config.model.moe.num_experts = 4
+  config.model.moe.expert_mlp_dim = 32
+  config.model.moe.dispatch = dispatch
+  return config
+
+
+@functools.cache
+def _single_device_moe(dispatch):
+  return test_sharding._run_steps(_sharded_config(dispatch), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('mesh', [dict(data=2, expert=4), dict(data=2, expert=2, tensor=2)])
+def test_expert_parallel_step_matches_single_device(mesh):
+  assert jax.device_count() == 8, 'conftest sets 8 simulated CPU devices'
+  ref_grads, ref_losses, ref_norms, _ = _single_device_moe('auto')
+  grads, losses, norms, state = test_sharding._run_steps(
+      _sharded_config('auto', **mesh), jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+  _assert_trees_close(grads, ref_grads)
+  gate = state.params['block_0']['moe']['experts']['gate']
+  assert gate.sharding.spec[0] == 'expert'
+  assert gate.sharding.shard_shape(gate.shape)[0] == 4 // mesh['expert']
+
+
+def _valid_config(**moe_fields):
+  config = moe_experiment.get_config('size=tiny')
+  for field, value in moe_fields.items():
+    config.model.moe[field] = value
+  return config
+
+
+@pytest.mark.parametrize('fields,match', [
+    (dict(num_experts_per_token=5), r'num_experts_per_token: 5 must be an int in \[1, '),
+    (dict(first_dense_layers=2), r'first_dense_layers: 2 must be in \[0, num_layers=2\)'),
+    (dict(dispatch='megablox'), r'dispatch: .megablox. must be one of'),
+    (dict(capacity_factor=0.0), r'capacity_factor: 0.0 must be > 0'),
+    (dict(moe_every=3), r'moe_every: 3 leaves no MoE layer'),
+])
+def test_invalid_moe_config_is_named(fields, match):
+  validate(_valid_config(), 1)
+  with pytest.raises(ConfigError, match=match):
+    validate(_valid_config(**fields), 1)
+
+
+def test_scan_with_interleaved_moe_is_rejected():
+  config = _valid_config(moe_every=2)
+  config.model.num_layers = 4
+  validate(config, 1)
+  config.model.scan_layers = True
+  with pytest.raises(ConfigError, match='moe_every: 2 needs config.model.scan_layers=False'):
+    validate(config, 1)
+
+
+def test_moe_experiment_config():
+  config = moe_experiment.get_config('size=small')
+  assert config.model.moe.num_experts > 0 and config.model.moe.dispatch == 'auto'
+  validate(config, 1)
+  with pytest.raises(ValueError, match='Unknown size'):
+    moe_experiment.get_config('size=huge')
+  # The dense default is untouched.
+  assert default.get_config().model.moe.num_experts == 0
+
+
+@pytest.mark.slow
+def test_moe_experiment_trains_with_router_metrics_in_tensorboard(tmp_path):
+  workdir = str(tmp_path)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One CPU device.
+  if os.environ.get('XENITH_TEST_CACHE'):
+    env['XENITH_CACHE'] = os.environ['XENITH_TEST_CACHE']
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=experiments/moe.py:size=tiny',
+       f'--workdir={workdir}', '--config.num_train_steps=6', '--config.log_every_steps=3',
+       '--config.eval_every_steps=6', '--config.num_eval_batches=2',
+       '--config.checkpoint_every_steps=6', '--config.optimizer.warmup_steps=2'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  scalars = event_files.read_scalars(workdir)
+  config = moe_experiment.get_config('size=tiny').model
+  moe_layers = [i for i in range(config.num_layers)
+                if moe.is_moe_layer(ml_collections.FrozenConfigDict(config), i)]
+  assert moe_layers
+  for split, group in (('train', 'moe'), ('eval', 'moe_eval')):
+    for name in ('aux_loss', 'load_balance_loss', 'router_z_loss', 'router_entropy',
+                 'dropped_fraction'):
+      assert f'{split}/{name}' in scalars, (split, name)
+    for i in moe_layers:
+      for name in ('max_load_ratio', 'min_load_ratio', 'router_entropy',
+                   'dropped_fraction', 'load_balance_loss', 'expert_0_fraction'):
+        assert f'{group}/layer_{i}/{name}' in scalars, (group, i, name)
+  assert [s for s, _ in scalars['train/aux_loss']] == [3, 6]
+  # Balanced routing gives a load-balance loss near 1 (its minimum).
+  assert 0.9 < scalars['train/load_balance_loss'][-1][1] < 2.0
+  assert all(np.isfinite(v) for _, v in scalars['eval/aux_loss'])
