@@ -27,8 +27,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     'experiments/default.py:size=tiny.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard logs and final metrics.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'describe'],
+    'train: train and evaluate in --workdir, resuming if it has a checkpoint. describe: '
+    'print parameters, FLOPs per token and memory per device, allocating nothing.')
+_NUM_DEVICES = flags.DEFINE_integer(
+    'num_devices', None, 'describe: size the mesh for this many devices (default: the '
+    'devices present).', lower_bound=1)
+flags.mark_flags_as_required(['config'])
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -67,10 +73,20 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
+  num_devices = _NUM_DEVICES.value or jax.device_count()
   try:
-    validate(config, jax.device_count(), jax.process_count())
+    validate(config, num_devices, jax.process_count())
   except ConfigError as e:
     sys.exit(f'Invalid config: {e}')
+
+  if _MODE.value == 'describe':
+    from xenith import describe  # pylint: disable=g-import-not-at-top
+    print(describe.format_description(
+        flags.FLAGS['config'].config_filename, describe.describe(config, num_devices)))
+    return
+
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required for --mode=train.')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   logging.info('JAX devices: %s', jax.devices())
   logging.info('Config:\n%s', config)

@@ -1,0 +1,82 @@
+"""`--mode=describe`: sizes from eval_shape agree with real params and with hand counts."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+
+from experiments import default
+from experiments import xenith_beast
+from experiments import xenith_mini
+from xenith import describe
+from xenith import optimizer
+from xenith import sharding
+from xenith.model.transformer import make_model
+from xenith.train_state import abstract_train_state, init_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hand_count(config):
+  """Total and active params of a (MoE) decoder from its shapes, written out by hand."""
+  m, moe = config.model, config.model.moe
+  d = m.embed_dim
+  attention = d * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  norms = 2 * d
+  dense_mlp = 3 * d * m.mlp_dim
+  expert = 3 * d * moe.expert_mlp_dim
+  shared = moe.num_shared_experts * expert
+  router = d * moe.num_experts
+  moe_layers = m.num_layers - moe.first_dense_layers
+  embed = m.vocab_size * d * (1 if m.tie_embeddings else 2)
+  common = m.num_layers * (attention + norms) + moe.first_dense_layers * dense_mlp
+  common += moe_layers * (router + shared) + embed + d
+  total = common + moe_layers * moe.num_experts * expert
+  active = common + moe_layers * moe.num_experts_per_token * expert
+  return total, active
+
+
+@pytest.mark.parametrize('module,devices', [(xenith_mini, 16), (xenith_beast, 64)])
+def test_seed_configs_match_hand_counts(module, devices):
+  config = module.get_config()
+  d = describe.describe(config, devices)
+  total, active = _hand_count(config)
+  assert d['total_params'] == total
+  assert d['active_params'] == pytest.approx(active)
+
+
+def test_xenith_mini_is_not_what_the_seed_claims():
+  d = describe.describe(xenith_mini.get_config(), 16)
+  # The seed says ~50B total, ~10B active; its own shapes give ~151B and ~41B.
+  assert 150e9 < d['total_params'] < 152e9
+  assert 41e9 < d['active_params'] < 42e9
+
+
+def test_per_device_memory_matches_a_real_sharded_state():
+  config = default.get_config('size=tiny')
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  rules = config.logical_axis_rules
+  d = describe.describe(config, 8)
+  mesh = sharding.create_mesh(config.mesh)
+  model, tx = make_model(config.model), optimizer.create_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, shardings = abstract_train_state(model, tx, config.max_seq_len, mesh, rules)
+    state = init_train_state(model, tx, config.max_seq_len, jax.random.key(0), shardings)
+  shard_elements = sum(x.addressable_shards[0].data.size
+                       for x in jax.tree_util.tree_leaves(state.params))
+  total = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  assert d['total_params'] == total
+  assert d['per_device_params_gib'] * describe.GIB == 4 * shard_elements
+  assert shard_elements < total  # The mesh really splits something.
+
+
+def test_main_describe_needs_no_workdir():
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=experiments/xenith_mini.py', '--mode=describe',
+       '--num_devices=16'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'total parameters' in result.stdout
+  assert '151.40 B' in result.stdout and '41.48 B' in result.stdout
