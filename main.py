@@ -5,6 +5,13 @@
       --config.num_train_steps=100 --config.model.num_layers=3
 
 Running the same command again resumes from the workdir's latest checkpoint.
+
+  python main.py --mode=import_hf --hf_dir=<HF Mixtral/Mistral dir> --workdir=runs/imported
+  python main.py --mode=export_hf --workdir=runs/imported --hf_dir=<out dir>
+
+import_hf writes the Xenith config (xenith_config.json, config.py) and the params as an
+Orbax checkpoint (checkpoints/0); export_hf writes config.json + model.safetensors from
+the workdir's newest params (pass --config for a training run's workdir).
 """
 
 import os
@@ -28,13 +35,18 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard logs and final metrics.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'describe'],
+    'mode', 'train', ['train', 'describe', 'import_hf', 'export_hf'],
     'train: train and evaluate in --workdir, resuming if it has a checkpoint. describe: '
-    'print parameters, FLOPs per token and memory per device, allocating nothing.')
+    'print parameters, FLOPs per token and memory per device, allocating nothing. '
+    'import_hf: Hugging Face Mixtral/Mistral checkpoint --hf_dir -> Xenith config and '
+    'Orbax checkpoint in --workdir. export_hf: newest params in --workdir -> Hugging Face '
+    'checkpoint --hf_dir (config from the import, or --config).')
+_HF_DIR = flags.DEFINE_string(
+    'hf_dir', None, 'import_hf / export_hf: the Hugging Face checkpoint directory '
+    '(config.json + *.safetensors) to read / write.')
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'describe: size the mesh for this many devices (default: the '
     'devices present).', lower_bound=1)
-flags.mark_flags_as_required(['config'])
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -53,7 +65,8 @@ def parse_flags(argv):
   """absl's flag parsing, with config-file and unknown-field failures as one line."""
   try:
     argv = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # A config file that failed to load raises only when used.
+    if _CONFIG.value is not None:  # Optional for import_hf / export_hf only.
+      _CONFIG.value.keys()  # A config file that failed to load raises only when used.
     return argv
   except flags.Error as e:
     sys.exit(f'Invalid flags: {e}')
@@ -72,7 +85,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _MODE.value in ('import_hf', 'export_hf'):
+    return _hf_mode(_MODE.value)
   config = _CONFIG.value
+  if config is None:
+    raise app.UsageError(f'--config is required for --mode={_MODE.value}.')
   num_devices = _NUM_DEVICES.value or jax.device_count()
   try:
     validate(config, num_devices, jax.process_count())
@@ -97,6 +114,26 @@ def main(argv):
       train.train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, DataError, CheckpointMismatchError, train.NonFiniteError) as e:
       sys.exit(f'{type(e).__name__}: {e}')
+
+
+def _hf_mode(mode):
+  """--mode=import_hf / export_hf (see xenith/hf.py)."""
+  if not _HF_DIR.value or not _WORKDIR.value:
+    raise app.UsageError(f'--mode={mode} needs --hf_dir and --workdir.')
+  from xenith import hf  # pylint: disable=g-import-not-at-top
+  try:
+    if mode == 'import_hf':
+      config = hf.import_to_workdir(_HF_DIR.value, _WORKDIR.value)
+      print(f'Imported {_HF_DIR.value} into {_WORKDIR.value}: '
+            f'{config.model.num_layers} layers, embed {config.model.embed_dim}, '
+            f'{config.model.moe.num_experts or "no"} experts. Fine-tune with '
+            f'--config={os.path.join(os.path.abspath(_WORKDIR.value), hf.CONFIG_PY)} '
+            '--workdir=<new dir>.')
+    else:
+      hf.export_from_workdir(_WORKDIR.value, _HF_DIR.value, _CONFIG.value)
+      print(f'Exported {_WORKDIR.value} to {_HF_DIR.value}.')
+  except (hf.HfFormatError, CheckpointMismatchError) as e:
+    sys.exit(f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

@@ -1,1 +1,15 @@
-"""Xenith: sparse (Mixture-of-Experts), long-context language models in Flax/Linen."""
+"""Xenith: sparse (Mixture-of-Experts), long-context language models in Flax/Linen.
+
+  module, params = xenith.from_pretrained(path)   # HF Mixtral/Mistral dir or an export
+  xenith.save_pretrained(path, module, params)    # config.json + model.safetensors
+"""
+
+__all__ = ['from_pretrained', 'save_pretrained']
+
+
+def __getattr__(name):
+  # Imported on first use, so that `import xenith.<module>` stays light.
+  if name in __all__:
+    from xenith import hf  # pylint: disable=g-import-not-at-top
+    return getattr(hf, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,203 @@
+"""Hugging Face interop (xenith/hf.py): small random Mixtral / Mistral models built with
+transformers (PyTorch CPU, fp32) import with equal logits and export back exactly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import xenith  # pylint: disable=g-import-not-at-top
+from xenith import hf  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 256
+SEQ = 12  # Shorter than the sliding window below (16).
+
+
+def _make(kind: str, dtype=torch.float32):
+  common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, rms_norm_eps=1e-5)
+  if kind == 'mixtral':
+    config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4,
+                                        num_experts_per_tok=2, **common)
+    cls = transformers.MixtralForCausalLM
+  else:
+    config = transformers.MistralConfig(
+        intermediate_size=96, sliding_window=16 if kind == 'mistral_window' else None,
+        tie_word_embeddings=kind == 'mistral_tied', **common)
+    cls = transformers.MistralForCausalLM
+  torch.manual_seed(0)
+  model = cls(config)
+  with torch.no_grad():  # Beyond the init's tiny scales, so that every weight matters.
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model.to(dtype).eval()
+
+
+def _tokens():
+  return np.random.RandomState(0).randint(0, VOCAB, (2, SEQ)).astype(np.int32)
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def _xenith_logits(module, params, tokens):
+  return np.asarray(module.apply({'params': params}, jnp.asarray(tokens)))
+
+
+def _assert_same_state(a, b):
+  sa, sb = a.state_dict(), b.state_dict()
+  assert sorted(sa) == sorted(sb)
+  for name in sa:
+    assert sa[name].dtype == sb[name].dtype, name
+    assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  """kind -> (torch model, its save_pretrained directory)."""
+  out = {}
+  for kind in ('mixtral', 'mistral', 'mistral_window', 'mistral_tied'):
+    model = _make(kind)
+    path = str(tmp_path_factory.mktemp(kind))
+    model.save_pretrained(path)
+    out[kind] = model, path
+  return out
+
+
+@pytest.mark.parametrize('kind', ['mixtral', 'mistral', 'mistral_window', 'mistral_tied'])
+def test_import_logits_and_round_trip(saved, kind, tmp_path):
+  model, path = saved[kind]
+  module, params = xenith.from_pretrained(path)
+  tokens = _tokens()
+  ours = _xenith_logits(module, params, tokens)
+  theirs = _hf_logits(model, tokens)
+  assert ours.shape == (2, SEQ, VOCAB)
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+  out = str(tmp_path / 'export')
+  xenith.save_pretrained(out, module, params)
+  reloaded = type(model).from_pretrained(out).eval()
+  _assert_same_state(model, reloaded)
+  np.testing.assert_array_equal(_hf_logits(reloaded, tokens), theirs)
+  # The export is also a Xenith input.
+  module2, params2 = xenith.from_pretrained(out)
+  np.testing.assert_array_equal(_xenith_logits(module2, params2, tokens), ours)
+  config = json.load(open(os.path.join(out, 'config.json')))
+  assert config['sliding_window'] == (16 if kind == 'mistral_window' else None)
+
+
+def test_mixtral_param_layout(saved):
+  module, params = xenith.from_pretrained(saved['mixtral'][1])
+  block = params['block_1']
+  assert block['attn']['query']['kernel'].shape == (64, 4, 16)
+  assert block['attn']['key']['kernel'].shape == (64, 2, 16)
+  assert block['attn']['out']['kernel'].shape == (4, 16, 64)
+  assert block['moe']['router']['kernel'].shape == (64, 4)
+  assert block['moe']['experts']['gate'].shape == (4, 64, 96)
+  assert block['moe']['experts']['down'].shape == (4, 96, 64)
+  assert params['head']['kernel'].shape == (64, VOCAB)
+  assert module.config.moe.normalize_top_k and module.config.norm_eps == 1e-5
+
+
+@pytest.mark.parametrize('kind', ['mixtral', 'mistral'])
+def test_scan_layers(saved, kind, tmp_path):
+  model, path = saved[kind]
+  module, params = xenith.from_pretrained(path, scan_layers=True)
+  assert 'block_0' not in params
+  tokens = _tokens()
+  np.testing.assert_allclose(_xenith_logits(module, params, tokens),
+                             _hf_logits(model, tokens), rtol=0, atol=1e-4)
+  xenith.save_pretrained(str(tmp_path), module, params)
+  _assert_same_state(model, type(model).from_pretrained(str(tmp_path)).eval())
+
+
+def test_sharded_checkpoint(tmp_path):
+  model = _make('mixtral')
+  model.save_pretrained(str(tmp_path), max_shard_size='100KB')
+  assert os.path.exists(tmp_path / hf.INDEX_FILE)
+  module, params = xenith.from_pretrained(str(tmp_path))
+  tokens = _tokens()
+  np.testing.assert_allclose(_xenith_logits(module, params, tokens),
+                             _hf_logits(model, tokens), rtol=0, atol=1e-4)
+
+
+def test_bfloat16_round_trip(tmp_path):
+  model = _make('mistral', torch.bfloat16)
+  model.save_pretrained(str(tmp_path / 'in'))
+  module, params = xenith.from_pretrained(str(tmp_path / 'in'))
+  xenith.save_pretrained(str(tmp_path / 'out'), module, params)  # Keeps bfloat16.
+  reloaded = transformers.MistralForCausalLM.from_pretrained(
+      str(tmp_path / 'out'), dtype=torch.bfloat16)
+  _assert_same_state(model, reloaded)
+
+
+def test_errors(saved, tmp_path):
+  with pytest.raises(hf.HfFormatError, match='is not a directory'):
+    xenith.from_pretrained(str(tmp_path / 'nowhere'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(hf.HfFormatError, match='no config.json'):
+    xenith.from_pretrained(str(tmp_path / 'empty'))
+
+  llama = tmp_path / 'llama'
+  llama.mkdir()
+  (llama / 'config.json').write_text(json.dumps(
+      {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama'}))
+  with pytest.raises(hf.HfFormatError, match="Unsupported architecture 'LlamaForCausalLM'"):
+    xenith.from_pretrained(str(llama))
+
+  _, path = saved['mistral']
+  no_weights = tmp_path / 'no_weights'
+  no_weights.mkdir()
+  (no_weights / 'config.json').write_text(open(os.path.join(path, 'config.json')).read())
+  with pytest.raises(hf.HfFormatError, match='no \\*.safetensors'):
+    xenith.from_pretrained(str(no_weights))
+
+  tensors = hf.read_safetensors(os.path.join(path, hf.SAFETENSORS_FILE))
+  del tensors['model.layers.1.mlp.down_proj.weight']
+  hf.write_safetensors(str(no_weights / hf.SAFETENSORS_FILE), tensors)
+  with pytest.raises(hf.HfFormatError, match='model.layers.1.mlp.down_proj.weight is missing'):
+    xenith.from_pretrained(str(no_weights))
+
+  # A Xenith model with no HF equivalent.
+  module, params = xenith.from_pretrained(path)
+  config = module.config.as_configdict()
+  config.norm = 'layernorm'
+  with pytest.raises(hf.HfFormatError, match='no Mistral/Mixtral equivalent'):
+    hf.save_hf(str(tmp_path / 'x'), config, params)
+
+
+def _main(*args):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+  return result
+
+
+def test_main_import_export(saved, tmp_path):
+  model, path = saved['mixtral']
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'export')
+  result = _main('--mode=import_hf', f'--hf_dir={path}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '0', 'state'))
+  overrides = json.load(open(os.path.join(workdir, hf.CONFIG_JSON)))
+  assert overrides['model.moe.num_experts'] == 4
+  assert os.path.isfile(os.path.join(workdir, hf.CONFIG_PY))
+
+  result = _main('--mode=export_hf', f'--hf_dir={out}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  reloaded = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+  _assert_same_state(model, reloaded)
+
+  result = _main('--mode=import_hf', f'--hf_dir={tmp_path / "missing"}',
+                 f'--workdir={tmp_path / "run2"}')
+  assert result.returncode != 0
+  assert 'HfFormatError' in result.stderr and 'is not a directory' in result.stderr
