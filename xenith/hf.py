@@ -556,6 +556,8 @@ def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   window = hf_config.get('sliding_window')
   if window and hf_config.get('use_sliding_window', True):
     config.max_seq_len = min(config.max_seq_len, window)  # Where Xenith matches HF.
+  if model.vocab_size == 32000:  # Mistral-7B v0.1 / Mixtral-8x7B's SentencePiece model.
+    config.data.tokenizer = 'mixtral'
   step_dir = os.path.join(workdir, 'checkpoints', str(IMPORT_STEP))
   if os.path.exists(step_dir):
     raise HfFormatError(f'{step_dir} exists already; import into a new --workdir.')
