@@ -17,6 +17,7 @@ import pytest
 
 from experiments import default
 from experiments import lora_finetune
+from experiments import moe as moe_experiment
 from xenith import checkpointing
 from xenith import config_validation
 from xenith import optimizer
@@ -159,11 +160,16 @@ def _batch(config, seed=0):
           'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)}
 
 
-def test_lora_train_steps_change_only_adapters():
+@pytest.mark.parametrize('with_moe', [False, True])
+def test_lora_train_steps_change_only_adapters(with_moe):
   config = _config(dropout=0.1)
+  if with_moe:  # Experts and router stay frozen too (and the router stats still flow).
+    config.model.moe.update(moe_experiment.MOE_SIZES['tiny'])
+    config.model.moe.num_experts_per_token = 2
   model, tx = make_model(config.model), optimizer.create_optimizer(config)
   state = init_train_state(model, tx, config.max_seq_len, _key(0), None)
   params = state.params
+  assert any('/moe/' in k for k in _flat(params)) == with_moe
   adapter_size = lora.num_adapter_params(params)
   # No optimizer state for the base: Adam's moments exist for the adapters only.
   moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]

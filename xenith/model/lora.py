@@ -86,8 +86,12 @@ def frozen_base(module_class: type[nn.Module]) -> type[nn.Module]:
   third of a train step) and `train/grad_norm` would count them. The param tree is
   unchanged.
   """
+  # mutable=True, not init=True: with init=True flax re-reads the params from the
+  # mutable collections only, so an apply with another mutable collection (the MoE
+  # router stats) would lose them. mutable=True lets init create the params; in an
+  # apply they stay immutable, as the caller made them.
   return nn.map_variables(
-      module_class, 'params', trans_in_fn=_stop_base_gradients, init=True)
+      module_class, 'params', trans_in_fn=_stop_base_gradients, mutable=True)
 
 
 def _low_rank_product(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
