@@ -96,6 +96,16 @@ def test_import_logits_and_round_trip(saved, kind, tmp_path):
   assert config['sliding_window'] == (16 if kind == 'mistral_window' else None)
 
 
+def test_sliding_window_limit(saved):
+  """Documented limitation: beyond the window (16) Xenith attends to the full context."""
+  model, path = saved['mistral_window']
+  module, params = xenith.from_pretrained(path)
+  tokens = np.random.RandomState(1).randint(0, VOCAB, (1, 24)).astype(np.int32)
+  diff = np.abs(_xenith_logits(module, params, tokens) - _hf_logits(model, tokens))
+  assert diff[:, :16].max() <= 1e-4  # Positions 0..15 see at most 16 tokens either way.
+  assert diff[:, 16:].max() > 1e-3
+
+
 def test_mixtral_param_layout(saved):
   module, params = xenith.from_pretrained(saved['mixtral'][1])
   block = params['block_1']
@@ -191,6 +201,13 @@ def test_main_import_export(saved, tmp_path):
   overrides = json.load(open(os.path.join(workdir, hf.CONFIG_JSON)))
   assert overrides['model.moe.num_experts'] == 4
   assert os.path.isfile(os.path.join(workdir, hf.CONFIG_PY))
+
+  # The import's workdir loads directly too.
+  tokens = _tokens()
+  for scan_layers in (False, True):
+    module, params = xenith.from_pretrained(workdir, scan_layers=scan_layers)
+    np.testing.assert_allclose(_xenith_logits(module, params, tokens),
+                               _hf_logits(model, tokens), rtol=0, atol=1e-4)
 
   result = _main('--mode=export_hf', f'--hf_dir={out}', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr

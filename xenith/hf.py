@@ -444,7 +444,8 @@ def load_hf(path: str, *, scan_layers: bool = False
 
 def from_pretrained(path: str, *, dtype: str = 'float32', scan_layers: bool = False,
                     moe_dispatch: str | None = None):
-  """(module, params) from a HF Mixtral/Mistral directory or a `save_pretrained` export.
+  """(module, params) from a HF Mixtral/Mistral directory, a `save_pretrained` export, or
+  a workdir written by `main.py --mode=import_hf`.
 
   `module.apply({'params': params}, tokens)` gives logits [batch, seq, vocab] float32.
   dtype: the compute dtype ('float32' or 'bfloat16'; params are float32 either way).
@@ -454,7 +455,17 @@ def from_pretrained(path: str, *, dtype: str = 'float32', scan_layers: bool = Fa
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from xenith.model import transformer  # pylint: disable=g-import-not-at-top
 
-  model, params, hf_config = load_hf(path, scan_layers=scan_layers)
+  if os.path.isfile(os.path.join(path, CONFIG_JSON)):  # An import_hf workdir.
+    model, params, hf_config = _load_workdir(path)
+    if scan_layers != model.scan_layers:
+      flat = traverse_util.flatten_dict(params)
+      blocks = _blocks(flat, model)
+      flat = {k: v for k, v in flat.items() if k[0] in ('embed', 'final_norm', 'head')}
+      model.scan_layers = scan_layers
+      _place_blocks(flat, blocks, model)
+      params = traverse_util.unflatten_dict(flat)
+  else:
+    model, params, hf_config = load_hf(path, scan_layers=scan_layers)
   model.dtype = dtype
   if moe_dispatch:
     model.moe.dispatch = moe_dispatch
@@ -577,13 +588,9 @@ def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def export_from_workdir(workdir: str, hf_dir: str,
-                        config: ml_collections.ConfigDict | None = None,
-                        dtype: str | None = None) -> None:
-  """The newest params in `workdir` (a train run or an import) -> HF checkpoint `hf_dir`.
-
-  config: the run's config; default `workdir`/xenith_config.json (written by the import).
-  """
+def _load_workdir(workdir: str, config: ml_collections.ConfigDict | None = None
+                  ) -> tuple[ml_collections.ConfigDict, dict, dict[str, Any] | None]:
+  """(config.model, NumPy params, HF config or None) of the newest params in `workdir`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
@@ -617,4 +624,15 @@ def export_from_workdir(workdir: str, hf_dir: str,
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
   params = jax.tree.map(np.asarray, checkpointing.load_params(workdir, abstract))
+  return model, params, hf_config
+
+
+def export_from_workdir(workdir: str, hf_dir: str,
+                        config: ml_collections.ConfigDict | None = None,
+                        dtype: str | None = None) -> None:
+  """The newest params in `workdir` (a train run or an import) -> HF checkpoint `hf_dir`.
+
+  config: the run's config; default `workdir`/xenith_config.json (written by the import).
+  """
+  model, params, hf_config = _load_workdir(workdir, config)
   save_hf(hf_dir, model, params, hf_config, dtype)
