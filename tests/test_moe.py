@@ -258,13 +258,16 @@ def test_scan_layout_matches_loop():
   scan_params['moe_layers'] = _stack(params, [1, 2])
 
   def run(model, p):
-    return jax.jit(functools.partial(model.apply, mutable=[moe.STATS_COLLECTION]))(
+    return jax.jit(functools.partial(model.apply, return_moe_stats=True))(
         {'params': p}, tokens, segment_ids=segment_ids)
 
-  (loop_logits, loop_vars), (scan_logits, scan_vars) = run(loop, params), run(scan, scan_params)
+  (loop_logits, loop_stats), (scan_logits, scan_stats) = run(loop, params), run(scan, scan_params)
   np.testing.assert_allclose(scan_logits, loop_logits, rtol=1e-5, atol=1e-5)
-  loop_aux, loop_metrics = moe.aux_loss_and_metrics(loop_vars)
-  scan_aux, scan_metrics = moe.aux_loss_and_metrics(scan_vars)
+  # Without return_moe_stats a MoE model returns its logits alone, like a dense one.
+  plain = jax.jit(loop.apply)({'params': params}, tokens, segment_ids=segment_ids)
+  np.testing.assert_array_equal(plain, loop_logits)
+  loop_aux, loop_metrics = moe.aux_loss_and_metrics(loop_stats)
+  scan_aux, scan_metrics = moe.aux_loss_and_metrics(scan_stats)
   assert sorted(loop_metrics) == sorted(scan_metrics)
   assert {'layer_1/max_load_ratio', 'layer_2/expert_fraction'} <= set(loop_metrics)
   _assert_trees_close(scan_metrics, loop_metrics)
@@ -395,3 +398,18 @@ def test_moe_experiment_trains_with_router_metrics_in_tensorboard(tmp_path):
   # Balanced routing gives a load-balance loss near 1 (its minimum).
   assert 0.9 < scalars['train/load_balance_loss'][-1][1] < 2.0
   assert all(np.isfinite(v) for _, v in scalars['eval/aux_loss'])
+
+
+def test_lora_fine_tuning_of_a_moe_model_trains_only_adapters():
+  config = moe_experiment.get_config('size=tiny')
+  config.model.lora.rank = 2
+  model = transformer.make_model(config.model)
+  batch = test_sharding._batch(ml_collections.ConfigDict(
+      dict(global_batch_size=2, max_seq_len=16, model=dict(vocab_size=512))))
+  params = nn.unbox(jax.jit(model.init)(_key(0), batch['inputs']))['params']
+  (_, (_, metrics)), grads = jax.jit(jax.value_and_grad(
+      make_loss_fn(model, with_aux=True), has_aux=True))(params, batch, jax.random.key(0))
+  assert 'layer_1/router_z_loss' in metrics
+  moe_grads = grads['block_1']['moe']
+  assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(moe_grads))  # Frozen base.
+  assert np.abs(grads['block_1']['attn']['out']['lora_b']).max() > 0

@@ -32,9 +32,12 @@ def _model_inputs(batch):
 
 def _apply(model: nn.Module, params, batch: dict, **kwargs):
   """Logits and (MoE aux loss or None, MoE metrics) of one forward pass."""
-  logits, variables = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
-                                  mutable=[moe.STATS_COLLECTION], **kwargs)
-  return logits, moe.aux_loss_and_metrics(variables)
+  if not moe.enabled(model.config):  # A dense model applies exactly as it always did.
+    logits = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch), **kwargs)
+    return logits, (None, {})
+  logits, stats = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
+                              return_moe_stats=True, **kwargs)
+  return logits, moe.aux_loss_and_metrics(stats)
 
 
 def make_loss_fn(model: nn.Module, with_aux: bool = False):

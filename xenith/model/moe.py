@@ -1,9 +1,11 @@
 """Mixture-of-Experts feed-forward layer: router, routed SwiGLU experts, shared expert.
 
 `config.model.moe` (see experiments/default.py) configures it. A `MoeBlock` returns its
-output and a dict of router statistics; the decoder sows the statistics of all MoE
-layers into the `STATS_COLLECTION` collection, and `aux_loss_and_metrics` turns them into
-the auxiliary loss added to the training loss and the metrics written to TensorBoard.
+output and a dict of router statistics; the decoder returns those of all MoE layers when
+called with `return_moe_stats=True` (a return value rather than a mutable collection,
+so the model also applies under LoRA's `nn.map_variables`), and `aux_loss_and_metrics`
+turns them into the auxiliary loss added to the training loss and the metrics written
+to TensorBoard.
 """
 
 from flax import linen as nn
@@ -15,7 +17,6 @@ from xenith.model import layers
 from xenith.model import mlp
 from xenith.model import moe_dispatch
 
-STATS_COLLECTION = 'moe_stats'
 # Per-layer statistics averaged over the MoE layers into the run-level metrics.
 _LAYER_MEANS = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'router_entropy',
                 'dropped_fraction')
@@ -158,17 +159,17 @@ class MoeBlock(nn.Module):
     return y.astype(x.dtype), stats
 
 
-def aux_loss_and_metrics(variables) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-  """From `model.apply(..., mutable=[STATS_COLLECTION])`'s variables.
+def aux_loss_and_metrics(
+    per_layer: dict[str, dict[str, jax.Array]],
+) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+  """From the decoder's `return_moe_stats` output {'layer_<i>': stats}.
 
   Returns (aux_loss: the mean over MoE layers of their weighted router losses, or None
   for a dense model; metrics: layer means under their own names and per-layer values
   under 'layer_<i>/<name>'). expert_fraction stays a [experts] vector.
   """
-  sown = variables.get(STATS_COLLECTION, {}).get('layers')
-  if not sown:
+  if not per_layer:
     return None, {}
-  per_layer = sown[-1]  # sow keeps a tuple of calls; the model sows once per apply.
   metrics = {name: jnp.mean(jnp.stack([s[name] for s in per_layer.values()]))
              for name in _LAYER_MEANS}
   for layer, stats in per_layer.items():

@@ -192,7 +192,7 @@ def _grouped_swiglu_bwd(block, residuals, dy):
     return lax.dynamic_update_index_in_dim(total, _take(total, e) + update, e, 0)
 
   def body(j, carry):
-    dx, dgate, dup, ddown = carry
+    dx, dgate, dup, ddown_t = carry
     start, e = j * block, block_expert[j]
     xj, g, u, dyj = (lax.dynamic_slice_in_dim(a, start, block)
                      for a in (x_rows, g_rows, u_rows, dy))
@@ -207,11 +207,15 @@ def _grouped_swiglu_bwd(block, residuals, dy):
     return (lax.dynamic_update_slice_in_dim(dx, dxj, start, 0),
             accumulate(dgate, e, dot(xj.T, dg)),
             accumulate(dup, e, dot(xj.T, du)),
-            accumulate(ddown, e, dot((silu * u).T, dyj)))
+            # Accumulated as [embed, mlp]: XLA:CPU computes that product about 1.4x
+            # faster than the [mlp, embed] one.
+            accumulate(ddown_t, e, dot(dyj.T, silu * u)))
 
+  num_experts, mlp, embed = down.shape
   init = (jnp.zeros_like(x_rows), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32),
-          jnp.zeros(down.shape, f32))
-  dx, dgate, dup, ddown = lax.fori_loop(0, num_used, body, init)
+          jnp.zeros((num_experts, embed, mlp), f32))
+  dx, dgate, dup, ddown_t = lax.fori_loop(0, num_used, body, init)
+  ddown = ddown_t.transpose(0, 2, 1)
   return (dx, dgate.astype(gate.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
           None, None)
 

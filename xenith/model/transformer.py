@@ -84,8 +84,7 @@ class Decoder(nn.Module):
   With `config.scan_layers` the blocks live under `layers` with a leading
   layer axis (logical name 'layers'); otherwise under `block_0`, `block_1`, ...
   A MoE model (`config.moe.num_experts > 0`) scans its dense prefix under
-  `dense_layers` and its MoE layers under `moe_layers`, and sows the router stats of
-  every MoE layer into the `moe.STATS_COLLECTION` collection (see `moe.py`).
+  `dense_layers` and its MoE layers under `moe_layers`.
   """
 
   config: ml_collections.FrozenConfigDict
@@ -98,7 +97,8 @@ class Decoder(nn.Module):
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
       deterministic: bool = True,
-  ) -> jax.Array:
+      return_moe_stats: bool = False,
+  ) -> jax.Array | tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
     """Next-token logits.
 
     Args:
@@ -108,9 +108,11 @@ class Decoder(nn.Module):
       positions: [batch, seq] int32 positions within each document; None =
         0..seq-1 in every row.
       deterministic: False enables dropout (needs the 'dropout' rng).
+      return_moe_stats: also return the router stats of every MoE layer.
 
     Returns:
-      logits: [batch, seq, vocab] float32.
+      logits: [batch, seq, vocab] float32; with `return_moe_stats`, (logits,
+      {'layer_<i>': stats of MoE layer i}) (see `moe.MoeBlock`; {} if dense).
     """
     cfg = self.config
     dtype = layers.compute_dtype(cfg)
@@ -158,8 +160,6 @@ class Decoder(nn.Module):
             x, segment_ids, positions, deterministic)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
-    if moe_stats:
-      self.sow(moe.STATS_COLLECTION, 'layers', moe_stats)
 
     x = norms.make_norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:
@@ -170,8 +170,9 @@ class Decoder(nn.Module):
           cfg.vocab_size, ('embed', 'vocab'), cfg, out_dtype=jnp.float32,
           name='head')(x)
     # logits: [batch, seq, vocab] float32
-    return nn.with_logical_constraint(
+    logits = nn.with_logical_constraint(
         logits, ('activation_batch', 'activation_length', 'activation_vocab'))
+    return (logits, moe_stats) if return_moe_stats else logits
 
 
 def make_model(model_config: ml_collections.ConfigDict) -> Decoder:
