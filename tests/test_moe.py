@@ -137,7 +137,8 @@ def test_capacity_drops_overflow_in_priority_order_and_counts_it():
   expert_index = jnp.stack([first, 1 - first], axis=1)  # [6, 2]
   weights = jnp.full((6, 2), 0.5)
   # capacity = ceil(0.5 * 6 * 2 / 2) = 3 slots per expert.
-  y, kept = moe_dispatch.capacity(x, expert_index, weights, gate, up, down, 0.5)
+  capacity = jax.jit(moe_dispatch.capacity, static_argnums=6)  # Eager ops compile slowly.
+  y, kept = capacity(x, expert_index, weights, gate, up, down, 0.5)
   # Expert 0 keeps the first three first choices (tokens 0, 1, 2); tokens 4 and 5's
   # first choices overflow. Expert 1 takes token 3's first choice, then the second
   # choices of tokens 0 and 1; those of 2, 4 and 5 overflow.
@@ -147,17 +148,18 @@ def test_capacity_drops_overflow_in_priority_order_and_counts_it():
   expected += [0.5 * expert(0, 2), 0.5 * expert(1, 3), jnp.zeros(4), jnp.zeros(4)]
   np.testing.assert_allclose(y, jnp.stack(expected), rtol=1e-5, atol=1e-5)
   logits = jnp.zeros((6, 2))
-  stats = moe.router_stats(logits, expert_index, kept, jnp.ones(6, bool))
+  router_stats = jax.jit(moe.router_stats)
+  stats = router_stats(logits, expert_index, kept, jnp.ones(6, bool))
   np.testing.assert_allclose(stats['dropped_fraction'], 6 / 12)
   # A padding token's drops are not counted: its assignments do not exist.
   valid = jnp.array([1, 1, 1, 1, 1, 0], bool)
-  stats = moe.router_stats(logits, expert_index, kept, valid)
+  stats = router_stats(logits, expert_index, kept, valid)
   np.testing.assert_allclose(stats['dropped_fraction'], 4 / 10)
 
   # Dropless gather on the same routing drops nothing and equals dense.
-  y_gather, kept_gather = moe_dispatch.dropless_gather(
-      x, expert_index, weights, gate, up, down, block_size=8)
-  y_dense, _ = moe_dispatch.dense(x, expert_index, weights, gate, up, down)
+  y_gather, kept_gather = jax.jit(moe_dispatch.dropless_gather, static_argnums=6)(
+      x, expert_index, weights, gate, up, down, 8)
+  y_dense, _ = jax.jit(moe_dispatch.dense)(x, expert_index, weights, gate, up, down)
   assert kept_gather.all()
   np.testing.assert_allclose(y_gather, y_dense, rtol=1e-5, atol=1e-5)
 
@@ -304,6 +306,7 @@ def test_loss_adds_mean_layer_aux_loss_and_eval_reports_it():
 
 def _sharded_config(dispatch='auto', **mesh):
   config = test_sharding._config(**mesh)
+  config.model.num_layers = 1  # One MoE layer: the test is about its sharding.
   config.model.moe.num_experts = 4
   config.model.moe.expert_mlp_dim = 32
   config.model.moe.dispatch = dispatch
