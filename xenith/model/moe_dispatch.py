@@ -121,7 +121,7 @@ def capacity(x, expert_index, weights, gate, up, down, capacity_factor):
   return _combine(y, weights), kept.reshape(k, tokens).T
 
 
-def _block_layout(expert_index, num_experts, block):
+def block_layout(expert_index, num_experts, block):
   """Rows of the block buffer for dropless_gather.
 
   Assignments sorted by expert; each expert's rows start at a block boundary.
@@ -234,7 +234,7 @@ def dropless_gather(x, expert_index, weights, gate, up, down, block_size):
   tokens, k = expert_index.shape
   num_experts = gate.shape[0]
   block = gather_block_size(tokens, k, num_experts, block_size)
-  row, row_token, block_expert, num_used = _block_layout(expert_index, num_experts, block)
+  row, row_token, block_expert, num_used = block_layout(expert_index, num_experts, block)
   y_rows = grouped_swiglu(x[row_token], gate, up, down, block_expert, num_used, block)
   y = y_rows.at[row].get(mode='fill', fill_value=0).reshape(tokens, k, -1)
   return _combine(y, weights), jnp.ones(expert_index.shape, bool)
