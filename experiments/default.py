@@ -161,7 +161,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.lora.alpha = 16.0  # Adapter output scale is alpha / rank.
   config.model.lora.dropout = 0.0  # Dropout on the adapters' input during training.
   # Layers (module names) that get adapters; any of 'query', 'key', 'value', 'out' (attention),
-  # 'gate', 'up', 'down' (MLP), 'head' (untied output head only).
+  # 'gate', 'up', 'down' (MLP), 'head' (untied output head only), 'experts' (MoE experts:
+  # per-expert adapters folded into the expert weights; needs dropout = 0).
   config.model.lora.targets = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
   # Train only the adapters: the base gets no gradients and no optimizer state.
   config.model.lora.train_only_adapters = True

@@ -48,7 +48,15 @@ def _config(rank=4, targets=ALL_TARGETS, **model_overrides):
   config.model.lora.rank = rank
   config.model.lora.targets = tuple(targets)
   for field, value in model_overrides.items():
+    assert field in config.model, field
     setattr(config.model, field, value)
+  return config
+
+
+def _with_moe(config):
+  """`config` with the tiny MoE layers (block_1 is MoE; 'experts' is in ALL_TARGETS)."""
+  config.model.moe.update(moe_experiment.MOE_SIZES['tiny'])
+  config.model.moe.num_experts_per_token = 2
   return config
 
 
@@ -77,24 +85,26 @@ def _with_base(lora_params, base_params):
 
 
 def _random_adapters(params, seed=2):
-  """Params whose adapters (B included) are random, so that they change the output."""
+  """`params` with random B (A is random from init): adapters that change the output."""
   flat = _flat(params)
-  keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
-  for name, x in flat.items():
-    key = next(keys)
+  for i, (name, x) in enumerate(sorted(flat.items())):
     if name.endswith('lora_b'):
-      flat[name] = 0.1 * jax.random.normal(key, x.shape)
+      flat[name] = 0.1 * jax.random.normal(jax.random.key(seed + i), x.shape)
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_zero_b_equals_base_and_merged_equals_unmerged(scan_layers):
+@pytest.mark.parametrize('scan_layers,with_moe', [
+    (False, False), (True, False), (False, True), (True, True)])
+def test_zero_b_equals_base_and_merged_equals_unmerged(scan_layers, with_moe):
   config = _config(scan_layers=scan_layers)
+  if with_moe:  # Expert adapters too, under block_1 or the scanned moe_layers.
+    _with_moe(config)
   plain_model = make_model(lora.plain_config(config.model))
   lora_model = make_model(config.model)
   base = _init(plain_model)
   params = _with_base(_init(lora_model, seed=1), base)
   assert lora.num_adapter_params(params) > 0
+  assert any(k.endswith('experts/down_lora_b') for k in _flat(params)) == with_moe
   assert all(not x.any() for k, x in _flat(params).items() if k.endswith('lora_b'))
   tokens = _tokens()
   base_logits = _apply(plain_model)({'params': base}, tokens)
@@ -139,6 +149,27 @@ def test_targets_select_exactly_the_named_layers():
                  for k in traverse_util.flatten_dict(plain['params'], sep='/'))
 
 
+def test_expert_adapters_have_an_expert_axis():
+  config = _with_moe(_config(targets=('experts',)))
+  flat = traverse_util.flatten_dict(jax.eval_shape(
+      make_model(config.model).init, _key(0), jnp.zeros((1, 8), jnp.int32))['params'],
+      sep='/')
+  assert {k for k in flat if lora.is_adapter_name(k.rsplit('/', 1)[1])} == {
+      f'block_1/moe/experts/{w}_lora_{ab}' for w in ('gate', 'up', 'down') for ab in 'ab'}
+  m, r = config.model, config.model.lora.rank
+  e, h = m.moe.num_experts, m.moe.expert_mlp_dim
+  experts = {k.rsplit('/', 1)[1]: x for k, x in flat.items() if '/experts/' in k}
+  assert experts['gate_lora_a'].value.shape == (e, m.embed_dim, r)
+  assert experts['gate_lora_a'].names == ('exp', 'embed', 'lora_rank')
+  assert experts['up_lora_b'].value.shape == (e, r, h)
+  assert experts['up_lora_b'].names == ('exp', 'lora_rank', 'mlp')
+  assert experts['down_lora_a'].names == ('exp', 'mlp', 'lora_rank')
+  assert experts['down_lora_b'].value.shape == (e, r, m.embed_dim)
+  assert experts['down_lora_b'].names == ('exp', 'lora_rank', 'embed')
+  known = {name for name, _ in config.logical_axis_rules}
+  assert all(set(x.names) <= known for x in experts.values())
+
+
 def test_adapter_dropout_runs_only_with_a_dropout_rng():
   layer = layers.DenseGeneral(
       features=32, names=('embed', 'mlp'), lora_rank=4, lora_alpha=8.0, lora_dropout=0.5)
@@ -162,14 +193,16 @@ def _batch(config, seed=0):
 
 @pytest.mark.parametrize('with_moe', [False, True])
 def test_lora_train_steps_change_only_adapters(with_moe):
-  config = _config(dropout=0.1)
+  config = _config()
+  # Expert adapters (in ALL_TARGETS) take no dropout: config_validation rejects it.
+  config.model.lora.dropout = 0.0 if with_moe else 0.1
   if with_moe:  # Experts and router stay frozen too (and the router stats still flow).
-    config.model.moe.update(moe_experiment.MOE_SIZES['tiny'])
-    config.model.moe.num_experts_per_token = 2
+    _with_moe(config)
   model, tx = make_model(config.model), optimizer.create_optimizer(config)
   state = init_train_state(model, tx, config.max_seq_len, _key(0), None)
   params = state.params
   assert any('/moe/' in k for k in _flat(params)) == with_moe
+  assert any(k.endswith('experts/gate_lora_b') for k in _flat(params)) == with_moe
   adapter_size = lora.num_adapter_params(params)
   # No optimizer state for the base: Adam's moments exist for the adapters only.
   moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
@@ -185,7 +218,7 @@ def test_lora_train_steps_change_only_adapters(with_moe):
   summary = metrics.compute()
   assert np.isfinite(summary['loss']) and summary['grad_norm'] > 0
   before, after = _flat(params), _flat(state.params)
-  for name in before:
+  for name in before:  # Expert adapters (experts/<w>_lora_a, _lora_b) included.
     if name.endswith(lora.ADAPTER_PARAMS):
       assert np.abs(after[name] - before[name]).max() > 0, name
     else:
@@ -242,6 +275,10 @@ def test_init_from_checkpoint_restores_base_and_keeps_fresh_adapters(tmp_path):
                            r'\(block_0/attn/key/kernel has shape \(64, 2, 16\) there, '
                            r'\(32, 2, 16\) here\)'):
     checkpointing.load_base_params(str(tmp_path / 'base'), fresh_wide)
+  assert checkpointing._difference(  # pylint: disable=protected-access
+      {('embed', 'embedding'): (8, 4)},
+      {('embed', 'embedding'): (8, 4), ('block_2', 'kernel'): (4, 4)},
+  ) == "params missing from it: ['block_2/kernel']"
   # A LoRA checkpoint as the base: its adapters would be lost, so merge first.
   _save_checkpoint(tmp_path / 'lora', config)
   with pytest.raises(checkpointing.CheckpointMismatchError, match='merge them'):
@@ -254,7 +291,7 @@ def test_init_from_checkpoint_restores_base_and_keeps_fresh_adapters(tmp_path):
     ('model.lora.rank', -1, r'config.model.lora.rank: -1 must be an int >= 0'),
     ('model.lora.alpha', 0.0, r'config.model.lora.alpha'),
     ('model.lora.dropout', 1.0, r'config.model.lora.dropout'),
-    ('model.lora.targets', ('query', 'experts'), r"\['experts'\] are not LoRA targets"),
+    ('model.lora.targets', ('query', 'router'), r"\['router'\] are not LoRA targets"),
     ('model.lora.targets', (), r'config.model.lora.targets: \(\) must be a non-empty'),
     ('model.lora.targets', ('head',), r"'head' needs config.model.tie_embeddings=False"),
     ('init_from_checkpoint', '/no/such/run', r'config.init_from_checkpoint'),
@@ -269,6 +306,20 @@ def test_invalid_lora_fields_are_named(field, value, message):
   node[leaf] = value
   with pytest.raises(ConfigError, match=message):
     validate(config, num_devices=8)
+
+
+def test_expert_adapters_reject_dropout():
+  config = default.get_config('size=tiny')
+  config.model.lora.rank = 4
+  config.model.lora.dropout = 0.05
+  validate(config, num_devices=8)  # Dropout on the other targets is fine.
+  config.model.lora.targets = ('query', 'experts')
+  with pytest.raises(ConfigError, match=r"config.model.lora.dropout: 0.05 must be 0 with "
+                                        r"'experts' in config.model.lora.targets \(expert "
+                                        r'adapters are folded into the expert weights'):
+    validate(config, num_devices=8)
+  config.model.lora.dropout = 0.0
+  validate(config, num_devices=8)
 
 
 def test_configs_and_target_lists_agree():

@@ -115,7 +115,7 @@ def params_dir(path: str) -> str:
 
 
 def _is_adapter_key(key: tuple[str, ...]) -> bool:
-  return any(k in lora.ADAPTER_PARAMS for k in key)
+  return any(lora.is_adapter_name(k) for k in key)
 
 
 def _saved_shapes(item: str) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -131,7 +131,8 @@ def _difference(saved, wanted) -> str | None:
   missing = sorted(name(k) for k in wanted.keys() - saved.keys())
   extra = sorted(name(k) for k in saved.keys() - wanted.keys())
   if missing or extra:
-    return f'params missing from it: {missing[:3]}; params only in it: {extra[:3]}'
+    return '; '.join(f'{what}: {names[:3]}' for what, names in (
+        ('params missing from it', missing), ('params only in it', extra)) if names)
   key = next(k for k in wanted if wanted[k] != saved[k])
   return f'{name(key)} has shape {saved[key]} there, {wanted[key]} here'
 

@@ -15,7 +15,7 @@ ON_NONFINITE = ('stop', 'skip')
 DATA_SOURCES = ('shakespeare', 'folder')
 NAMED_TOKENIZERS = ('train', 'mixtral')
 # As xenith.model.lora.TARGETS (layers that can get LoRA adapters).
-LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head')
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head', 'experts')
 ROPE_SCALING_TYPES = ('none', 'yarn')  # As xenith.model.rope.ROPE_SCALING_TYPES.
 # As xenith.model.moe_dispatch.DISPATCHES.
 MOE_DISPATCHES = ('auto', 'dropless_gather', 'dropless_ragged', 'capacity', 'dense')
@@ -93,6 +93,11 @@ def _validate_lora(config) -> None:
   if 'head' in targets and config.model.tie_embeddings:
     raise ConfigError(f + 'targets', "'head' needs config.model.tie_embeddings=False (the "
                       'tied head is the embedding table, which has no adapter)')
+  if 'experts' in targets and config.model.lora.dropout > 0:
+    raise ConfigError(f + 'dropout', f'{config.model.lora.dropout} must be 0 with '
+                      "'experts' in config.model.lora.targets (expert adapters are folded "
+                      'into the expert weights, so there is no adapter input to drop; '
+                      'dropout works on the other targets)')
 
 
 def _validate_moe(config) -> None:

@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters on chosen linear layers, base freezing, and merging.
 
-A layer named in `config.lora.targets` computes
+A linear layer named in `config.model.lora.targets` computes
 
   y = x @ W + (alpha / rank) * dropout(x) @ A @ B,
 
@@ -8,10 +8,22 @@ with A: [*contracted, rank] initialised like W (fan-in scaling) and B: [rank, *f
 initialised to zero, so a freshly adapted model computes exactly the base model. The
 adapters sit beside the kernel they adapt (`.../query/{kernel, lora_a, lora_b}`); the
 computation is `layers.DenseGeneral`'s. Layers are chosen by their module name, so one
-name adapts that layer in every block. MoE experts are not targetable yet: their batched
-kernels ([exp, embed, mlp]) need adapters with a leading expert axis, which `merge_lora`
-already handles (it treats leading axes as batch axes, like the scan layer axis); the
-MoE layer will add an 'experts' target.
+name adapts that layer in every block.
+
+The target 'experts' adapts the MoE experts (moe.py, `experts/{gate, up, down}`
+[exp, in, out]) with one adapter per expert and weight: `<w>_lora_a` [exp, in, rank]
+and `<w>_lora_b` [exp, rank, out] beside `<w>` (`.../experts/{gate, gate_lora_a,
+gate_lora_b, ...}`). The experts compute with the effective weights
+W_e + (alpha / rank) * A_e @ B_e (formed in float32, then cast to the compute dtype), so
+every dispatch method runs unchanged; the backward pass forms the full [exp, in, out]
+weight gradient to reach A and B. As the adapter is folded into the weight there is no adapter
+input to drop: `lora.dropout` must be 0 when 'experts' is targeted (config_validation
+rejects it); it works on the other targets.
+
+Adapter params are those whose name ends in `lora_a` / `lora_b` (`is_adapter`);
+`merge_lora` folds `lora_a` / `lora_b` into the `kernel` beside them and `<w>_lora_a` /
+`<w>_lora_b` into `<w>`, treating leading axes (the scan layer axis, the expert axis) as
+batch axes.
 """
 
 from collections.abc import Mapping
@@ -28,8 +40,10 @@ TARGETS = (
     'query', 'key', 'value', 'out',  # Attention projections (attention.py).
     'gate', 'up', 'down',  # SwiGLU MLP (mlp.py).
     'head',  # Untied output head (transformer.py); the tied head is the embedding.
+    'experts',  # MoE experts' gate, up and down (moe.py), one adapter per expert.
 )
-# Adapter param names; every other param is the base model.
+# Adapter param names end in these (`lora_a` beside a `kernel`, `<w>_lora_a` beside a
+# param `<w>`); every other param is the base model.
 ADAPTER_PARAMS = ('lora_a', 'lora_b')
 # Logical axis name of the rank axis (replicated: it is small).
 RANK_AXIS = 'lora_rank'
@@ -63,9 +77,14 @@ def layer_rank(model_config: ml_collections.ConfigDict, layer_name: str | None) 
   return model_config.lora.rank
 
 
+def is_adapter_name(name: Any) -> bool:
+  """Whether `name`, one key of a param path, names an adapter param."""
+  return isinstance(name, str) and name.endswith(ADAPTER_PARAMS)
+
+
 def is_adapter(path: tuple[Any, ...]) -> bool:
   """Whether a `jax.tree_util` key path (boxed or not) leads to an adapter param."""
-  return any(getattr(k, 'key', None) in ADAPTER_PARAMS for k in path)
+  return any(is_adapter_name(getattr(k, 'key', None)) for k in path)
 
 
 def adapter_mask(params: Any) -> Any:
@@ -110,9 +129,26 @@ def _low_rank_product(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:
   return product.reshape(kernel_shape)
 
 
+def adapted_weight(kernel: jax.Array, a: jax.Array, b: jax.Array, factor: float,
+                   dtype: Any = None) -> jax.Array:
+  """kernel + factor * A @ B, formed in float32, in `dtype` (default: the kernel's).
+
+  Shapes as in `_low_rank_product`; leading axes of all three are batch axes.
+  """
+  delta = factor * _low_rank_product(
+      a.astype(jnp.float32), b.astype(jnp.float32), kernel.shape)
+  dtype = kernel.dtype if dtype is None else dtype
+  return (kernel.astype(jnp.float32) + delta).astype(dtype)
+
+
+def _adapted_param(adapter_a: str) -> str:
+  """The param an A adapter adapts: 'lora_a' -> 'kernel', '<w>_lora_a' -> '<w>'."""
+  return adapter_a[:-len('_lora_a')] if adapter_a != 'lora_a' else 'kernel'
+
+
 def merge_lora(params: Mapping[str, Any],
                model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Folds the adapters into their kernels: W + (alpha / rank) * A @ B.
+  """Folds the adapters into the weights they adapt: W + (alpha / rank) * A @ B.
 
   Args:
     params: unboxed params of a model with adapters (`model_config.lora.rank > 0`).
@@ -130,14 +166,13 @@ def merge_lora(params: Mapping[str, Any],
     if not isinstance(tree, Mapping):
       return tree
     tree = dict(tree)
-    if 'lora_a' in tree:
-      a, b, kernel = tree.pop('lora_a'), tree.pop('lora_b'), tree['kernel']
+    for name_a in [k for k in tree if isinstance(k, str) and k.endswith('lora_a')]:
+      name_b, target = name_a[:-1] + 'b', _adapted_param(name_a)
+      a, b = tree.pop(name_a), tree.pop(name_b)
       if a.shape[-1] != model_config.lora.rank:
         raise ValueError(f'Adapter rank {a.shape[-1]} != config rank '
                          f'{model_config.lora.rank}.')
-      delta = factor * _low_rank_product(
-          a.astype(jnp.float32), b.astype(jnp.float32), kernel.shape)
-      tree['kernel'] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+      tree[target] = adapted_weight(tree[target], a, b, factor)
     return {k: merge(v) for k, v in tree.items()}
 
   return merge(params)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xenith.model import layers
+from xenith.model import lora
 from xenith.model import mlp
 from xenith.model import moe_dispatch
 
@@ -40,7 +41,12 @@ def expert_mlp_dim(config: ml_collections.FrozenConfigDict) -> int:
 
 
 class Experts(nn.Module):
-  """E SwiGLU experts: gate, up [exp, embed, mlp] and down [exp, mlp, embed]."""
+  """E SwiGLU experts: gate, up [exp, embed, mlp] and down [exp, mlp, embed].
+
+  With the LoRA target 'experts' each weight `<w>` gets per-expert adapters
+  `<w>_lora_a` [exp, in, rank] (initialised like `<w>`) and `<w>_lora_b` [exp, rank, out]
+  (zeros), and the experts compute with `<w> + alpha / rank * A @ B` (see lora.py).
+  """
 
   config: ml_collections.FrozenConfigDict
 
@@ -56,17 +62,32 @@ class Experts(nn.Module):
     init = nn.initializers.variance_scaling(
         1.0, 'fan_in', 'truncated_normal', in_axis=1, out_axis=2, batch_axis=(0,))
 
+    rank = lora.layer_rank(cfg, 'experts')
+    dtype = layers.compute_dtype(cfg)
+
     def param(name, shape, names):
-      return self.param(name, nn.with_logical_partitioning(init, names), shape,
-                        layers.PARAM_DTYPE)
+      """The weight `name` in the compute dtype, with its adapter folded in if any."""
+      w = self.param(name, nn.with_logical_partitioning(init, names), shape,
+                     layers.PARAM_DTYPE)
+      if not rank:
+        return w.astype(dtype)
+      # A like the weight (fan-in per expert); B = 0: a fresh adapter changes nothing.
+      a = self.param(
+          f'{name}_lora_a',
+          nn.with_logical_partitioning(init, names[:2] + (lora.RANK_AXIS,)),
+          shape[:2] + (rank,), layers.PARAM_DTYPE)
+      b = self.param(
+          f'{name}_lora_b',
+          nn.with_logical_partitioning(nn.initializers.zeros,
+                                       (names[0], lora.RANK_AXIS, names[2])),
+          (shape[0], rank, shape[2]), layers.PARAM_DTYPE)
+      return lora.adapted_weight(w, a, b, lora.scale(cfg), dtype)
 
     gate = param('gate', (num_experts, embed, hidden), ('exp', 'embed', 'mlp'))
     up = param('up', (num_experts, embed, hidden), ('exp', 'embed', 'mlp'))
     down = param('down', (num_experts, hidden, embed), ('exp', 'mlp', 'embed'))
-    dtype = layers.compute_dtype(cfg)
     return moe_dispatch.dispatch(
-        cfg.moe.dispatch, x.astype(dtype), expert_index, weights,
-        gate.astype(dtype), up.astype(dtype), down.astype(dtype),
+        cfg.moe.dispatch, x.astype(dtype), expert_index, weights, gate, up, down,
         capacity_factor=cfg.moe.capacity_factor, block_size=cfg.moe.block_size)
 
 
