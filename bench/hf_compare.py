@@ -92,18 +92,10 @@ def time_steps(step, data, warmup: int, steps: int) -> dict:
 # ----------------------------------------------------------------------------- Xenith
 
 
-def xenith_child(args) -> dict:
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax
+def xenith_config():
+  """experiments/default.py's config reshaped to SHAPE, OPT and the aux-loss weight."""
   sys.path.insert(0, _REPO_ROOT)
-  from experiments import default
-  from xenith import optimizer
-  from xenith import sharding
-  from xenith.model import moe_dispatch
-  from xenith.model.transformer import make_model
-  from xenith.steps import make_train_step
-  from xenith.train_state import abstract_train_state, init_train_state
-
+  from experiments import default  # pylint: disable=g-import-not-at-top
   config = default.get_config('size=small')
   config.global_batch_size = SHAPE['batch']
   config.max_seq_len = SHAPE['seq']
@@ -133,6 +125,22 @@ def xenith_child(args) -> dict:
                                eps=OPT['eps'], weight_decay=OPT['weight_decay'],
                                grad_clip_norm=OPT['clip']))
 
+  return config
+
+
+def xenith_child(args) -> dict:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  sys.path.insert(0, _REPO_ROOT)
+  from xenith import optimizer
+  from xenith import sharding
+  from xenith.model import moe_dispatch
+  from xenith.model.transformer import make_model
+  from xenith.steps import make_train_step
+  from xenith.train_state import abstract_train_state, init_train_state
+
+  config = xenith_config()
+  m = config.model
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   mesh = sharding.create_mesh(config.mesh)
   model = make_model(config.model)

@@ -110,6 +110,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.num_kv_heads = s['num_kv_heads']  # Key/value heads (grouped-query attention).
   config.model.head_dim = s['head_dim']  # Width of each attention head.
   config.model.mlp_dim = s['mlp_dim']  # Hidden width of the SwiGLU MLP.
+  # Attention pattern and kernel (xenith/model/attention_pattern.py, attention.py).
+  config.model.attention = ml_collections.ConfigDict()
+  # 'auto' (CPU: blockwise, GPU: cudnn where it can express the mask, TPU: splash),
+  # 'dense' (masked reference, O(seq^2) memory), 'blockwise' (pure JAX), 'cudnn', 'splash'.
+  config.model.attention.implementation = 'auto'
+  config.model.attention.block_size = 128  # Tokens per block (blockwise, splash).
+  # Sliding windows of the sparse layers; () = every layer attends to all earlier tokens.
+  config.model.attention.window_sizes = ()
+  config.model.attention.full_attention_layers = 0  # The first N layers stay full causal.
+  # 'heads': each sparse layer splits its KV heads into one group per window;
+  # 'layers': sparse layers take the windows in turn.
+  config.model.attention.window_split = 'heads'
+  # The first G tokens are global in sparse layers: every later token sees them.
+  config.model.attention.num_global_tokens = 0
+  # Scale windows with the sequence length T: w * T / window_reference_length, rounded
+  # up to 64 and clipped to [min_window, max_window]; False = windows as configured.
+  config.model.attention.dynamic_windows = False
+  config.model.attention.window_reference_length = s['max_seq_len']  # T at which w holds.
+  config.model.attention.min_window = 64  # Lower bound of a dynamic window.
+  config.model.attention.max_window = 8192  # Upper bound of a dynamic window.
   # Mixture-of-Experts (xenith/model/moe.py) in place of the MLP in some layers;
   # experiments/moe.py turns it on.
   config.model.moe = ml_collections.ConfigDict()
@@ -150,6 +170,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # mscale(factor, mscale) / mscale(factor, mscale_all_dim), mscale(f, m) = 0.1 * m * ln(f) + 1.
   config.model.rope_scaling.mscale = 0.0  # Numerator's multiplier; 0 = off.
   config.model.rope_scaling.mscale_all_dim = 0.0  # Denominator's multiplier; 0 = off.
+  # Positions per chunk of the fused output head + cross-entropy (xenith/model/chunked_loss.py):
+  # no [batch, seq, vocab] logits in the train and eval steps; 0 = full logits.
+  config.model.loss_chunk_size = 64
   config.model.dropout_rate = 0.0  # Dropout on residual branches during training.
   config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay fp32).
   config.model.remat = 'none'  # Rematerialise blocks: 'none', 'full', 'dots', 'dots_no_batch'.

@@ -19,6 +19,9 @@ LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head', 'e
 ROPE_SCALING_TYPES = ('none', 'yarn')  # As xenith.model.rope.ROPE_SCALING_TYPES.
 # As xenith.model.moe_dispatch.DISPATCHES.
 MOE_DISPATCHES = ('auto', 'dropless_gather', 'dropless_ragged', 'capacity', 'dense')
+# As xenith.model.attention.IMPLEMENTATIONS.
+ATTENTION_IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
+WINDOW_SPLITS = ('heads', 'layers')
 
 
 class ConfigError(ValueError):
@@ -100,6 +103,46 @@ def _validate_lora(config) -> None:
                       'dropout works on the other targets)')
 
 
+def _validate_attention(config) -> None:
+  """`config.model.attention`: kernel, windows, global tokens, dynamic sizing."""
+  if 'attention' not in config.model:
+    return
+  f = 'model.attention.'
+  m, attn = config.model, config.model.attention
+  _one_of(config, f + 'implementation', ATTENTION_IMPLEMENTATIONS)
+  _positive(config, f + 'block_size')
+  windows = attn.window_sizes
+  if isinstance(windows, (int, str)) or any(not isinstance(w, int) or w < 1 for w in windows):
+    raise ConfigError(f + 'window_sizes', f'{windows!r} must be a tuple of positive ints '
+                      '(() = full attention everywhere)')
+  _require(config, f + 'full_attention_layers',
+           lambda v: isinstance(v, int) and 0 <= v <= m.num_layers,
+           f'must be an int in [0, num_layers={m.num_layers}]')
+  _one_of(config, f + 'window_split', WINDOW_SPLITS)
+  _require(config, f + 'num_global_tokens', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0')
+  if windows and attn.window_split == 'heads' and m.num_kv_heads % len(windows):
+    raise ConfigError(f + 'window_sizes', f'{len(windows)} windows must divide '
+                      f'config.model.num_kv_heads={m.num_kv_heads} '
+                      "(window_split='heads' gives each window a group of KV heads)")
+  if attn.dynamic_windows:
+    _positive(config, f + 'window_reference_length', f + 'min_window', f + 'max_window')
+    if attn.min_window > attn.max_window:
+      raise ConfigError(f + 'min_window', f'{attn.min_window} must be <= '
+                        f'config.{f}max_window={attn.max_window}')
+  if attn.implementation == 'cudnn' and windows and attn.num_global_tokens:
+    raise ConfigError(f + 'implementation', "'cudnn' cannot express global tokens "
+                      f"(config.{f}num_global_tokens={attn.num_global_tokens}); use "
+                      "'auto' or 'blockwise'")
+  # Imported here: the model package imports jax, which validation avoids at import.
+  from xenith.model import attention_pattern  # pylint: disable=g-import-not-at-top
+  if m.scan_layers and not attention_pattern.uniform_across_layers(m):
+    raise ConfigError(f + 'window_sizes', 'differ between layers (full_attention_layers='
+                      f"{attn.full_attention_layers}, window_split='{attn.window_split}'), "
+                      'which config.model.scan_layers=True cannot repeat; use '
+                      "scan_layers=False or one pattern for all layers")
+
+
 def _validate_moe(config) -> None:
   """`config.model.moe`, checked only when the model has experts."""
   if 'moe' not in config.model:
@@ -166,8 +209,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.remat', REMAT_POLICIES)
   _require(config, 'model.dropout_rate', lambda v: 0 <= v < 1, 'must be in [0, 1)')
+  if 'loss_chunk_size' in m:
+    _require(config, 'model.loss_chunk_size', lambda v: isinstance(v, int) and v >= 0,
+             'must be an int >= 0 (0 = full logits)')
   _validate_lora(config)
   _validate_moe(config)
+  _validate_attention(config)
 
   _one_of(config, 'data.source', DATA_SOURCES)
   if config.data.source == 'folder':

@@ -6,38 +6,64 @@ import jax.numpy as jnp
 import optax
 
 from xenith.metrics import EvalMetrics, TrainMetrics
+from xenith.model import chunked_loss
+from xenith.model import lora
 from xenith.model import moe
 from xenith.train_state import TrainState
 
 
+def next_token_targets(inputs: jax.Array, segment_ids: jax.Array):
+  """What each position predicts: the next token of its document.
+
+  inputs, segment_ids: [batch, seq]. Returns (targets int32, weights float32), each
+  [batch, seq]: targets[t] = inputs[t + 1]; weights are 1 where t and t + 1 belong to
+  the same (non-padding) packed document, else 0 (always 0 at the last position).
+  """
+  targets = jnp.pad(inputs[:, 1:], ((0, 0), (0, 1)))
+  next_segment = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+  weights = (next_segment == segment_ids) & (segment_ids > 0)
+  return targets.astype(jnp.int32), weights.astype(jnp.float32)
+
+
 def next_token_losses(logits: jax.Array, inputs: jax.Array, segment_ids: jax.Array):
-  """Per-token cross-entropy of predicting inputs[t+1] from positions <= t.
+  """Per-position cross-entropy of the next token from full logits.
 
   logits: [batch, seq, vocab]; inputs, segment_ids: [batch, seq].
-  Returns (nll, correct, weights), each [batch, seq - 1]; weights are 1 where t and t+1
-  belong to the same (non-padding) packed document.
+  Returns (nll, correct, weights), each [batch, seq] (see `next_token_targets`).
   """
-  targets = inputs[:, 1:]
-  weights = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
-  logits = logits[:, :-1].astype(jnp.float32)
+  targets, weights = next_token_targets(inputs, segment_ids)
+  logits = logits.astype(jnp.float32)
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
   correct = jnp.argmax(logits, axis=-1) == targets
-  return nll, correct, weights.astype(jnp.float32)
+  return nll, correct, weights
 
 
 def _model_inputs(batch):
   return dict(segment_ids=batch['segment_ids'], positions=batch['positions'])
 
 
+def loss_chunk_size(model: nn.Module) -> int:
+  """Positions per chunk of the fused head + loss (`chunked_loss.py`); 0 = full logits.
+
+  Full logits when `config.loss_chunk_size` is 0 or the head has LoRA dropout (which
+  acts on the head's input, so the head cannot be folded into one matrix).
+  """
+  cfg = model.config
+  chunk = cfg.get('loss_chunk_size', 0)
+  if chunk and lora.layer_rank(cfg, 'head') and cfg.lora.dropout:
+    return 0
+  return chunk
+
+
 def _apply(model: nn.Module, params, batch: dict, **kwargs):
-  """Logits and (MoE aux loss or None, MoE metrics) of one forward pass."""
+  """(logits, or (hidden, head) with `features_only`), (MoE aux loss or None, MoE metrics)."""
+  inputs = batch['inputs']
   if not moe.enabled(model.config):  # A dense model applies exactly as it always did.
-    logits = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch), **kwargs)
-    return logits, (None, {})
-  logits, stats = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
-                              return_moe_stats=True, **kwargs)
-  return logits, moe.aux_loss_and_metrics(stats)
+    return model.apply({'params': params}, inputs, **_model_inputs(batch), **kwargs), (None, {})
+  *outputs, stats = model.apply({'params': params}, inputs, **_model_inputs(batch),
+                                return_moe_stats=True, **kwargs)
+  return (outputs[0] if len(outputs) == 1 else tuple(outputs)), moe.aux_loss_and_metrics(stats)
 
 
 def make_loss_fn(model: nn.Module, with_aux: bool = False):
@@ -46,12 +72,19 @@ def make_loss_fn(model: nn.Module, with_aux: bool = False):
   The loss is the mean next-token loss plus, for a MoE model, the weighted router losses.
   With `with_aux` it returns (loss, (next-token loss, MoE metrics)).
   """
+  chunk = loss_chunk_size(model)
 
   def loss_fn(params, batch: dict, dropout_key: jax.Array):
-    logits, (aux_loss, moe_metrics) = _apply(
-        model, params, batch, deterministic=False, rngs={'dropout': dropout_key})
-    nll, _, weights = next_token_losses(logits, batch['inputs'], batch['segment_ids'])
-    lm_loss = (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    outputs, (aux_loss, moe_metrics) = _apply(
+        model, params, batch, deterministic=False, rngs={'dropout': dropout_key},
+        features_only=bool(chunk))
+    if chunk:
+      targets, weights = next_token_targets(batch['inputs'], batch['segment_ids'])
+      total = chunked_loss.weighted_cross_entropy(*outputs, targets, weights, chunk)
+    else:
+      nll, _, weights = next_token_losses(outputs, batch['inputs'], batch['segment_ids'])
+      total = (nll * weights).sum()
+    lm_loss = total / jnp.maximum(weights.sum(), 1.0)
     loss = lm_loss if aux_loss is None else lm_loss + aux_loss
     return (loss, (lm_loss, moe_metrics)) if with_aux else loss
 
@@ -88,9 +121,15 @@ def make_eval_step(model: nn.Module):
   For a MoE model the metrics include the router losses and loads (`moe`).
   """
 
+  chunk = loss_chunk_size(model)
+
   def eval_step(params, batch):
-    logits, (_, moe_metrics) = _apply(model, params, batch)
-    nll, correct, weights = next_token_losses(logits, batch['inputs'], batch['segment_ids'])
+    outputs, (_, moe_metrics) = _apply(model, params, batch, features_only=bool(chunk))
+    if chunk:
+      targets, weights = next_token_targets(batch['inputs'], batch['segment_ids'])
+      nll, correct = chunked_loss.nll_and_correct(*outputs, targets, chunk)
+    else:
+      nll, correct, weights = next_token_losses(outputs, batch['inputs'], batch['segment_ids'])
     return EvalMetrics.single_from_model_output(loss=nll, correct=correct, mask=weights,
                                                 moe=moe_metrics)
 

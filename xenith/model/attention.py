@@ -1,13 +1,26 @@
-"""Grouped-query self-attention with RoPE, and the reference attention kernel."""
+"""Grouped-query self-attention with RoPE, its implementations, and the reference kernel.
+
+`config.model.attention.implementation` picks how the masked softmax is computed:
+'dense' (`dot_product_attention` on a materialised mask, O(seq^2) memory: the
+reference), 'blockwise' (`blockwise_attention.py`, pure JAX, linear memory), 'cudnn'
+and 'splash' (`fused_attention.py`), or 'auto': splash on TPU, cuDNN on GPU when it
+can express the layer's mask (else blockwise), blockwise on CPU. The layer's mask
+(window per KV-head group, global tokens) comes from `attention_pattern.py`.
+"""
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from xenith.model import attention_pattern
+from xenith.model import blockwise_attention
+from xenith.model import fused_attention
 from xenith.model import layers
 from xenith.model import masks
 from xenith.model import rope
+
+IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
 
 # Finite rather than -inf so that a fully masked row (never produced by
 # `masks.make_attention_mask`, but possible with hand-made masks) gives a
@@ -56,15 +69,70 @@ def dot_product_attention(
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def resolve_implementation(implementation: str, num_global: int) -> str:
+  """The concrete kernel for `implementation` on the default backend."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'Unknown attention implementation {implementation!r}; choose one '
+                     f'of {IMPLEMENTATIONS}.')
+  if implementation != 'auto':
+    return implementation
+  backend = jax.default_backend()
+  if backend == 'tpu':
+    return 'splash'
+  if backend == 'gpu' and fused_attention.supports_cudnn(num_global):
+    return 'cudnn'
+  return 'blockwise'
+
+
+def attend(
+    implementation: str,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    window: int | None = None,
+    num_global: int = 0,
+    block_size: int = 128,
+) -> jax.Array:
+  """Causal attention within documents with `masks.make_attention_mask`'s mask.
+
+  query: [batch, seq, heads, head_dim]; key, value: [batch, seq, kv_heads, head_dim]
+  -> [batch, seq, heads, head_dim]. `implementation` as in the module docstring.
+  """
+  implementation = resolve_implementation(implementation, num_global)
+  if window is not None and window >= query.shape[1]:
+    window = None  # The window covers the whole sequence.
+  if window is None:
+    num_global = 0  # Full causal attention already sees every earlier token.
+  if implementation == 'dense':
+    mask = masks.make_attention_mask(query.shape[1], segment_ids, window=window,
+                                     num_global=num_global)
+    return dot_product_attention(query, key, value, mask)
+  if implementation == 'blockwise':
+    return blockwise_attention.blockwise_attention(
+        query, key, value, segment_ids, window=window, num_global=num_global,
+        block_size=block_size)
+  if implementation == 'cudnn':
+    if not fused_attention.supports_cudnn(num_global):
+      raise ValueError('The cudnn attention kernel cannot express global tokens; use '
+                       "implementation 'blockwise' or 'auto'.")
+    return fused_attention.cudnn_attention(query, key, value, segment_ids, window=window)
+  return fused_attention.splash_attention(query, key, value, segment_ids, window=window,
+                                          num_global=num_global, block_size=block_size)
+
+
 class Attention(nn.Module):
   """Causal grouped-query self-attention within packed documents.
 
   Kernels keep head axes separate (query [embed, heads, head_dim], key/value
   [embed, kv_heads, head_dim], out [heads, head_dim, embed]) so tensor
-  parallelism can shard heads.
+  parallelism can shard heads. `layer` (the block's index) selects the layer's
+  pattern of windows and global tokens (`attention_pattern.py`).
   """
 
   config: ml_collections.FrozenConfigDict
+  layer: int = 0
 
   @nn.compact
   def __call__(
@@ -104,9 +172,25 @@ class Attention(nn.Module):
     query = rope.apply_rope(query, positions, inv_freq, rope_scale)
     key = rope.apply_rope(key, positions, inv_freq, rope_scale)
 
-    mask = masks.make_attention_mask(x.shape[1], segment_ids)
-    out = dot_product_attention(query, key, value, mask)
+    out = self._attend_groups(query, key, value, segment_ids)
     out = nn.with_logical_constraint(out, q_names)  # [batch, seq, heads, head_dim]
     return layers.dense(
         cfg.embed_dim, ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
         name='out')(out)
+
+  def _attend_groups(self, query, key, value, segment_ids):
+    """The layer's pattern: one kernel call per KV-head group sharing a window."""
+    cfg = self.config
+    settings = attention_pattern.settings(cfg)
+    implementation = settings.implementation if settings else 'auto'
+    block_size = settings.block_size if settings else 128
+    groups = attention_pattern.layer_head_groups(cfg, self.layer, query.shape[1])
+    num_global = attention_pattern.num_global_tokens(cfg, self.layer)
+    q_per_kv = cfg.num_heads // cfg.num_kv_heads
+    outs = [
+        attend(implementation,
+               query[:, :, g.kv_start * q_per_kv:g.kv_end * q_per_kv],
+               key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end],
+               segment_ids, window=g.window, num_global=num_global, block_size=block_size)
+        for g in groups]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)

@@ -124,6 +124,21 @@ class DenseGeneral(nn.Module):
         preferred_element_type=self.out_dtype)  # [..., *features]
     return y + delta
 
+  def merged_kernel(self) -> jax.Array:
+    """The kernel with its adapter folded in (W + alpha / rank * A @ B), in `dtype`.
+
+    Reads the existing params, so only in `apply` (after the layer was built by a
+    call); adapter dropout cannot apply to a kernel, so a layer with it refuses.
+    """
+    kernel = nn.unbox(self.get_variable('params', 'kernel'))
+    if self.lora_rank:
+      if self.lora_dropout:
+        raise ValueError('merged_kernel of a layer with LoRA dropout: apply the layer '
+                         'instead (dropout acts on its input).')
+      a, b = (nn.unbox(self.get_variable('params', n)) for n in lora.ADAPTER_PARAMS)
+      kernel = lora.adapted_weight(kernel, a, b, self.lora_alpha / self.lora_rank)
+    return kernel.astype(self.dtype)
+
 
 def dense(
     features: int | Sequence[int],

@@ -31,19 +31,32 @@ def segment_mask(
 
 
 def make_attention_mask(
-    seq_len: int, segment_ids: jax.Array | None = None
+    seq_len: int,
+    segment_ids: jax.Array | None = None,
+    *,
+    window: int | None = None,
+    num_global: int = 0,
 ) -> jax.Array:
-  """Causal self-attention mask within packed documents.
+  """Causal self-attention mask within packed documents, optionally windowed.
 
   Args:
     seq_len: sequence length (queries and keys are the same tokens).
     segment_ids: [batch, seq_len] int document ids, 0 = padding; None means one
       document per row without padding.
+    window: query i sees key j only if i - j < window (itself and the
+      window - 1 keys before it); None = no limit.
+    num_global: keys j < num_global stay visible to every later query whatever
+      the window (global tokens; causality and segments still apply).
 
   Returns:
     [batch or 1, seq_len, seq_len] bool, True where attention is allowed.
   """
-  mask = causal_mask(seq_len, seq_len)[None]
+  mask = causal_mask(seq_len, seq_len)
+  if window is not None:
+    q_index = jnp.arange(seq_len)[:, None]
+    kv_index = jnp.arange(seq_len)[None, :]
+    mask &= (q_index - kv_index < window) | (kv_index < num_global)
+  mask = mask[None]
   if segment_ids is not None:
     mask = mask & segment_mask(segment_ids, segment_ids)
   return mask

@@ -166,58 +166,60 @@ def grouped_swiglu(x_rows, gate, up, down, block_expert, num_used, block):
 def _grouped_swiglu_fwd(x_rows, gate, up, down, block_expert, num_used, block):
   rows = x_rows.shape[0]
   mlp = gate.shape[-1]
+  # Gate and up side by side, [experts, embed, 2 * mlp]: one matmul per block instead of
+  # two (XLA:CPU runs one wide matmul faster than two concurrent narrow ones).
+  gate_up = jnp.concatenate([gate, up], axis=-1)
 
   def body(j, carry):
-    y, g_rows, u_rows = carry
+    y, gu_rows = carry
     start, e = j * block, block_expert[j]
     xj = lax.dynamic_slice_in_dim(x_rows, start, block)  # [block, embed]
-    g, u = xj @ _take(gate, e), xj @ _take(up, e)  # [block, mlp]
-    yj = (jax.nn.silu(g) * u) @ _take(down, e)
+    gu = xj @ _take(gate_up, e)  # [block, 2 * mlp]
+    yj = (jax.nn.silu(gu[:, :mlp]) * gu[:, mlp:]) @ _take(down, e)
     return (lax.dynamic_update_slice_in_dim(y, yj, start, 0),
-            lax.dynamic_update_slice_in_dim(g_rows, g, start, 0),
-            lax.dynamic_update_slice_in_dim(u_rows, u, start, 0))
+            lax.dynamic_update_slice_in_dim(gu_rows, gu, start, 0))
 
-  dtype = x_rows.dtype
-  init = (jnp.zeros_like(x_rows), jnp.zeros((rows, mlp), dtype), jnp.zeros((rows, mlp), dtype))
-  y, g_rows, u_rows = lax.fori_loop(0, num_used, body, init)
+  init = (jnp.zeros_like(x_rows), jnp.zeros((rows, 2 * mlp), x_rows.dtype))
+  y, gu_rows = lax.fori_loop(0, num_used, body, init)
   # Keeping the gate/up activations saves recomputing two of the three matmuls.
-  return y, (x_rows, gate, up, down, block_expert, num_used, g_rows, u_rows)
+  return y, (x_rows, gate_up, down, block_expert, num_used, gu_rows)
 
 
 def _grouped_swiglu_bwd(block, residuals, dy):
-  x_rows, gate, up, down, block_expert, num_used, g_rows, u_rows = residuals
+  x_rows, gate_up, down, block_expert, num_used, gu_rows = residuals
   f32 = jnp.float32
+  mlp = down.shape[1]
 
   def accumulate(total, e, update):
     return lax.dynamic_update_index_in_dim(total, _take(total, e) + update, e, 0)
 
   def body(j, carry):
-    dx, dgate, dup, ddown_t = carry
+    dx, dgate_up, ddown_t = carry
     start, e = j * block, block_expert[j]
-    xj, g, u, dyj = (lax.dynamic_slice_in_dim(a, start, block)
-                     for a in (x_rows, g_rows, u_rows, dy))
+    xj, gu, dyj = (lax.dynamic_slice_in_dim(a, start, block) for a in (x_rows, gu_rows, dy))
+    g, u = gu[:, :mlp], gu[:, mlp:]
     sig = jax.nn.sigmoid(g)
     silu = g * sig
     dh = dyj @ _take(down, e).T  # [block, mlp]
-    dg = dh * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig * (1 + g * (1 - sig)).
-    du = dh * silu
-    dxj = dg @ _take(gate, e).T + du @ _take(up, e).T
+    # silu'(g) = sig * (1 + g * (1 - sig)); [d gate | d up], [block, 2 * mlp].
+    dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * silu], axis=-1)
+    dxj = dgu @ _take(gate_up, e).T
     # Weight gradients accumulate in float32 whatever the compute dtype.
     dot = functools.partial(jnp.matmul, preferred_element_type=f32)
     return (lax.dynamic_update_slice_in_dim(dx, dxj, start, 0),
-            accumulate(dgate, e, dot(xj.T, dg)),
-            accumulate(dup, e, dot(xj.T, du)),
+            accumulate(dgate_up, e, dot(xj.T, dgu)),
             # Accumulated as [embed, mlp]: XLA:CPU computes that product about 1.4x
             # faster than the [mlp, embed] one.
             accumulate(ddown_t, e, dot(dyj.T, silu * u)))
 
-  num_experts, mlp, embed = down.shape
-  init = (jnp.zeros_like(x_rows), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32),
+  num_experts, _, embed = down.shape
+  init = (jnp.zeros_like(x_rows), jnp.zeros(gate_up.shape, f32),
           jnp.zeros((num_experts, embed, mlp), f32))
-  dx, dgate, dup, ddown_t = lax.fori_loop(0, num_used, body, init)
+  dx, dgate_up, ddown_t = lax.fori_loop(0, num_used, body, init)
   ddown = ddown_t.transpose(0, 2, 1)
-  return (dx, dgate.astype(gate.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
-          None, None)
+  dgate, dup = dgate_up[..., :mlp], dgate_up[..., mlp:]
+  return (dx, dgate.astype(gate_up.dtype), dup.astype(gate_up.dtype),
+          ddown.astype(down.dtype), None, None)
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

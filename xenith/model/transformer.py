@@ -28,10 +28,13 @@ class DecoderBlock(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); dropout on branches.
 
   With `use_moe` the MLP is a `moe.MoeBlock` (params under `moe`, not `mlp`).
+  `layer` is the block's index (it picks the attention pattern); a scanned stack
+  passes its first layer's, all its layers having one pattern.
   """
 
   config: ml_collections.FrozenConfigDict
   use_moe: bool = False
+  layer: int = 0
 
   @nn.compact
   def __call__(
@@ -45,7 +48,8 @@ class DecoderBlock(nn.Module):
     cfg = self.config
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
     branch = norms.make_norm(cfg, 'attn_norm')(x)
-    branch = attention.Attention(cfg, name='attn')(branch, segment_ids, positions)
+    branch = attention.Attention(cfg, layer=self.layer, name='attn')(
+        branch, segment_ids, positions)
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
 
@@ -98,7 +102,8 @@ class Decoder(nn.Module):
       positions: jax.Array | None = None,
       deterministic: bool = True,
       return_moe_stats: bool = False,
-  ) -> jax.Array | tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+      features_only: bool = False,
+  ) -> jax.Array | tuple[jax.Array, ...]:
     """Next-token logits.
 
     Args:
@@ -109,10 +114,16 @@ class Decoder(nn.Module):
         0..seq-1 in every row.
       deterministic: False enables dropout (needs the 'dropout' rng).
       return_moe_stats: also return the router stats of every MoE layer.
+      features_only: return (hidden, head) instead of logits, for a loss that
+        applies the head itself (`chunked_loss.py`): hidden [batch, seq, embed] the
+        final normalised states and head [embed, vocab] the output matrix (adapters
+        and the tied head's scale folded in), both in the compute dtype, so that
+        logits = hidden @ head. Needs built params (apply, not init).
 
     Returns:
-      logits: [batch, seq, vocab] float32; with `return_moe_stats`, (logits,
-      {'layer_<i>': stats of MoE layer i}) (see `moe.MoeBlock`; {} if dense).
+      logits: [batch, seq, vocab] float32 (or (hidden, head), see features_only);
+      with `return_moe_stats` also {'layer_<i>': stats of MoE layer i} (see
+      `moe.MoeBlock`; {} if dense), as the last element of a tuple.
     """
     cfg = self.config
     dtype = layers.compute_dtype(cfg)
@@ -129,7 +140,7 @@ class Decoder(nn.Module):
     block = _block_class(cfg)
     moe_stats = {}  # 'layer_<i>' -> router stats of MoE layer i.
 
-    def scan_stack(x, length, use_moe, name):
+    def scan_stack(x, first_layer, length, use_moe, name):
       stack = nn.scan(
           block,
           variable_axes={'params': 0},
@@ -138,11 +149,11 @@ class Decoder(nn.Module):
           length=length,
           metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      return stack(cfg, use_moe=use_moe, name=name)(
+      return stack(cfg, use_moe=use_moe, layer=first_layer, name=name)(
           x, segment_ids, positions, deterministic)
 
     if cfg.scan_layers and not moe.enabled(cfg):
-      x, _ = scan_stack(x, cfg.num_layers, False, 'layers')
+      x, _ = scan_stack(x, 0, cfg.num_layers, False, 'layers')
     elif cfg.scan_layers:
       # A scan repeats one block: the dense prefix and the MoE layers are two stacks.
       if cfg.moe.moe_every != 1:
@@ -150,29 +161,40 @@ class Decoder(nn.Module):
                          'kind of block).')
       num_dense = cfg.moe.first_dense_layers
       if num_dense:
-        x, _ = scan_stack(x, num_dense, False, 'dense_layers')
-      x, stacked = scan_stack(x, cfg.num_layers - num_dense, True, 'moe_layers')
+        x, _ = scan_stack(x, 0, num_dense, False, 'dense_layers')
+      x, stacked = scan_stack(x, num_dense, cfg.num_layers - num_dense, True,
+                              'moe_layers')
       for j in range(cfg.num_layers - num_dense):
         moe_stats[f'layer_{num_dense + j}'] = jax.tree.map(lambda s, j=j: s[j], stacked)
     else:
       for i in range(cfg.num_layers):
-        x, stats = block(cfg, use_moe=moe.is_moe_layer(cfg, i), name=f'block_{i}')(
+        x, stats = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i,
+                         name=f'block_{i}')(
             x, segment_ids, positions, deterministic)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
 
     x = norms.make_norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:
-      # The table is unit scale (see `Embed`); this brings logits back to it.
-      logits = embed.attend(x) / math.sqrt(cfg.embed_dim)
+      # The table is unit scale (see `Embed`); 1/sqrt(embed) brings logits back to it.
+      head = None
     else:
-      logits = layers.dense(
-          cfg.vocab_size, ('embed', 'vocab'), cfg, out_dtype=jnp.float32,
-          name='head')(x)
-    # logits: [batch, seq, vocab] float32
-    logits = nn.with_logical_constraint(
-        logits, ('activation_batch', 'activation_length', 'activation_vocab'))
-    return (logits, moe_stats) if return_moe_stats else logits
+      head = layers.dense(
+          cfg.vocab_size, ('embed', 'vocab'), cfg, out_dtype=jnp.float32, name='head')
+    if features_only:
+      if head is None:
+        matrix = (embed.embedding.T / math.sqrt(cfg.embed_dim)).astype(dtype)
+      else:
+        matrix = head.merged_kernel()
+      outputs = (x.astype(dtype), matrix)
+    else:
+      logits = embed.attend(x) / math.sqrt(cfg.embed_dim) if head is None else head(x)
+      # logits: [batch, seq, vocab] float32
+      outputs = (nn.with_logical_constraint(
+          logits, ('activation_batch', 'activation_length', 'activation_vocab')),)
+    if return_moe_stats:
+      outputs += (moe_stats,)
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def make_model(model_config: ml_collections.ConfigDict) -> Decoder:

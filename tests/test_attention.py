@@ -1,0 +1,223 @@
+"""Attention kernels and patterns against the dense masked reference.
+
+Every kernel (blockwise, splash in Pallas's interpreter, the cuDNN call through jax's
+XLA reference of the same API) must give the outputs and gradients of
+`dot_product_attention` on `masks.make_attention_mask`'s mask, for full causal
+attention, sliding windows, global tokens and packed segments.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import default
+from xenith import config_validation
+from xenith.model import attention
+from xenith.model import attention_pattern
+from xenith.model import blockwise_attention
+from xenith.model import fused_attention
+from xenith.model import masks
+from xenith.model import transformer
+
+
+def _qkv(batch, seq, heads, kv_heads, dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = [(batch, seq, heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim)]
+  return [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+
+
+def _segments(batch, seq, packed, seed=0):
+  if not packed:
+    return jnp.ones((batch, seq), jnp.int32)
+  # Sorted ids 0..2: two documents and some padding (0) at the start of a row.
+  ids = np.sort(np.random.default_rng(seed).integers(0, 3, (batch, seq)), axis=1)
+  return jnp.asarray(ids, jnp.int32)
+
+
+def _reference(q, k, v, segment_ids, window, num_global):
+  mask = masks.make_attention_mask(q.shape[1], segment_ids, window=window,
+                                   num_global=num_global)
+  return attention.dot_product_attention(q, k, v, mask)
+
+
+def _value_and_grads(fn, q, k, v):
+  """fn(q, k, v) -> out; returns (out, grads of a random projection of out)."""
+  probe = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+  out = fn(q, k, v)
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+  return out, grads
+
+
+def _assert_matches_reference(fn, q, k, v, segment_ids, window, num_global, atol=2e-5):
+  want, want_grads = _value_and_grads(
+      lambda *a: _reference(*a, segment_ids, window, num_global), q, k, v)
+  got, got_grads = _value_and_grads(jax.jit(fn), q, k, v)
+  np.testing.assert_allclose(got, want, atol=atol, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=5 * atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize('seq,window,num_global,block,packed,kv_heads', [
+    (64, None, 0, 16, False, 2),  # Full causal, whole blocks.
+    (70, None, 0, 16, True, 1),  # Full causal, a partial last block, packed, MQA.
+    (70, 20, 0, 16, True, 2),  # Window wider than a block.
+    (100, 7, 20, 8, True, 2),  # Window narrower than a block; globals over 3 blocks.
+    (70, 20, 5, 16, False, 4),  # Globals inside the first block; plain MHA.
+    (33, 40, 3, 16, False, 2),  # Window wider than the sequence = full.
+])
+def test_blockwise_matches_dense_reference(seq, window, num_global, block, packed, kv_heads):
+  q, k, v = _qkv(2, seq, 4, kv_heads)
+  segment_ids = _segments(2, seq, packed)
+  fn = functools.partial(blockwise_attention.blockwise_attention, segment_ids=segment_ids,
+                         window=window, num_global=num_global, block_size=block)
+  _assert_matches_reference(fn, q, k, v, segment_ids, window, num_global)
+
+
+def test_blockwise_bfloat16_is_close_to_float32():
+  q, k, v = _qkv(1, 64, 4, 2)
+  exact = blockwise_attention.blockwise_attention(q, k, v, window=24, block_size=16)
+  low = blockwise_attention.blockwise_attention(
+      *(x.astype(jnp.bfloat16) for x in (q, k, v)), window=24, block_size=16)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(low.astype(jnp.float32), exact, atol=0.05)
+
+
+@pytest.mark.parametrize('window,num_global', [(None, 0), (100, 5)])
+def test_splash_kernel_matches_dense_reference(window, num_global):
+  """The TPU splash kernel, run by Pallas's interpreter on CPU."""
+  q, k, v = _qkv(1, 256, 4, 2, dim=64)
+  segment_ids = _segments(1, 256, packed=True)
+  fn = functools.partial(fused_attention.splash_attention, segment_ids=segment_ids,
+                         window=window, num_global=num_global, block_size=128,
+                         interpret=True)
+  _assert_matches_reference(fn, q, k, v, segment_ids, window, num_global, atol=5e-5)
+
+
+@pytest.mark.parametrize('window', [None, 9])
+def test_cudnn_call_matches_dense_reference(window):
+  """Our arguments to jax.nn.dot_product_attention (mask, causal, window), checked
+  through jax's XLA implementation of the same call; the GPU runs it with cuDNN."""
+  q, k, v = _qkv(2, 48, 4, 2)
+  segment_ids = _segments(2, 48, packed=True)
+  fn = functools.partial(fused_attention.cudnn_attention, segment_ids=segment_ids,
+                         window=window, implementation='xla')
+  _assert_matches_reference(fn, q, k, v, segment_ids, window, 0)
+
+
+def test_implementation_choice():
+  assert attention.resolve_implementation('auto', num_global=4) == 'blockwise'  # CPU.
+  assert attention.resolve_implementation('dense', num_global=0) == 'dense'
+  with pytest.raises(ValueError, match='Unknown attention implementation'):
+    attention.resolve_implementation('flash', num_global=0)
+  q, k, v = _qkv(1, 16, 2, 2)
+  with pytest.raises(ValueError, match='cannot express global tokens'):
+    attention.attend('cudnn', q, k, v, None, window=4, num_global=2)
+
+
+def _model_config(**attention_overrides):
+  config = default.get_config('size=tiny').model
+  config.vocab_size = 64
+  config.num_layers = 3
+  config.attention.update(attention_overrides)
+  return config
+
+
+def test_layer_patterns():
+  config = ml_collections.FrozenConfigDict(_model_config(
+      window_sizes=(8, 16), full_attention_layers=1, num_global_tokens=2))
+  groups = attention_pattern.layer_head_groups
+  assert groups(config, 0, 64) == (attention_pattern.HeadGroup(0, 2, None),)
+  # Two windows over the two KV heads of each sparse layer.
+  assert groups(config, 1, 64) == (attention_pattern.HeadGroup(0, 1, 8),
+                                   attention_pattern.HeadGroup(1, 2, 16))
+  assert [attention_pattern.num_global_tokens(config, i) for i in range(3)] == [0, 2, 2]
+  by_layer = ml_collections.FrozenConfigDict(_model_config(
+      window_sizes=(8, 16), full_attention_layers=1, window_split='layers'))
+  assert [groups(by_layer, i, 64)[0].window for i in range(3)] == [None, 8, 16]
+  assert attention_pattern.uniform_across_layers(config) is False
+
+
+def test_dynamic_windows_scale_with_length_within_bounds():
+  config = ml_collections.FrozenConfigDict(_model_config(
+      window_sizes=(512,), dynamic_windows=True, window_reference_length=4096,
+      min_window=128, max_window=2048))
+  window = lambda seq: attention_pattern.layer_head_groups(config, 0, seq)[0].window
+  assert window(4096) == 512  # The configured size at the reference length.
+  assert window(8192) == 1024  # Proportional to the length ...
+  assert window(1000) == 128  # ... rounded up to 64 (125 -> 128), at least min_window,
+  assert window(65536) == 2048  # at most max_window.
+
+
+def _apply(config, params, tokens, segment_ids=None):
+  model = transformer.make_model(config)
+  return model.apply({'params': params}, tokens, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(window_sizes=(4, 8), full_attention_layers=1, num_global_tokens=3),
+    dict(window_sizes=(4, 6), window_split='layers'),
+])
+def test_sparse_model_kernels_agree(overrides):
+  """A whole model with windows and globals: blockwise == dense, logits and grads."""
+  configs = {impl: _model_config(implementation=impl, block_size=8, **overrides)
+             for impl in ('dense', 'blockwise')}
+  tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 64)
+  segment_ids = _segments(2, 40, packed=True, seed=3)
+  params = transformer.make_model(configs['dense']).init(jax.random.key(0), tokens)['params']
+  results = {}
+  for impl, config in configs.items():
+    loss = lambda p, c=config: jnp.mean(_apply(c, p, tokens, segment_ids) ** 2)
+    results[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  np.testing.assert_allclose(results['blockwise'][0], results['dense'][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               results['blockwise'][1], results['dense'][1])
+
+
+def test_one_windowed_layer_sees_only_its_window_and_the_globals():
+  window, num_global = 5, 2
+  config = _model_config(window_sizes=(window,), num_global_tokens=num_global, block_size=8)
+  config.num_layers = 1
+  tokens = jax.random.randint(jax.random.key(1), (1, 24), 0, 64)
+  params = transformer.make_model(config).init(jax.random.key(0), tokens)['params']
+  before = _apply(config, params, tokens)
+  for j in (2, 10):  # Past the globals: position i sees j only if i - j < window.
+    after = _apply(config, params, tokens.at[0, j].set((tokens[0, j] + 1) % 64))
+    changed = np.abs(np.asarray(after - before)).max(-1)[0] > 0
+    assert changed.tolist() == [j <= i < j + window for i in range(24)]
+  # A global token is seen by every later position.
+  after = _apply(config, params, tokens.at[0, 1].set((tokens[0, 1] + 1) % 64))
+  changed = np.abs(np.asarray(after - before)).max(-1)[0] > 0
+  assert changed.tolist() == [i >= 1 for i in range(24)]
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('implementation', 'flash', 'must be one of'),
+    ('window_sizes', (0, 8), 'must be a tuple of positive ints'),
+    ('window_sizes', (4, 8, 16), r'3 windows must divide config.model.num_kv_heads=2'),
+    ('full_attention_layers', 5, r'must be an int in \[0, num_layers=2\]'),
+    ('window_split', 'experts', 'must be one of'),
+    ('min_window', 10**6, 'must be <= config.model.attention.max_window'),
+])
+def test_invalid_attention_config_is_named(field, value, message):
+  config = default.get_config('size=tiny')
+  config.model.attention.window_sizes = (8,)
+  config.model.attention.dynamic_windows = True
+  config.model.attention[field] = value
+  with pytest.raises(config_validation.ConfigError,
+                     match=f'config.model.attention.{field}: .*{message}'):
+    config_validation.validate(config, num_devices=1)
+
+
+def test_scan_layers_needs_one_pattern():
+  config = default.get_config('size=tiny')
+  config.model.scan_layers = True
+  config.model.attention.window_sizes = (8,)
+  config.model.attention.full_attention_layers = 1
+  with pytest.raises(config_validation.ConfigError, match='scan_layers=True cannot repeat'):
+    config_validation.validate(config, num_devices=1)
+  config.model.attention.full_attention_layers = 0  # Every layer windowed: fine.
+  config_validation.validate(config, num_devices=1)

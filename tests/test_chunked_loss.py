@@ -1,0 +1,99 @@
+"""The fused, chunked head + cross-entropy against full logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import default
+from xenith import steps
+from xenith.model import chunked_loss
+from xenith.model import transformer
+
+
+def _inputs(batch=2, seq=37, embed=16, vocab=50, seed=0):
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.normal(size=(batch, seq, embed)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(embed, vocab)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
+  weights = jnp.asarray(rng.integers(0, 2, (batch, seq)), jnp.float32)
+  return hidden, kernel, targets, weights
+
+
+def _full_logits_loss(hidden, kernel, targets, weights):
+  logits = jnp.einsum('bte,ev->btv', hidden, kernel)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  return jnp.sum(nll * weights)
+
+
+@pytest.mark.parametrize('chunk', [1, 8, 37, 64])  # Partial last chunk, exact, > seq.
+def test_weighted_cross_entropy_value_and_gradients(chunk):
+  hidden, kernel, targets, weights = _inputs()
+  want = jax.value_and_grad(_full_logits_loss, argnums=(0, 1))(hidden, kernel, targets, weights)
+  got = jax.jit(jax.value_and_grad(chunked_loss.weighted_cross_entropy, argnums=(0, 1)),
+                static_argnums=4)(hidden, kernel, targets, weights, chunk)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+  # Without differentiation the primal path (no gradient work) gives the same value.
+  np.testing.assert_allclose(chunked_loss.weighted_cross_entropy(
+      hidden, kernel, targets, weights, chunk), want[0], rtol=1e-5)
+
+
+def test_nll_and_correct():
+  hidden, kernel, targets, _ = _inputs()
+  logits = jnp.einsum('bte,ev->btv', hidden, kernel)
+  nll, correct = chunked_loss.nll_and_correct(hidden, kernel, targets, 8)
+  want = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(correct, jnp.argmax(logits, -1) == targets)
+
+
+def _config(tie_embeddings, lora_head=False, moe=False):
+  config = default.get_config('size=tiny')
+  config.model.vocab_size = 96
+  config.model.tie_embeddings = tie_embeddings
+  if lora_head:
+    config.model.lora.rank = 4
+    config.model.lora.targets = ('query', 'head')
+  if moe:
+    config.model.moe.num_experts = 4
+    config.model.moe.expert_mlp_dim = 32
+  return config
+
+
+@pytest.mark.parametrize('tie_embeddings,lora_head,moe', [
+    (True, False, False), (False, False, True), (False, True, False)])
+def test_train_loss_and_grads_equal_full_logits(tie_embeddings, lora_head, moe):
+  """make_loss_fn with a chunked head equals it with full logits (tied head, untied head
+  with MoE, a LoRA-adapted head with random B)."""
+  config = _config(tie_embeddings, lora_head, moe)
+  rng = np.random.default_rng(0)
+  segment_ids = np.repeat([[1] * 20 + [2] * 12], 2, axis=0).astype(np.int32)
+  batch = {'inputs': jnp.asarray(rng.integers(0, 96, (2, 32)), jnp.int32),
+           'segment_ids': jnp.asarray(segment_ids),
+           'positions': jnp.asarray(np.concatenate([np.arange(20), np.arange(12)])[None]
+                                    .repeat(2, 0), jnp.int32)}
+  results = []
+  for chunk in (0, 8):
+    config.model.loss_chunk_size = chunk
+    model = transformer.make_model(config.model)
+    params = model.init(jax.random.key(0), batch['inputs'])['params']
+    params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                          is_leaf=lambda x: hasattr(x, 'value'))
+    if lora_head:  # Random B so that the head adapter matters.
+      head = dict(params['head'])
+      head['lora_b'] = 0.1 * jnp.ones_like(head['lora_b'])
+      params = {**params, 'head': head}
+    loss_fn = steps.make_loss_fn(model, with_aux=True)
+    results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        params, batch, jax.random.key(1)))
+    eval_metrics = jax.jit(steps.make_eval_step(model))(params, batch).compute()
+    results[-1] += (eval_metrics,)
+  (full, full_grads, full_eval), (chunked, chunked_grads, chunked_eval) = results
+  np.testing.assert_allclose(chunked[0], full[0], rtol=1e-5)
+  np.testing.assert_allclose(chunked[1][0], full[1][0], rtol=1e-5)  # The LM loss alone.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+               chunked_grads, full_grads)
+  for name in ('loss', 'accuracy'):
+    np.testing.assert_allclose(chunked_eval[name], full_eval[name], rtol=1e-5)
