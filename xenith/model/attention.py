@@ -16,6 +16,7 @@ import ml_collections
 from xenith.model import attention_pattern
 from xenith.model import blockwise_attention
 from xenith.model import fused_attention
+from xenith.model import kv_cache
 from xenith.model import layers
 from xenith.model import masks
 from xenith.model import rope
@@ -140,13 +141,16 @@ class Attention(nn.Module):
       x: jax.Array,
       segment_ids: jax.Array | None,
       positions: jax.Array,
+      cache_length: int = 0,
   ) -> jax.Array:
     """Self-attention over x: [batch, seq, embed] -> [batch, seq, embed].
 
     Args:
       x: [batch, seq, embed] normalized residual stream.
       segment_ids: [batch, seq] document ids (0 = padding), or None.
-      positions: [batch, seq] positions for RoPE.
+      positions: [batch, seq] positions for RoPE (absolute ones when decoding).
+      cache_length: > 0 decodes with the 'cache' collection (`kv_cache.py`): x are
+        the next tokens after the cached ones, rows in lockstep, one document each.
     """
     cfg = self.config
     q_shape = (cfg.num_heads, cfg.head_dim)
@@ -172,7 +176,12 @@ class Attention(nn.Module):
     query = rope.apply_rope(query, positions, inv_freq, rope_scale)
     key = rope.apply_rope(key, positions, inv_freq, rope_scale)
 
-    out = self._attend_groups(query, key, value, segment_ids)
+    if cache_length and not self.is_initializing():
+      out = self._attend_cached(query, key, value, positions[0], cache_length)
+    else:
+      if cache_length:  # Creating the cache: its buffers, then plain attention.
+        self._attend_cached(query, key, value, positions[0], cache_length)
+      out = self._attend_groups(query, key, value, segment_ids)
     out = nn.with_logical_constraint(out, q_names)  # [batch, seq, heads, head_dim]
     return layers.dense(
         cfg.embed_dim, ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
@@ -193,4 +202,40 @@ class Attention(nn.Module):
                key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end],
                segment_ids, window=g.window, num_global=num_global, block_size=block_size)
         for g in groups]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+  def _attend_cached(self, query, key, value, positions, cache_length):
+    """Attention of the new tokens to the layer's KV cache, which it then updates.
+
+    positions: [L] absolute positions of the new tokens (the same in every row).
+    """
+    cfg = self.config
+    groups = attention_pattern.layer_head_groups(cfg, self.layer, cache_length)
+    num_global = attention_pattern.num_global_tokens(cfg, self.layer)
+    q_per_kv = cfg.num_heads // cfg.num_kv_heads
+    batch, _, _, head_dim = key.shape
+    dtype = key.dtype
+    outs = []
+    for n, g in enumerate(groups):
+      window = g.window if g.window is not None and g.window < cache_length else None
+      globals_ = num_global if window is not None else 0
+      slots = kv_cache.num_slots(cache_length, window, globals_)
+      shape = (batch, slots, g.kv_end - g.kv_start, head_dim)
+      cached_key = self.variable('cache', f'key_{n}', jnp.zeros, shape, dtype)
+      cached_value = self.variable('cache', f'value_{n}', jnp.zeros, shape, dtype)
+      cached_positions = self.variable('cache', f'positions_{n}',
+                                       lambda s=slots: jnp.full((s,), -1, jnp.int32))
+      if self.is_initializing():
+        continue
+      k, v = key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end]
+      keys, values, mask = kv_cache.keys_and_mask(
+          k, v, positions, cached_key.value, cached_value.value, cached_positions.value,
+          window=window, num_global=globals_)
+      outs.append(dot_product_attention(
+          query[:, :, g.kv_start * q_per_kv:g.kv_end * q_per_kv], keys, values, mask))
+      cached_key.value, cached_value.value, cached_positions.value = kv_cache.write(
+          cached_key.value, cached_value.value, cached_positions.value, k, v, positions,
+          window=window, num_global=globals_)
+    if not outs:
+      return None
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)

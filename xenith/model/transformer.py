@@ -43,13 +43,14 @@ class DecoderBlock(nn.Module):
       segment_ids: jax.Array | None,
       positions: jax.Array,
       deterministic: bool,
+      cache_length: int = 0,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output."""
     cfg = self.config
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
     branch = norms.make_norm(cfg, 'attn_norm')(x)
     branch = attention.Attention(cfg, layer=self.layer, name='attn')(
-        branch, segment_ids, positions)
+        branch, segment_ids, positions, cache_length)
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
 
@@ -77,7 +78,7 @@ def _block_class(config: ml_collections.FrozenConfigDict) -> type[nn.Module]:
       # Inside scan the loop already stops XLA from merging the recomputation
       # into the forward pass; elsewhere it must be prevented explicitly.
       prevent_cse=not config.scan_layers,
-      static_argnums=(4,),  # `deterministic` (self is argument 0).
+      static_argnums=(4, 5),  # `deterministic`, `cache_length` (self is argument 0).
   )
 
 
@@ -103,6 +104,7 @@ class Decoder(nn.Module):
       deterministic: bool = True,
       return_moe_stats: bool = False,
       features_only: bool = False,
+      cache_length: int = 0,
   ) -> jax.Array | tuple[jax.Array, ...]:
     """Next-token logits.
 
@@ -119,6 +121,11 @@ class Decoder(nn.Module):
         final normalised states and head [embed, vocab] the output matrix (adapters
         and the tied head's scale folded in), both in the compute dtype, so that
         logits = hidden @ head. Needs built params (apply, not init).
+      cache_length: > 0 decodes incrementally with a KV cache of that many positions
+        (`kv_cache.init_cache(model, batch, cache_length)` builds it; apply with
+        mutable=['cache']): `inputs` are the tokens after those already cached (a
+        prompt, then one at a time), positions continue from the cache's counter,
+        and segment_ids / positions must be None (one document per row).
 
     Returns:
       logits: [batch, seq, vocab] float32 (or (hidden, head), see features_only);
@@ -128,6 +135,15 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = layers.compute_dtype(cfg)
     batch, seq_len = inputs.shape
+    if cache_length:
+      if segment_ids is not None or positions is not None:
+        raise ValueError('Decoding with a cache takes neither segment_ids nor positions '
+                         '(one document per row; positions come from the cache).')
+      index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+      positions = jnp.broadcast_to(index.value + jnp.arange(seq_len, dtype=jnp.int32),
+                                   (batch, seq_len))
+      if not self.is_initializing():
+        index.value = index.value + seq_len
     if positions is None:
       positions = jnp.broadcast_to(
           jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
@@ -143,14 +159,14 @@ class Decoder(nn.Module):
     def scan_stack(x, first_layer, length, use_moe, name):
       stack = nn.scan(
           block,
-          variable_axes={'params': 0},
+          variable_axes={'params': 0, 'cache': 0},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast,) * 4,
           length=length,
           metadata_params={nn.PARTITION_NAME: 'layers'},
       )
       return stack(cfg, use_moe=use_moe, layer=first_layer, name=name)(
-          x, segment_ids, positions, deterministic)
+          x, segment_ids, positions, deterministic, cache_length)
 
     if cfg.scan_layers and not moe.enabled(cfg):
       x, _ = scan_stack(x, 0, cfg.num_layers, False, 'layers')
@@ -170,7 +186,7 @@ class Decoder(nn.Module):
       for i in range(cfg.num_layers):
         x, stats = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i,
                          name=f'block_{i}')(
-            x, segment_ids, positions, deterministic)
+            x, segment_ids, positions, deterministic, cache_length)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
 
