@@ -130,6 +130,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.attention.window_reference_length = s['max_seq_len']  # T at which w holds.
   config.model.attention.min_window = 64  # Lower bound of a dynamic window.
   config.model.attention.max_window = 8192  # Upper bound of a dynamic window.
+  # Chunk-summary memory (xenith/model/memory.py); experiments/memory.py turns it on.
+  config.model.memory = ml_collections.ConfigDict()
+  config.model.memory.chunk_size = 0  # C: tokens per chunk; 0 = memory off.
+  config.model.memory.summary_tokens = 4  # S: learned queries (summaries) per chunk.
+  config.model.memory.summarizer_layers = 1  # Cross-attention + MLP layers of the summarizer.
+  config.model.memory.summarizer_heads = 4  # Heads of the summarizer's cross-attention.
+  config.model.memory.bank_size = 16  # M: summaries kept; then the least-used are evicted.
+  config.model.memory.layers = ()  # Layers whose attention also attends to the bank.
+  config.model.memory.tbptt_chunks = 2  # K: gradients reach back at most K chunks; 0 = all.
+  # Last tokens of the previous chunk whose keys/values the next chunk also sees; 0 = none.
+  config.model.memory.short_term_tokens = 0
+  config.model.memory.usage_decay = 0.9  # Bank usage = decay * usage + attention mass, per chunk.
   # Mixture-of-Experts (xenith/model/moe.py) in place of the MLP in some layers;
   # experiments/moe.py turns it on.
   config.model.moe = ml_collections.ConfigDict()
@@ -197,6 +209,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
   config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.
   config.data.cache_dir = ''  # Downloads, prepared datasets, tokenizers; '' = ~/.cache/xenith.
+
+  # Passkey retrieval (xenith/passkey.py): a number hidden at a random depth in filler
+  # text, asked for at the end; exact-match and per-digit accuracy per length.
+  config.passkey = ml_collections.ConfigDict()
+  config.passkey.lengths = ()  # Lengths in tokens, increasing, e.g. (1024, 2048); () = off.
+  config.passkey.num_examples = 8  # Examples per length.
+  config.passkey.every_steps = 0  # Run every this many steps and at the last; 0 = with eval.
+  config.passkey.seed = 0  # Seeds the passkeys and their depths (the same at every evaluation).
+  config.passkey.digits = 5  # Digits per passkey (exact-match chance 10**-digits).
+  config.passkey.batch_size = 1  # Examples per forward pass (rounded up to batch parallelism).
 
   # Device mesh: sizes of the axes; -1 fills the remaining devices (at most one -1).
   config.mesh = ml_collections.ConfigDict()

@@ -143,6 +143,49 @@ def _validate_attention(config) -> None:
                       "scan_layers=False or one pattern for all layers")
 
 
+def _validate_memory(config) -> None:
+  """`config.model.memory` (chunk-summary memory; chunk_size 0 = off)."""
+  if 'memory' not in config.model:
+    return
+  f = 'model.memory.'
+  m, mem = config.model, config.model.memory
+  _require(config, f + 'chunk_size', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (0 = memory off)')
+  if not mem.chunk_size:
+    return
+  if config.max_seq_len % mem.chunk_size:
+    raise ConfigError(f + 'chunk_size', f'{mem.chunk_size} must divide '
+                      f'config.max_seq_len={config.max_seq_len}')
+  _positive(config, f + 'summary_tokens', f + 'summarizer_layers', f + 'summarizer_heads',
+            f + 'bank_size')
+  if m.embed_dim % mem.summarizer_heads:
+    raise ConfigError(f + 'summarizer_heads', f'{mem.summarizer_heads} must divide '
+                      f'config.model.embed_dim={m.embed_dim}')
+  if mem.bank_size < mem.summary_tokens:
+    raise ConfigError(f + 'bank_size', f'{mem.bank_size} must be >= '
+                      f'config.{f}summary_tokens={mem.summary_tokens} (one chunk\'s summaries)')
+  layers_ = mem.layers
+  if (isinstance(layers_, (int, str)) or
+      any(not isinstance(i, int) or not 0 <= i < m.num_layers for i in layers_)):
+    raise ConfigError(f + 'layers', f'{layers_!r} must be a tuple of layer indices in '
+                      f'[0, num_layers={m.num_layers})')
+  if len(set(layers_)) != len(layers_):
+    raise ConfigError(f + 'layers', f'{tuple(layers_)!r} has duplicates')
+  _require(config, f + 'tbptt_chunks', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (0 = no truncation)')
+  _require(config, f + 'short_term_tokens',
+           lambda v: isinstance(v, int) and 0 <= v <= mem.chunk_size,
+           f'must be an int in [0, chunk_size={mem.chunk_size}]')
+  _require(config, f + 'usage_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
+  for field, bad in (('scan_layers', m.scan_layers), ('moe.num_experts', m.moe.num_experts)):
+    if bad:
+      raise ConfigError('model.' + field, f'{bad!r}: chunk-summary memory '
+                        f'(config.{f}chunk_size={mem.chunk_size}) needs it off')
+  if 'attention' in m and m.attention.window_sizes and m.attention.num_global_tokens:
+    raise ConfigError('model.attention.num_global_tokens', 'global tokens do not '
+                      'combine with chunk-summary memory; set it to 0')
+
+
 def _validate_moe(config) -> None:
   """`config.model.moe`, checked only when the model has experts."""
   if 'moe' not in config.model:
@@ -174,6 +217,26 @@ def _validate_moe(config) -> None:
   _require(config, f + 'capacity_factor', lambda v: v > 0, 'must be > 0')
   for field in ('load_balance_loss_weight', 'router_z_loss_weight'):
     _require(config, f + field, lambda v: v >= 0, 'must be >= 0')
+
+
+def _validate_passkey(config) -> None:
+  """`config.passkey` (lengths that fit the prompt are checked with the tokenizer)."""
+  if 'passkey' not in config:
+    return
+  f = 'passkey.'
+  lengths = config.passkey.lengths
+  if (isinstance(lengths, (int, str)) or
+      any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lengths)):
+    raise ConfigError(f + 'lengths', f'{lengths!r} must be a tuple of positive ints '
+                      '(() = no passkey evaluation)')
+  if any(a >= b for a, b in zip(lengths, lengths[1:])):
+    raise ConfigError(f + 'lengths', f'{tuple(lengths)!r} must be strictly increasing')
+  _positive(config, f + 'num_examples', f + 'batch_size')
+  _require(config, f + 'every_steps', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (0 = with each eval)')
+  _require(config, f + 'seed', lambda v: isinstance(v, int) and v >= 0, 'must be an int >= 0')
+  _require(config, f + 'digits', lambda v: isinstance(v, int) and 1 <= v <= 18,
+           'must be an int in [1, 18]')
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,
@@ -215,6 +278,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _validate_lora(config)
   _validate_moe(config)
   _validate_attention(config)
+  _validate_memory(config)
+  _validate_passkey(config)
 
   _one_of(config, 'data.source', DATA_SOURCES)
   if config.data.source == 'folder':

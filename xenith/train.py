@@ -22,6 +22,7 @@ from xenith import checkpointing
 from xenith import flops
 from xenith import metrics as metrics_lib
 from xenith import optimizer
+from xenith import passkey
 from xenith import sharding
 from xenith.checkpointing import Checkpointer
 from xenith.data import pipeline
@@ -73,6 +74,19 @@ def _evaluate(eval_step, params, datasets, num_batches, batch_sharding) -> dict[
           **metrics_lib.moe_scalars('eval', result['moe'])}
 
 
+def _passkey_evaluate(predict_step, params, eval_set, passkey_config, batch_sharding,
+                      row_multiple) -> dict[str, float]:
+  """Passkey retrieval scalars (`passkey.evaluate`); every process builds every row."""
+
+  def put(x):
+    return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
+
+  def predict(tokens, positions):
+    return jax.device_get(predict_step(params, put(tokens), put(positions)))
+
+  return passkey.evaluate(predict, eval_set, passkey_config.batch_size, row_multiple)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -85,6 +99,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   datasets = pipeline.create_datasets(
       config, process_index=jax.process_index(), process_count=jax.process_count())
   model = make_model(config.model)
+  passkey_config = config.get('passkey')
+  passkey_set = None  # {length: examples}, built now so a too-short length fails early.
+  if passkey_config is not None and passkey_config.lengths:
+    passkey_set = passkey.make_eval_set(
+        datasets.tokenizer, passkey_config.lengths, passkey_config.num_examples,
+        seed=passkey_config.seed, digits=passkey_config.digits)
+    passkey_every = passkey_config.every_steps or config.eval_every_steps
   tx = optimizer.create_optimizer(config)
   lr_schedule = optimizer.learning_rate_schedule(config)
   batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -101,6 +122,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_step = jax.jit(make_eval_step(model),
                         in_shardings=(state_shardings.params, batch_sharding),
                         out_shardings=replicated)
+    passkey_step = jax.jit(passkey.make_predict_fn(model),
+                           in_shardings=(state_shardings.params, batch_sharding,
+                                         batch_sharding),
+                           out_shardings=replicated)
+    passkey_rows = sharding.batch_parallelism(dict(mesh.shape), rules)
 
     train_iter = iter(datasets.train)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
@@ -139,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     peak_flops = flops.peak_flops(config.peak_flops_per_device)
     sigterm = _SigtermFlag()
     pending = None  # TrainMetrics accumulated since the last log.
-    train_summary, eval_summary = {}, {}
+    train_summary, eval_summary, passkey_summary = {}, {}, {}
     interval_start, interval_steps = None, 0
 
     def check_finite(step):
@@ -190,6 +216,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, eval_summary)
         interval_start += time.perf_counter() - eval_start  # Evaluation is not train time.
 
+      if passkey_set and (step % passkey_every == 0 or last_step):
+        jax.block_until_ready(state)
+        passkey_start = time.perf_counter()
+        with report_progress.timed('passkey', wait_jax_async_dispatch=False):
+          passkey_summary = _passkey_evaluate(passkey_step, state.params, passkey_set,
+                                              passkey_config, batch_sharding, passkey_rows)
+        writer.write_scalars(step, passkey_summary)
+        interval_start += time.perf_counter() - passkey_start  # Not train time either.
+
       if step % config.checkpoint_every_steps == 0 or last_step or sigterm.received:
         check_finite(step)
         checkpointer.save(step, state, train_iter)
@@ -199,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer.flush()
 
-  final = {'step': int(state.step), **train_summary, **eval_summary}
+  final = {'step': int(state.step), **train_summary, **eval_summary, **passkey_summary}
   if jax.process_index() == 0:
     with open(final_path, 'w') as f:
       json.dump(final, f, indent=2)
