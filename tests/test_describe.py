@@ -12,6 +12,7 @@ from experiments import default
 from experiments import xenith_beast
 from experiments import xenith_mini
 from xenith import describe
+from xenith import flops
 from xenith import optimizer
 from xenith import sharding
 from xenith.model.transformer import make_model
@@ -46,6 +47,25 @@ def test_seed_configs_match_hand_counts(module, devices):
   total, active = _hand_count(config)
   assert d['total_params'] == total
   assert d['active_params'] == pytest.approx(active)
+
+
+@pytest.mark.parametrize('module', [xenith_mini, xenith_beast])
+def test_train_mfu_flops_count_moe_layers_as_describe_does(module):
+  """`flops.train_flops_per_token` (train/mfu) counts k of E experts, like describe."""
+  config = module.get_config()
+  d = describe.describe(config, 8)
+  assert flops.train_flops_per_token(config.model, config.max_seq_len) == pytest.approx(
+      d['train_flops_per_token'], rel=1e-9)
+
+
+def test_attention_flops_count_windows():
+  model = default.get_config('size=tiny').model
+  full = flops.attention_flops_per_token(model, 1024)
+  assert full == 2 * 4 * model.num_heads * model.head_dim * 1024  # 2 layers, all keys.
+  model.attention.window_sizes = (128,)
+  model.attention.num_global_tokens = 64
+  model.attention.full_attention_layers = 1
+  assert flops.attention_flops_per_token(model, 1024) == pytest.approx(full * (1 + 192 / 1024) / 2)
 
 
 def test_xenith_mini_is_not_what_the_seed_claims():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from xenith import flops
 from xenith import sharding
 from xenith.model.transformer import make_model
 
@@ -63,18 +64,19 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
     total += size
     active += used
     is_lookup_only = 'embed' in path and 'embedding' in path and not m.tie_embeddings
-    if len(shape) >= 2 and not is_lookup_only:
+    # Norm scales are elementwise, even when a scan stacks them into [layers, embed].
+    if 'norm' not in names and len(shape) >= 2 and not is_lookup_only:
       matmul_active += used
     shard += _shard_elements(shape, names, mesh_sizes, rules)
 
   seq = config.max_seq_len
-  attention_per_token = m.num_layers * m.num_heads * m.head_dim * seq
+  attention_per_token = flops.attention_flops_per_token(m, seq)  # Forward.
   param_bytes = 4  # Params are float32 whatever the compute dtype.
   return {
       'total_params': total,
       'active_params': active,
-      'train_flops_per_token': 6 * matmul_active + 12 * attention_per_token,
-      'inference_flops_per_token': 2 * matmul_active + 4 * attention_per_token,
+      'train_flops_per_token': 6 * matmul_active + 3 * attention_per_token,
+      'inference_flops_per_token': 2 * matmul_active + attention_per_token,
       'params_gib': total * param_bytes / GIB,
       'optimizer_state_gib': 2 * total * param_bytes / GIB,  # AdamW mu and nu.
       'gradients_gib': total * param_bytes / GIB,

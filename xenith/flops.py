@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from xenith.model import attention_pattern
+from xenith.model import moe
+
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against `device_kind`.
 PEAK_FLOPS = (
     ('H200', 989e12),
@@ -18,23 +21,56 @@ PEAK_FLOPS = (
 )
 
 
-def matmul_params(model: ml_collections.ConfigDict) -> int:
-  """Parameters that take part in a matmul per token (the embedding lookup does not)."""
+def matmul_params(model: ml_collections.ConfigDict) -> float:
+  """Parameters that take part in a matmul per token (the embedding lookup does not).
+
+  A MoE layer counts its router, its shared experts and k of its E routed experts (the
+  ones a token uses), as `describe.py` does from the param tree.
+  """
   d, hd = model.embed_dim, model.head_dim
   attention = d * hd * (2 * model.num_heads + 2 * model.num_kv_heads)  # q, o, k, v.
-  mlp = 3 * d * model.mlp_dim  # SwiGLU: gate, up, down.
-  head = d * model.vocab_size  # Output projection (tied or not, it is a matmul).
-  return model.num_layers * (attention + mlp) + head
+  total = d * model.vocab_size  # Output projection (tied or not, it is a matmul).
+  for layer in range(model.num_layers):
+    if moe.is_moe_layer(model, layer):
+      cfg = model.moe
+      expert = 3 * d * moe.expert_mlp_dim(model)
+      mlp = (d * cfg.num_experts + cfg.num_experts_per_token * expert
+             + cfg.num_shared_experts * expert)
+    else:
+      mlp = 3 * d * model.mlp_dim  # SwiGLU: gate, up, down.
+    total += attention + mlp
+  return total
+
+
+def attention_keys_per_query(model: ml_collections.ConfigDict, layer: int,
+                             seq_len: int) -> float:
+  """Keys a query's scores are computed against, averaged over the layer's heads.
+
+  The full sequence for full attention (the whole score matrix, as the dense causal
+  kernel computes it); window + global tokens (at most seq_len) for windowed heads.
+  """
+  groups = attention_pattern.layer_head_groups(model, layer, seq_len)
+  num_global = attention_pattern.num_global_tokens(model, layer)
+  keys = [seq_len if g.window is None else min(seq_len, g.window + num_global)
+          for g in groups for _ in range(g.kv_start, g.kv_end)]
+  return sum(keys) / len(keys)
+
+
+def attention_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Forward FLOPs per token of the attention scores and their weighted sum (no params)."""
+  return sum(4 * model.num_heads * model.head_dim
+             * attention_keys_per_query(model, layer, seq_len)
+             for layer in range(model.num_layers))
 
 
 def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
-  """Training FLOPs per token: 6 per matmul parameter plus attention scores.
+  """Training FLOPs per token: 6 per matmul parameter plus 3x the attention scores.
 
-  PaLM's accounting (appendix B): 6N + 12 * layers * heads * head_dim * seq. It counts
-  the full score matrix, as the dense causal kernel computes it.
+  PaLM's accounting (appendix B): 6N + 12 * layers * heads * head_dim * keys per query,
+  with keys = seq for full attention (the full score matrix) and the window for
+  windowed heads.
   """
-  attention = 12 * model.num_layers * model.num_heads * model.head_dim * seq_len
-  return 6 * matmul_params(model) + attention
+  return 6 * matmul_params(model) + 3 * attention_flops_per_token(model, seq_len)
 
 
 def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, seconds: float = 1.0) -> float:
