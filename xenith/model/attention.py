@@ -19,6 +19,7 @@ from xenith.model import fused_attention
 from xenith.model import kv_cache
 from xenith.model import layers
 from xenith.model import masks
+from xenith.model import memory as memory_lib
 from xenith.model import rope
 
 IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
@@ -142,7 +143,8 @@ class Attention(nn.Module):
       segment_ids: jax.Array | None,
       positions: jax.Array,
       cache_length: int = 0,
-  ) -> jax.Array:
+      memory_inputs: dict | None = None,
+  ) -> jax.Array | tuple[jax.Array, dict]:
     """Self-attention over x: [batch, seq, embed] -> [batch, seq, embed].
 
     Args:
@@ -151,16 +153,25 @@ class Attention(nn.Module):
       positions: [batch, seq] positions for RoPE (absolute ones when decoding).
       cache_length: > 0 decodes with the 'cache' collection (`kv_cache.py`): x are
         the next tokens after the cached ones, rows in lockstep, one document each.
+      memory_inputs: chunk-summary memory mode (`memory.py`): x is one chunk, which
+        attends to itself, to the short-term keys/values and, if the dict has
+        'summaries', to the bank. Keys: 'stream_positions', 'segments' [batch, C];
+        'short_keys', 'short_values' [batch, R, kv_heads, head_dim], 'short_positions',
+        'short_segments' [batch, R]; optional 'summaries' [batch, M, embed], 'valid'
+        [batch, M]. Returns (out, {'keys', 'values': this chunk's keys (with RoPE) and
+        values, 'mass': [batch, M] attention mass per summary or None}).
     """
     cfg = self.config
     q_shape = (cfg.num_heads, cfg.head_dim)
     kv_shape = (cfg.num_kv_heads, cfg.head_dim)
     query = layers.dense(
         q_shape, ('embed', 'heads', 'head_dim'), cfg, name='query')(x)
-    key = layers.dense(
-        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='key')(x)
-    value = layers.dense(
-        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='value')(x)
+    key_proj = layers.dense(
+        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='key')
+    value_proj = layers.dense(
+        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='value')
+    key = key_proj(x)
+    value = value_proj(x)
 
     q_names = ('activation_batch', 'activation_length', 'activation_heads', None)
     kv_names = (
@@ -173,19 +184,64 @@ class Attention(nn.Module):
     # carry its attention factor; without it the factor is 1.
     inv_freq = rope.inv_frequencies(cfg)
     rope_scale = rope.attention_factor(cfg)
+    plain_query = query
     query = rope.apply_rope(query, positions, inv_freq, rope_scale)
     key = rope.apply_rope(key, positions, inv_freq, rope_scale)
 
-    if cache_length and not self.is_initializing():
+    aux = None
+    if memory_inputs is not None:
+      out, aux = self._attend_memory(query, key, value, plain_query, memory_inputs,
+                                     key_proj, value_proj)
+    elif cache_length and not self.is_initializing():
       out = self._attend_cached(query, key, value, positions[0], cache_length)
     else:
       if cache_length:  # Creating the cache: its buffers, then plain attention.
         self._attend_cached(query, key, value, positions[0], cache_length)
       out = self._attend_groups(query, key, value, segment_ids)
     out = nn.with_logical_constraint(out, q_names)  # [batch, seq, heads, head_dim]
-    return layers.dense(
+    out = layers.dense(
         cfg.embed_dim, ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
         name='out')(out)
+    return out if aux is None else (out, aux)
+
+  def _attend_memory(self, query, key, value, plain_query, inputs, key_proj, value_proj):
+    """One chunk's attention to [bank summaries], short-term keys and itself (dense).
+
+    Memory keys/values are the bank's summaries through this layer's own key and value
+    projections, without RoPE; they are scored against the queries without RoPE (as if
+    each summary sat at the query's own position). Local and short-term keys are masked
+    by stream position (causal, the KV-head group's window) and document.
+    """
+    cfg = self.config
+    chunk = query.shape[1]
+    groups = attention_pattern.layer_head_groups(cfg, self.layer, chunk)
+    q_per_kv = cfg.num_heads // cfg.num_kv_heads
+    keys = jnp.concatenate([inputs['short_keys'].astype(key.dtype), key], axis=1)
+    values = jnp.concatenate([inputs['short_values'].astype(value.dtype), value], axis=1)
+    k_pos = jnp.concatenate([inputs['short_positions'], inputs['stream_positions']], axis=1)
+    k_seg = jnp.concatenate([inputs['short_segments'], inputs['segments']], axis=1)
+    q_pos, q_seg = inputs['stream_positions'], inputs['segments']
+    summaries = inputs.get('summaries')
+    mem_key = mem_value = None
+    if summaries is not None:
+      summaries = summaries.astype(layers.compute_dtype(cfg))
+      mem_key, mem_value = key_proj(summaries), value_proj(summaries)
+    outs, mass = [], None
+    for g in groups:
+      window = g.window if g.window is not None and g.window < 2 * chunk else None
+      mask = memory_lib.local_mask(q_pos, k_pos, q_seg, k_seg, window)[:, None]
+      hs = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv)
+      ks = slice(g.kv_start, g.kv_end)
+      out, m = memory_lib.attention_with_memory(
+          query[:, :, hs], keys[:, :, ks], values[:, :, ks], mask, plain_query[:, :, hs],
+          None if mem_key is None else mem_key[:, :, ks],
+          None if mem_value is None else mem_value[:, :, ks], inputs.get('valid'))
+      outs.append(out)
+      if m is not None:  # Mean over heads: weight each group by its share of heads.
+        share = (g.kv_end - g.kv_start) / cfg.num_kv_heads
+        mass = m * share if mass is None else mass + m * share
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out, {'keys': key, 'values': value, 'mass': mass}
 
   def _attend_groups(self, query, key, value, segment_ids):
     """The layer's pattern: one kernel call per KV-head group sharing a window."""

@@ -11,6 +11,7 @@ from xenith.model import attention
 from xenith.model import embed as embed_lib
 from xenith.model import layers
 from xenith.model import lora
+from xenith.model import memory as memory_lib
 from xenith.model import mlp
 from xenith.model import moe
 from xenith.model import norms
@@ -44,13 +45,20 @@ class DecoderBlock(nn.Module):
       positions: jax.Array,
       deterministic: bool,
       cache_length: int = 0,
+      memory_inputs: dict | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output."""
+    """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output.
+
+    With `memory_inputs` (memory mode, see `attention.Attention`) the second element
+    is the attention's memory outputs instead (memory mode has no MoE).
+    """
     cfg = self.config
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
     branch = norms.make_norm(cfg, 'attn_norm')(x)
     branch = attention.Attention(cfg, layer=self.layer, name='attn')(
-        branch, segment_ids, positions, cache_length)
+        branch, segment_ids, positions, cache_length, memory_inputs)
+    if memory_inputs is not None:
+      branch, memory_out = branch
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
 
@@ -61,6 +69,8 @@ class DecoderBlock(nn.Module):
       branch, stats = mlp.Mlp(cfg, name='mlp')(branch), None
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
+    if memory_inputs is not None:
+      stats = memory_out
     return nn.with_logical_constraint(x, _EMBED_NAMES), stats
 
 
@@ -105,6 +115,8 @@ class Decoder(nn.Module):
       return_moe_stats: bool = False,
       features_only: bool = False,
       cache_length: int = 0,
+      memory: dict | None = None,
+      return_memory: bool = False,
   ) -> jax.Array | tuple[jax.Array, ...]:
     """Next-token logits.
 
@@ -126,15 +138,28 @@ class Decoder(nn.Module):
         mutable=['cache']): `inputs` are the tokens after those already cached (a
         prompt, then one at a time), positions continue from the cache's counter,
         and segment_ids / positions must be None (one document per row).
+      memory: with chunk-summary memory on (`config.memory.chunk_size` > 0,
+        `memory.py`): the state a previous call returned (or `memory.load_bank`
+        read); None = an empty bank and short-term memory at stream position 0.
+        seq must be a multiple of the chunk size; positions default to the stream
+        positions (continuing from the state's).
+      return_memory: also return the memory state after the last chunk (memory on).
 
     Returns:
       logits: [batch, seq, vocab] float32 (or (hidden, head), see features_only);
-      with `return_moe_stats` also {'layer_<i>': stats of MoE layer i} (see
-      `moe.MoeBlock`; {} if dense), as the last element of a tuple.
+      with `return_memory` also the new memory state, then with `return_moe_stats`
+      {'layer_<i>': stats of MoE layer i} (see `moe.MoeBlock`; {} if dense), as the
+      last elements of a tuple.
     """
     cfg = self.config
     dtype = layers.compute_dtype(cfg)
     batch, seq_len = inputs.shape
+    if memory_lib.enabled(cfg):
+      return self._memory_forward(inputs, segment_ids, positions, deterministic,
+                                  return_moe_stats, features_only, cache_length, memory,
+                                  return_memory)
+    if memory is not None or return_memory:
+      raise ValueError('memory / return_memory need config.memory.chunk_size > 0.')
     if cache_length:
       if segment_ids is not None or positions is not None:
         raise ValueError('Decoding with a cache takes neither segment_ids nor positions '
@@ -190,6 +215,92 @@ class Decoder(nn.Module):
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
 
+    outputs = self._head(x, embed, features_only)
+    if return_moe_stats:
+      outputs += (moe_stats,)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+  def _memory_forward(self, inputs, segment_ids, positions, deterministic,
+                      return_moe_stats, features_only, cache_length, state, return_memory):
+    """Memory mode (`memory.py`): the chunks in order, each reading and writing memory.
+
+    A Python loop over the seq / chunk_size chunks; every chunk runs the same blocks
+    (shared params, names as without memory) on its tokens with the short-term keys /
+    values and (in memory layers) the bank, then the summarizer writes the chunk's
+    summaries. Every `tbptt_chunks` chunks the carried state gets a stop_gradient.
+    """
+    cfg = self.config
+    mem = cfg.memory
+    dtype = layers.compute_dtype(cfg)
+    batch, seq_len = inputs.shape
+    chunk = mem.chunk_size
+    if cache_length or cfg.scan_layers or moe.enabled(cfg):
+      raise ValueError('Chunk-summary memory does not combine with cache_length, '
+                       'scan_layers or MoE.')
+    if seq_len % chunk:
+      raise ValueError(f'Input length {seq_len} is not a multiple of '
+                       f'config.memory.chunk_size={chunk}.')
+    if state is None:
+      state = memory_lib.init_state(cfg, batch)
+    else:
+      memory_lib.check_state(cfg, state, batch)
+    embed = embed_lib.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name='embed')
+    x_all = nn.with_logical_constraint(embed(inputs), _EMBED_NAMES)
+    block = _block_class(cfg)
+    blocks = [block(cfg, use_moe=False, layer=i, name=f'block_{i}')
+              for i in range(cfg.num_layers)]
+    summarizer = memory_lib.Summarizer(cfg, name='summarizer')
+    stream = jnp.broadcast_to(state['position'] + jnp.arange(seq_len, dtype=jnp.int32),
+                              (batch, seq_len))
+    if positions is None:
+      positions = stream
+    segments = (jnp.ones((batch, seq_len), jnp.int32) if segment_ids is None
+                else segment_ids.astype(jnp.int32))
+    keep = mem.short_term_tokens
+    hidden = []
+    for c in range(seq_len // chunk):
+      part = slice(c * chunk, (c + 1) * chunk)
+      x, stream_c, segments_c = x_all[:, part], stream[:, part], segments[:, part]
+      mass = jnp.zeros(state['usage'].shape, jnp.float32)
+      short_keys, short_values = [], []
+      for i, blk in enumerate(blocks):
+        memory_inputs = {
+            'stream_positions': stream_c, 'segments': segments_c,
+            'short_keys': state['short_keys'][i], 'short_values': state['short_values'][i],
+            'short_positions': state['short_positions'],
+            'short_segments': state['short_segments']}
+        if memory_lib.is_memory_layer(cfg, i):
+          memory_inputs['summaries'] = state['summaries']
+          memory_inputs['valid'] = state['valid']
+        x, out = blk(x, None if segment_ids is None else segment_ids[:, part],
+                     positions[:, part], deterministic, 0, memory_inputs)
+        if out['mass'] is not None:
+          mass = mass + out['mass']
+        short_keys.append(out['keys'][:, chunk - keep:].astype(jnp.float32))
+        short_values.append(out['values'][:, chunk - keep:].astype(jnp.float32))
+      hidden.append(x)
+      new = memory_lib.add_usage(state, mass, mem.usage_decay)
+      new = memory_lib.write(new, summarizer(x, segments_c).astype(jnp.float32))
+      new['short_keys'] = jnp.stack(short_keys)
+      new['short_values'] = jnp.stack(short_values)
+      new['short_positions'] = stream_c[:, chunk - keep:]
+      new['short_segments'] = segments_c[:, chunk - keep:]
+      new['position'] = state['position'] + chunk
+      if mem.tbptt_chunks and (c + 1) % mem.tbptt_chunks == 0:
+        new = jax.lax.stop_gradient(new)
+      state = new
+    x = jnp.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
+    outputs = self._head(x, embed, features_only)
+    if return_memory:
+      outputs += (state,)
+    if return_moe_stats:
+      outputs += ({},)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+  def _head(self, x, embed, features_only):
+    """Final norm and output head: (logits,) or (hidden, head) (see `__call__`)."""
+    cfg = self.config
+    dtype = layers.compute_dtype(cfg)
     x = norms.make_norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:
       # The table is unit scale (see `Embed`); 1/sqrt(embed) brings logits back to it.
@@ -208,9 +319,7 @@ class Decoder(nn.Module):
       # logits: [batch, seq, vocab] float32
       outputs = (nn.with_logical_constraint(
           logits, ('activation_batch', 'activation_length', 'activation_vocab')),)
-    if return_moe_stats:
-      outputs += (moe_stats,)
-    return outputs[0] if len(outputs) == 1 else outputs
+    return outputs
 
 
 def make_model(model_config: ml_collections.ConfigDict) -> Decoder:

@@ -1,0 +1,243 @@
+"""Tests of chunk-summary memory (xenith/model/memory.py and the Decoder's memory mode).
+
+Tiny models (2 layers, embed 64, chunks of 8 tokens); applies are jitted once per config.
+"""
+
+import functools
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from experiments import default
+from experiments import memory as memory_experiment
+from xenith import config_validation
+from xenith import model
+from xenith import steps
+from xenith.model import memory
+from xenith.train_state import TrainState
+
+VOCAB = 128
+CHUNK = 8
+
+
+def _config(memory_overrides=(), **overrides) -> ml_collections.ConfigDict:
+  cfg = default.get_config('size=tiny').model
+  cfg.vocab_size = VOCAB
+  cfg.attention.implementation = 'dense'
+  for field, value in overrides.items():
+    setattr(cfg, field, value)
+  mem = dict(chunk_size=CHUNK, summary_tokens=2, summarizer_heads=4, bank_size=4,
+             layers=(0, 1), tbptt_chunks=0, short_term_tokens=0)
+  mem.update(dict(memory_overrides))
+  cfg.memory.update(mem)
+  return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _built(memory_overrides=(), overrides=()):
+  overrides = dict(overrides)
+  windows = overrides.pop('window_sizes', ())
+  cfg = _config(memory_overrides, **overrides)
+  cfg.attention.window_sizes = windows
+  decoder = model.make_model(cfg)
+  params = nn.unbox(jax.jit(decoder.init)(jax.random.key(0),
+                                          jnp.zeros((2, 2 * CHUNK), jnp.int32)))['params']
+  apply = jax.jit(functools.partial(decoder.apply, return_memory=True))
+  return decoder, params, apply
+
+
+def _tokens(seed, length, batch=2, low=0, high=VOCAB):
+  return jax.random.randint(jax.random.key(seed), (batch, length), low, high)
+
+
+def _bank(valid, usage, age, m=4, embed=3):
+  batch = len(valid)
+  return {'summaries': jnp.zeros((batch, m, embed)), 'valid': jnp.array(valid),
+          'usage': jnp.array(usage, jnp.float32), 'age': jnp.array(age, jnp.int32)}
+
+
+def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
+  bank = _bank([[True, False, True, False]], [[5.0, 0.0, 1.0, 0.0]], [[3, 0, 1, 0]])
+  new = jnp.ones((1, 2, 3)) * jnp.array([1.0, 2.0])[None, :, None]
+  out = memory.write(bank, new)
+  np.testing.assert_array_equal(out['valid'], [[True] * 4])
+  np.testing.assert_array_equal(out['summaries'][0, :, 0], [0, 1, 0, 2])  # Free 1 and 3.
+  np.testing.assert_array_equal(out['age'], [[4, 0, 2, 0]])
+  np.testing.assert_array_equal(out['usage'], [[5, 0, 1, 0]])
+  # Full: the least-used (slot 2: 1.0) goes, then the tie at 3.0 goes to the oldest (3).
+  bank = _bank([[True] * 4], [[5.0, 3.0, 1.0, 3.0]], [[9, 2, 1, 4]])
+  out = memory.write(bank, new)
+  np.testing.assert_array_equal(out['summaries'][0, :, 0], [0, 0, 1, 2])
+  np.testing.assert_array_equal(out['age'], [[10, 3, 0, 0]])
+  np.testing.assert_array_equal(out['usage'], [[5, 3, 0, 0]])
+
+
+def test_usage_accumulates_with_decay_on_valid_slots():
+  bank = _bank([[True, True, False, False]], [[1.0, 2.0, 0.0, 0.0]], [[0] * 4])
+  out = memory.add_usage(bank, jnp.array([[0.5, 0.0, 7.0, 0.0]]), 0.5)
+  np.testing.assert_allclose(out['usage'], [[1.0, 1.0, 0.0, 0.0]])
+  out = memory.add_usage(out, jnp.array([[1.0, 1.0, 0.0, 0.0]]), 1.0)  # decay 1 = sum
+  np.testing.assert_allclose(out['usage'], [[2.0, 2.0, 0.0, 0.0]])
+
+
+def test_memory_off_is_the_old_model():
+  off = _config((('chunk_size', 0),))
+  old = _config()
+  del old['memory']
+  tokens = _tokens(0, 16)
+  outs = []
+  for cfg in (off, old):
+    decoder = model.make_model(cfg)
+    variables = nn.unbox(decoder.init(jax.random.key(0), tokens))
+    outs.append((variables, decoder.apply(variables, tokens)))
+  assert (jax.tree_util.tree_structure(outs[0][0])
+          == jax.tree_util.tree_structure(outs[1][0]))
+  assert 'summarizer' not in outs[0][0]['params']
+  np.testing.assert_array_equal(outs[0][1], outs[1][1])
+  with pytest.raises(ValueError, match='chunk_size'):
+    model.make_model(off).apply(outs[0][0], tokens, return_memory=True)
+
+
+def test_first_chunk_equals_the_plain_model_on_that_chunk():
+  _, params, apply = _built((('short_term_tokens', 3),))
+  plain = model.make_model(_config((('chunk_size', 0),)))
+  shared = {k: v for k, v in params.items() if k != 'summarizer'}
+  tokens = _tokens(1, 3 * CHUNK)
+  logits, state = apply({'params': params}, tokens)
+  first = plain.apply({'params': shared}, tokens[:, :CHUNK])
+  np.testing.assert_allclose(logits[:, :CHUNK], first, atol=1e-5, rtol=1e-5)
+  assert logits.shape == (2, 3 * CHUNK, VOCAB)
+  assert int(state['position']) == 3 * CHUNK
+  assert bool(state['valid'].all())  # 3 chunks x 2 summaries > 4 slots.
+
+
+def test_a_later_chunk_never_changes_an_earlier_one():
+  _, params, apply = _built((('short_term_tokens', 3),))
+  tokens = _tokens(2, 3 * CHUNK)
+  changed = tokens.at[:, CHUNK + 2].set((tokens[:, CHUNK + 2] + 1) % VOCAB)
+  a, _ = apply({'params': params}, tokens)
+  b, _ = apply({'params': params}, changed)
+  np.testing.assert_array_equal(a[:, :CHUNK + 2], b[:, :CHUNK + 2])
+  assert not np.allclose(a[:, CHUNK + 2:], b[:, CHUNK + 2:])
+
+
+def test_the_bank_carries_chunk_one_into_chunk_three():
+  tokens = _tokens(3, 3 * CHUNK)
+  changed = tokens.at[:, 1].set((tokens[:, 1] + 1) % VOCAB)
+  third = slice(2 * CHUNK, 3 * CHUNK)
+  _, params, apply = _built()  # short_term_tokens 0, full attention within chunks.
+  a, _ = apply({'params': params}, tokens)
+  b, _ = apply({'params': params}, changed)
+  assert np.abs(a[:, third] - b[:, third]).max() > 1e-4
+  # No memory layers: nothing reaches across chunks (bank written, never read).
+  _, params, apply = _built((('layers', ()),))
+  a, _ = apply({'params': params}, tokens)
+  b, _ = apply({'params': params}, changed)
+  np.testing.assert_array_equal(a[:, CHUNK:], b[:, CHUNK:])
+
+
+@pytest.mark.parametrize('windows', [(), (6, 12)])
+def test_two_calls_through_save_and_load_equal_one_call(windows, tmp_path):
+  decoder, params, apply = _built((('short_term_tokens', 3), ('layers', (1,))),
+                                  (('window_sizes', windows),))
+  tokens = _tokens(4, 4 * CHUNK)
+  whole, whole_state = apply({'params': params}, tokens)
+  first, state = apply({'params': params}, tokens[:, :2 * CHUNK])
+  path = str(tmp_path / 'bank.npz')
+  memory.save_bank(path, state)
+  loaded = memory.load_bank(path, like=memory.init_state(decoder.config, 2))
+  second, end_state = jax.jit(functools.partial(decoder.apply, return_memory=True))(
+      {'params': params}, tokens[:, 2 * CHUNK:], memory=loaded)
+  np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), whole,
+                             atol=1e-5, rtol=1e-5)
+  for k in whole_state:
+    np.testing.assert_allclose(end_state[k], whole_state[k], atol=1e-5, rtol=1e-5)
+
+
+def test_load_bank_rejects_another_shape(tmp_path):
+  cfg = ml_collections.FrozenConfigDict(_config())
+  path = str(tmp_path / 'bank.npz')
+  memory.save_bank(path, memory.init_state(cfg, 2))
+  with pytest.raises(ValueError, match='summaries'):
+    memory.load_bank(path, like=memory.init_state(_config(memory_overrides=(('bank_size', 6),)), 2))
+  with pytest.raises(ValueError, match='batch=3'):
+    model.make_model(_config()).apply(
+        {'params': _built()[1]}, _tokens(0, CHUNK, batch=3), memory=memory.load_bank(path))
+
+
+def test_gradients_reach_the_summarizer_and_stop_after_tbptt_chunks():
+  cfg = _config((('tbptt_chunks', 2), ('short_term_tokens', 2)), tie_embeddings=False)
+  decoder = model.make_model(cfg)
+  # Chunk 1 uses tokens 0..9 only; the later chunks 64..127.
+  tokens = jnp.concatenate([_tokens(5, CHUNK, high=10), _tokens(6, 2 * CHUNK, low=64)], 1)
+  params = nn.unbox(decoder.init(jax.random.key(0), tokens))['params']
+
+  def chunk_loss(params, c):
+    logits = decoder.apply({'params': params}, tokens)
+    return jax.nn.logsumexp(logits[:, c * CHUNK:(c + 1) * CHUNK], -1).sum()
+
+  grad = jax.jit(jax.grad(chunk_loss), static_argnums=1)
+  within, beyond = grad(params, 1), grad(params, 2)  # Chunks 2 (<= K) and 3 (K + 1).
+  rows = slice(0, 10)
+  assert np.abs(within['embed']['embedding'][rows]).max() > 0
+  assert np.abs(within['summarizer']['queries']).max() > 0
+  np.testing.assert_array_equal(beyond['embed']['embedding'][rows], 0)
+
+
+def _full_config(**memory_fields):
+  config = default.get_config('size=tiny')
+  config.model.memory.update(dict(chunk_size=16, layers=(1,), summary_tokens=2,
+                                  bank_size=4))
+  config.model.memory.update(memory_fields)
+  return config
+
+
+@pytest.mark.parametrize('fields, bad', [
+    (dict(chunk_size=24), 'chunk_size'),
+    (dict(layers=(2,)), 'layers'),
+    (dict(layers=(-1,)), 'layers'),
+    (dict(bank_size=1), 'bank_size'),
+    (dict(short_term_tokens=17), 'short_term_tokens'),
+    (dict(summarizer_heads=3), 'summarizer_heads'),
+    (dict(tbptt_chunks=-1), 'tbptt_chunks'),
+    (dict(usage_decay=1.5), 'usage_decay'),
+])
+def test_config_validation_rejects_bad_memory_fields(fields, bad):
+  with pytest.raises(config_validation.ConfigError, match=bad):
+    config_validation.validate(_full_config(**fields), num_devices=1)
+
+
+def test_config_validation_accepts_memory_and_rejects_scan_layers():
+  config_validation.validate(_full_config(), num_devices=1)
+  config_validation.validate(memory_experiment.get_config('size=tiny'), num_devices=1)
+  config = _full_config()
+  config.model.scan_layers = True
+  with pytest.raises(config_validation.ConfigError, match='scan_layers'):
+    config_validation.validate(config, num_devices=1)
+
+
+def test_train_steps_with_memory():
+  config = memory_experiment.get_config('size=tiny')
+  config.model.vocab_size = VOCAB
+  decoder = model.make_model(config.model)
+  tx = optax.adamw(1e-3)
+  seq = config.max_seq_len
+  params = nn.unbox(decoder.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32)))['params']
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params))
+  step = jax.jit(steps.make_train_step(decoder, tx, skip_nonfinite=False))
+  batch = {'inputs': _tokens(7, seq), 'segment_ids': jnp.ones((2, seq), jnp.int32),
+           'positions': jnp.broadcast_to(jnp.arange(seq), (2, seq))}
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics.compute()['loss']))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  summarizer_delta = jax.tree.map(lambda a, b: jnp.abs(a - b).max(),
+                                  state.params['summarizer'], params['summarizer'])
+  assert max(jax.tree.leaves(summarizer_delta)) > 0
