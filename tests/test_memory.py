@@ -241,3 +241,16 @@ def test_train_steps_with_memory():
   summarizer_delta = jax.tree.map(lambda a, b: jnp.abs(a - b).max(),
                                   state.params['summarizer'], params['summarizer'])
   assert max(jax.tree.leaves(summarizer_delta)) > 0
+
+
+def test_remat_gives_the_same_logits_and_dropout_runs():
+  _, params, apply = _built((('short_term_tokens', 2),))
+  tokens = _tokens(8, 2 * CHUNK)
+  expected, _ = apply({'params': params}, tokens)
+  remat = model.make_model(_config((('short_term_tokens', 2),), remat='full',
+                                   dropout_rate=0.1))
+  logits = jax.jit(remat.apply)({'params': params}, tokens)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+  train = jax.jit(lambda p, t: remat.apply({'params': p}, t, deterministic=False,
+                                           rngs={'dropout': jax.random.key(3)}))
+  assert bool(jnp.isfinite(train(params, tokens)).all())

@@ -224,10 +224,11 @@ class Decoder(nn.Module):
                       return_moe_stats, features_only, cache_length, state, return_memory):
     """Memory mode (`memory.py`): the chunks in order, each reading and writing memory.
 
-    A Python loop over the seq / chunk_size chunks; every chunk runs the same blocks
-    (shared params, names as without memory) on its tokens with the short-term keys /
-    values and (in memory layers) the bank, then the summarizer writes the chunk's
-    summaries. Every `tbptt_chunks` chunks the carried state gets a stop_gradient.
+    `nn.scan` over the seq / chunk_size chunks (params broadcast: every chunk runs the
+    same blocks, named as without memory) on each chunk's tokens with the short-term
+    keys / values and (in memory layers) the bank, then the summarizer writes the
+    chunk's summaries. After every `tbptt_chunks`-th chunk the carried state gets a
+    stop_gradient.
     """
     cfg = self.config
     mem = cfg.memory
@@ -247,9 +248,6 @@ class Decoder(nn.Module):
     embed = embed_lib.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name='embed')
     x_all = nn.with_logical_constraint(embed(inputs), _EMBED_NAMES)
     block = _block_class(cfg)
-    blocks = [block(cfg, use_moe=False, layer=i, name=f'block_{i}')
-              for i in range(cfg.num_layers)]
-    summarizer = memory_lib.Summarizer(cfg, name='summarizer')
     stream = jnp.broadcast_to(state['position'] + jnp.arange(seq_len, dtype=jnp.int32),
                               (batch, seq_len))
     if positions is None:
@@ -257,10 +255,16 @@ class Decoder(nn.Module):
     segments = (jnp.ones((batch, seq_len), jnp.int32) if segment_ids is None
                 else segment_ids.astype(jnp.int32))
     keep = mem.short_term_tokens
-    hidden = []
-    for c in range(seq_len // chunk):
-      part = slice(c * chunk, (c + 1) * chunk)
-      x, stream_c, segments_c = x_all[:, part], stream[:, part], segments[:, part]
+    num_chunks = seq_len // chunk
+
+    def chunk_step(module, state, chunk_inputs):
+      """One chunk: the blocks with memory, then the bank update; (state, hidden)."""
+      # Created in the scan's scope (a remat block closed over from outside would leak
+      # tracers); the names are those of the plain model's blocks.
+      blocks = [block(cfg, use_moe=False, layer=i, name=f'block_{i}', parent=module)
+                for i in range(cfg.num_layers)]
+      summarizer = memory_lib.Summarizer(cfg, name='summarizer', parent=module)
+      index, x, stream_c, positions_c, segments_c = chunk_inputs
       mass = jnp.zeros(state['usage'].shape, jnp.float32)
       short_keys, short_values = [], []
       for i, blk in enumerate(blocks):
@@ -272,13 +276,12 @@ class Decoder(nn.Module):
         if memory_lib.is_memory_layer(cfg, i):
           memory_inputs['summaries'] = state['summaries']
           memory_inputs['valid'] = state['valid']
-        x, out = blk(x, None if segment_ids is None else segment_ids[:, part],
-                     positions[:, part], deterministic, 0, memory_inputs)
+        x, out = blk(x, None if segment_ids is None else segments_c, positions_c,
+                     deterministic, 0, memory_inputs)
         if out['mass'] is not None:
           mass = mass + out['mass']
         short_keys.append(out['keys'][:, chunk - keep:].astype(jnp.float32))
         short_values.append(out['values'][:, chunk - keep:].astype(jnp.float32))
-      hidden.append(x)
       new = memory_lib.add_usage(state, mass, mem.usage_decay)
       new = memory_lib.write(new, summarizer(x, segments_c).astype(jnp.float32))
       new['short_keys'] = jnp.stack(short_keys)
@@ -286,10 +289,21 @@ class Decoder(nn.Module):
       new['short_positions'] = stream_c[:, chunk - keep:]
       new['short_segments'] = segments_c[:, chunk - keep:]
       new['position'] = state['position'] + chunk
-      if mem.tbptt_chunks and (c + 1) % mem.tbptt_chunks == 0:
-        new = jax.lax.stop_gradient(new)
-      state = new
-    x = jnp.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
+      if mem.tbptt_chunks:  # Truncate after every K-th chunk of this call.
+        cut = (index + 1) % mem.tbptt_chunks == 0
+        new = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), new)
+      return new, x
+
+    def by_chunk(a):  # [batch, seq, ...] -> [chunks, batch, chunk, ...]
+      a = a.reshape((batch, num_chunks, chunk) + a.shape[2:])
+      return jnp.swapaxes(a, 0, 1)
+
+    scan = nn.scan(chunk_step, variable_broadcast='params',
+                   split_rngs={'params': False, 'dropout': True}, length=num_chunks)
+    state, hidden = scan(self, state, (jnp.arange(num_chunks), by_chunk(x_all),
+                                       by_chunk(stream), by_chunk(positions),
+                                       by_chunk(segments)))
+    x = jnp.swapaxes(hidden, 0, 1).reshape((batch, seq_len) + hidden.shape[3:])
     outputs = self._head(x, embed, features_only)
     if return_memory:
       outputs += (state,)
