@@ -214,6 +214,10 @@ def test_config_validation_rejects_bad_memory_fields(fields, bad):
 
 def test_config_validation_accepts_memory_and_rejects_scan_layers():
   config_validation.validate(_full_config(), num_devices=1)
+  config = _full_config()
+  config.passkey.lengths = (64, 100)
+  with pytest.raises(config_validation.ConfigError, match='passkey.lengths'):
+    config_validation.validate(config, num_devices=1)
   config_validation.validate(memory_experiment.get_config('size=tiny'), num_devices=1)
   config = _full_config()
   config.model.scan_layers = True

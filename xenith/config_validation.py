@@ -184,6 +184,11 @@ def _validate_memory(config) -> None:
   if 'attention' in m and m.attention.window_sizes and m.attention.num_global_tokens:
     raise ConfigError('model.attention.num_global_tokens', 'global tokens do not '
                       'combine with chunk-summary memory; set it to 0')
+  lengths = config.passkey.lengths if 'passkey' in config else ()
+  if not isinstance(lengths, (int, str)) and any(
+      isinstance(n, int) and n % mem.chunk_size for n in lengths):
+    raise ConfigError('passkey.lengths', f'{tuple(lengths)!r} must be multiples of '
+                      f'config.{f}chunk_size={mem.chunk_size} (the model reads whole chunks)')
 
 
 def _validate_moe(config) -> None:
