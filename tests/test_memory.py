@@ -114,6 +114,9 @@ def test_first_chunk_equals_the_plain_model_on_that_chunk():
   assert logits.shape == (2, 3 * CHUNK, VOCAB)
   assert int(state['position']) == 3 * CHUNK
   assert bool(state['valid'].all())  # 3 chunks x 2 summaries > 4 slots.
+  # Chunk 3's write replaced the 2 least-used; the 2 kept have received attention mass.
+  np.testing.assert_array_equal((state['usage'] > 0).sum(-1), [2, 2])
+  np.testing.assert_array_equal(state['age'] == 0, state['usage'] == 0)  # The new ones.
 
 
 def test_a_later_chunk_never_changes_an_earlier_one():
