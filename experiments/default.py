@@ -115,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'auto' (CPU: blockwise, GPU: cudnn where it can express the mask, TPU: splash),
   # 'dense' (masked reference, O(seq^2) memory), 'blockwise' (pure JAX), 'cudnn', 'splash'.
   config.model.attention.implementation = 'auto'
-  config.model.attention.block_size = 128  # Tokens per block (blockwise, splash).
+  config.model.attention.block_size = 64  # Tokens per block (blockwise, splash).
   # Sliding windows of the sparse layers; () = every layer attends to all earlier tokens.
   config.model.attention.window_sizes = ()
   config.model.attention.full_attention_layers = 0  # The first N layers stay full causal.
