@@ -63,7 +63,7 @@ def _splash_mask(seq_len: int, heads: int, window: int | None, num_global: int):
 def _splash_kernel(seq_len, heads, window, num_global, block_size, interpret):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as kernel_lib)
-  block = min(block_size, seq_len)
+  block = min(max(block_size, 128), seq_len)  # TPU tiles are multiples of 128 lanes.
   sizes = kernel_lib.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
