@@ -29,9 +29,11 @@ scale); HF's does not. The factor is folded into final_norm/scale on import (and
 again on export, chosen so the HF value round-trips bit-exactly when sqrt(H) is a power
 of two, else within one float32 ulp).
 
-Sliding window (Mistral `sliding_window`): Xenith has no sliding-window attention; the
-model attends to the whole causal context, so logits match HF only for sequences of at
-most `sliding_window` tokens. A warning says so on import.
+Sliding window (Mistral/Mixtral `sliding_window`, when `use_sliding_window` is not
+False): every layer gets that window (`config.model.attention.window_sizes=(W,)`, no
+global tokens), the mask HF applies (query i sees key j iff i - j < W); export writes it
+back. Xenith patterns HF cannot express (several windows, global tokens, a full-attention
+prefix) are refused on export.
 """
 
 import importlib.util
@@ -40,7 +42,6 @@ import math
 import os
 from typing import Any
 
-from absl import logging
 from flax import traverse_util
 import ml_collections
 import ml_dtypes
@@ -192,6 +193,12 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ml_collections.ConfigDict
       hf_config.get('max_position_embeddings', model.rope_scaling.original_max_position))
   model.dropout_rate = 0.0
   model.lora.rank = 0
+  window = hf_config.get('sliding_window')
+  if window and hf_config.get('use_sliding_window', True):
+    model.attention.window_sizes = (int(window),)
+    model.attention.full_attention_layers = 0
+    model.attention.num_global_tokens = 0
+    model.attention.dynamic_windows = False
   if arch == 'MixtralForCausalLM':
     model.moe.num_experts = hf_config['num_local_experts']
     model.moe.num_experts_per_token = hf_config['num_experts_per_tok']
@@ -216,6 +223,11 @@ def check_exportable(model: ml_collections.ConfigDict) -> None:
     problems.append(f'rope_scaling.type={model.rope_scaling.type!r}')
   if model.get('lora') and model.lora.rank:
     problems.append('LoRA adapters (merge them first: launch/merge_lora.py)')
+  attn = model.get('attention')
+  if attn and attn.window_sizes and (
+      len(set(attn.window_sizes)) > 1 or attn.num_global_tokens or attn.dynamic_windows
+      or attn.full_attention_layers):
+    problems.append('an attention pattern other than one sliding window in every layer')
   moe = model.moe
   if moe.num_experts:
     if moe.num_shared_experts:
@@ -262,7 +274,12 @@ def hf_config_from_model(model: ml_collections.ConfigDict,
   out.pop('rope_scaling', None)
   out.pop('torch_dtype', None)
   out.setdefault('max_position_embeddings', model.rope_scaling.original_max_position)
-  out.setdefault('sliding_window', None)
+  attn = model.get('attention')
+  if attn and attn.window_sizes:
+    out['sliding_window'] = int(attn.window_sizes[0])
+    out['use_sliding_window'] = True
+  elif out.get('use_sliding_window', True):
+    out['sliding_window'] = None
   if moe:
     out.update({'num_local_experts': model.moe.num_experts,
                 'num_experts_per_tok': model.moe.num_experts_per_token})
@@ -433,12 +450,6 @@ def load_hf(path: str, *, scan_layers: bool = False
   hf_config, tensors = read_hf_dir(path)
   model = model_config_from_hf(hf_config)
   model.scan_layers = scan_layers
-  window = hf_config.get('sliding_window')
-  if window and hf_config.get('use_sliding_window', True):
-    logging.warning(
-        '%s has sliding_window=%d; Xenith attends to the whole causal context, so its '
-        'logits equal the Hugging Face model\'s only for sequences of at most %d tokens.',
-        path, window, window)
   return model, hf_to_params(tensors, model), hf_config
 
 
@@ -564,9 +575,6 @@ def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   model, params, hf_config = load_hf(hf_dir)
   config = default_config()
   config.model = model
-  window = hf_config.get('sliding_window')
-  if window and hf_config.get('use_sliding_window', True):
-    config.max_seq_len = min(config.max_seq_len, window)  # Where Xenith matches HF.
   if model.vocab_size == 32000:  # Mistral-7B v0.1 / Mixtral-8x7B's SentencePiece model.
     config.data.tokenizer = 'mixtral'
   step_dir = os.path.join(workdir, 'checkpoints', str(IMPORT_STEP))
