@@ -1,6 +1,7 @@
 """Streaming a long token stream through a tiny model, chunk by chunk, in bounded memory.
 
   .venv/bin/python bench/streaming.py     # --lengths=16384,262144 --chunk=1024
+  .venv/bin/python bench/streaming.py --memory   # the same with chunk-summary memory
 
 Every layer of the model uses sliding windows plus global tokens (no full-attention
 layer), so its KV cache (`xenith/model/kv_cache.py`) holds at most
@@ -8,8 +9,11 @@ global + window slots per head group whatever the length: the stream is fed `--c
 tokens at a time through one jitted decode call, keeping only the cache and a running
 next-token loss between calls. Each length runs in its own child process, so its peak
 resident memory (VmHWM) is its own; the target is peak RSS at the longest length within
-1.2x of its value at the shortest (16k). Results: a Markdown table on stdout and JSON
-in bench/results/streaming.json.
+1.2x of its value at the shortest (16k). With `--memory` the model instead reads the
+stream with chunk-summary memory (`xenith/model/memory.py`, chunk = `--chunk`): each call
+takes one chunk and the memory state (summary bank + short-term keys) of the previous
+one, and returns the new state; global tokens are off (memory mode has none). Results: a
+Markdown table on stdout and JSON in bench/results/streaming[_memory].json.
 """
 
 import argparse
@@ -35,7 +39,11 @@ def model_config(args):
   config = default.get_config('size=tiny').model
   config.attention.window_sizes = tuple(int(w) for w in args.windows.split(','))
   config.attention.full_attention_layers = 0
-  config.attention.num_global_tokens = args.num_global
+  config.attention.num_global_tokens = 0 if args.memory else args.num_global
+  if args.memory:
+    config.memory.update(dict(chunk_size=args.chunk, summary_tokens=4, summarizer_heads=4,
+                              bank_size=32, layers=(1,), tbptt_chunks=1,
+                              short_term_tokens=256))
   return config
 
 
@@ -45,22 +53,32 @@ def child(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from xenith.model import kv_cache
+  from xenith.model import memory
   from xenith.model import transformer
 
   config = model_config(args)
   model = transformer.make_model(config)
   length, chunk = args.length, args.chunk
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, chunk), jnp.int32))['params']
-  cache = kv_cache.init_cache(model, 1, length)
+  if args.memory:  # The carried state: the summary bank and the short-term keys.
+    cache = memory.init_state(config, 1)
+    run = lambda cache, tokens: model.apply({'params': params}, tokens, memory=cache,
+                                            return_memory=True)
+  else:  # The carried state: the KV cache.
+    cache = kv_cache.init_cache(model, 1, length)
+
+    def run(cache, tokens):
+      logits, variables = model.apply({'params': params, 'cache': cache}, tokens,
+                                      cache_length=length, mutable=['cache'])
+      return logits, variables['cache']
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
 
   @jax.jit
   def step(cache, tokens, targets):
-    logits, variables = model.apply({'params': params, 'cache': cache}, tokens,
-                                    cache_length=length, mutable=['cache'])
+    logits, cache = run(cache, tokens)
     nll = (jax.nn.logsumexp(logits, -1)
            - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
-    return variables['cache'], jnp.sum(nll)
+    return cache, jnp.sum(nll)
 
   # A reproducible stream of random tokens, generated chunk by chunk (never all at once).
   rng = np.random.default_rng(0)
@@ -77,7 +95,7 @@ def child(args) -> dict:
       start = time.perf_counter()  # Compilation excluded from the rate.
   seconds = time.perf_counter() - start
   return {'length': length, 'chunk': chunk, 'cache_mib': cache_bytes / 2**20,
-          'cache_index': int(cache['index']), 'mean_nll': total_nll / length,
+          'mean_nll': total_nll / length,
           'tokens_per_s': (length - chunk) / max(seconds, 1e-9),
           'peak_rss_mib': _peak_rss_mib(), 'peak_rss_after_first_chunk_mib': rss_after_first}
 
@@ -89,37 +107,44 @@ def main():
   parser.add_argument('--chunk', type=int, default=1024, help='Tokens per decode call.')
   parser.add_argument('--windows', default='128,256', help='Windows split over KV heads.')
   parser.add_argument('--num_global', type=int, default=16, help='Global tokens.')
-  parser.add_argument('--json', default=os.path.join(_ROOT, 'bench', 'results',
-                                                     'streaming.json'))
+  parser.add_argument('--memory', action='store_true',
+                      help='Chunk-summary memory instead of the KV cache.')
+  parser.add_argument('--json', default=None,
+                      help='Default: bench/results/streaming.json (_memory.json with --memory).')
   parser.add_argument('--length', type=int, help=argparse.SUPPRESS)  # Child mode.
   args = parser.parse_args()
   if args.length:
     print('RESULT ' + json.dumps(child(args)), flush=True)
     return
 
+  if args.json is None:
+    name = 'streaming_memory.json' if args.memory else 'streaming.json'
+    args.json = os.path.join(_ROOT, 'bench', 'results', name)
   lengths = [int(n) for n in args.lengths.split(',')]
   if any(n % args.chunk for n in lengths):
     parser.error(f'every length must be a multiple of --chunk={args.chunk}')
   out = {'command': ' '.join(['python'] + sys.argv),
          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
          'load_average_start': os.getloadavg(), 'windows': args.windows,
-         'num_global': args.num_global, 'runs': []}
+         'num_global': 0 if args.memory else args.num_global, 'memory': args.memory,
+         'runs': []}
   for n in lengths:
     cmd = [sys.executable, os.path.abspath(__file__), f'--length={n}', f'--chunk={args.chunk}',
            f'--windows={args.windows}', f'--num_global={args.num_global}']
+    cmd += ['--memory'] if args.memory else []
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
       sys.stderr.write(proc.stderr[-4000:])
       raise SystemExit(f'child for length {n} failed')
     result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1][7:])
     out['runs'].append(result)
-    print(f"{n:>8} tokens: peak RSS {result['peak_rss_mib']:.0f} MiB, cache "
+    print(f"{n:>8} tokens: peak RSS {result['peak_rss_mib']:.0f} MiB, state "
           f"{result['cache_mib']:.2f} MiB, {result['tokens_per_s']:,.0f} tokens/s", flush=True)
   base, longest = out['runs'][0], out['runs'][-1]
   ratio = longest['peak_rss_mib'] / base['peak_rss_mib']
   out['targets'] = {'peak_rss_ratio': ratio, 'peak_rss_ratio_max': 1.2, 'met': ratio <= 1.2}
   out['load_average_end'] = os.getloadavg()
-  print('\n| tokens | peak RSS MiB | KV cache MiB | tokens/s | mean NLL |\n|---|---|---|---|---|')
+  print('\n| tokens | peak RSS MiB | carried state MiB | tokens/s | mean NLL |\n|---|---|---|---|---|')
   for r in out['runs']:
     print(f"| {r['length']:,} | {r['peak_rss_mib']:,.0f} | {r['cache_mib']:.2f} | "
           f"{r['tokens_per_s']:,.0f} | {r['mean_nll']:.3f} |")
