@@ -71,8 +71,9 @@ def dot_product_attention(
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def resolve_implementation(implementation: str, num_global: int) -> str:
-  """The concrete kernel for `implementation` on the default backend."""
+def resolve_implementation(implementation: str, num_global: int, seq_len: int = 0) -> str:
+  """The concrete kernel for `implementation` on the default backend (for `seq_len`
+  tokens: splash needs multiples of 128, so 'auto' uses blockwise on TPU otherwise)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'Unknown attention implementation {implementation!r}; choose one '
                      f'of {IMPLEMENTATIONS}.')
@@ -80,7 +81,7 @@ def resolve_implementation(implementation: str, num_global: int) -> str:
     return implementation
   backend = jax.default_backend()
   if backend == 'tpu':
-    return 'splash'
+    return 'splash' if seq_len % 128 == 0 else 'blockwise'
   if backend == 'gpu' and fused_attention.supports_cudnn(num_global):
     return 'cudnn'
   return 'blockwise'
@@ -102,7 +103,7 @@ def attend(
   query: [batch, seq, heads, head_dim]; key, value: [batch, seq, kv_heads, head_dim]
   -> [batch, seq, heads, head_dim]. `implementation` as in the module docstring.
   """
-  implementation = resolve_implementation(implementation, num_global)
+  implementation = resolve_implementation(implementation, num_global, query.shape[1])
   if window is not None and window >= query.shape[1]:
     window = None  # The window covers the whole sequence.
   if window is None:
