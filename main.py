@@ -8,6 +8,8 @@ Running the same command again resumes from the workdir's latest checkpoint.
 
   python main.py --mode=import_hf --hf_dir=<HF Mixtral/Mistral dir> --workdir=runs/imported
   python main.py --mode=export_hf --workdir=runs/imported --hf_dir=<out dir>
+  python main.py --config=experiments/default.py --workdir=runs/default --mode=generate \
+      --prompt='ROMEO:' --max_new_tokens=100 --temperature=0.8
 
 import_hf writes the Xenith config (xenith_config.json, config.py) and the params as an
 Orbax checkpoint (checkpoints/0); export_hf writes config.json + model.safetensors from
@@ -22,7 +24,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import Tenso
 from absl import app
 from absl import flags
 from absl import logging
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 
 from xenith.checkpointing import CheckpointMismatchError
@@ -35,15 +39,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard logs and final metrics.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'describe', 'import_hf', 'export_hf'],
+    'mode', 'train', ['train', 'describe', 'generate', 'import_hf', 'export_hf'],
     'train: train and evaluate in --workdir, resuming if it has a checkpoint. describe: '
     'print parameters, FLOPs per token and memory per device, allocating nothing. '
     'import_hf: Hugging Face Mixtral/Mistral checkpoint --hf_dir -> Xenith config and '
     'Orbax checkpoint in --workdir. export_hf: newest params in --workdir -> Hugging Face '
-    'checkpoint --hf_dir (config from the import, or --config).')
+    'checkpoint --hf_dir (config from the import, or --config). generate: continue '
+    '--prompt with the newest params in --workdir and print the text.')
 _HF_DIR = flags.DEFINE_string(
     'hf_dir', None, 'import_hf / export_hf: the Hugging Face checkpoint directory '
     '(config.json + *.safetensors) to read / write.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'generate: the text to continue.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'generate: tokens to add.',
+                                       lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 = greedy, > 0 samples.',
+                                  lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest tokens; '
+                              '0 = all.', lower_bound=0)
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'describe: size the mesh for this many devices (default: the '
     'devices present).', lower_bound=1)
@@ -108,12 +120,41 @@ def main(argv):
   logging.info('JAX devices: %s', jax.devices())
   logging.info('Config:\n%s', config)
 
+  if _MODE.value == 'generate':
+    try:
+      print(_generate(config, _WORKDIR.value))
+    except (DataError, CheckpointMismatchError, ValueError) as e:
+      sys.exit(f'{type(e).__name__}: {e}')
+    return
+
   if _MODE.value == 'train':
     from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
     try:
       train.train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, DataError, CheckpointMismatchError, train.NonFiniteError) as e:
       sys.exit(f'{type(e).__name__}: {e}')
+
+
+def _generate(config, workdir) -> str:
+  """--mode=generate: the prompt and its continuation by the newest params in `workdir`."""
+  # pylint: disable=g-import-not-at-top
+  from xenith import checkpointing
+  from xenith import generate
+  from xenith.data import pipeline
+  from xenith.model import transformer
+  if config.model.get('memory') and config.model.memory.chunk_size:
+    raise ValueError('generate does not support memory models yet (config.model.memory).')
+  path = checkpointing.params_dir(workdir)  # Fails early when there is no checkpoint.
+  tokenizer = pipeline.create_datasets(config).tokenizer  # The run's (cached) tokenizer.
+  prompt = [tokenizer.bos_id] + list(tokenizer.encode(_PROMPT.value))
+  model = transformer.make_model(config.model)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, len(prompt)), jnp.int32))
+  params = checkpointing.load_params(path, nn.unbox(params)['params'])
+  tokens = generate.generate(
+      model, params, jnp.asarray([prompt], jnp.int32), jax.random.key(config.seed),
+      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value)
+  return tokenizer.decode([int(t) for t in tokens[0, 1:]])
 
 
 def _hf_mode(mode):
