@@ -11,8 +11,8 @@ O(seq * (window + num_global)) for a window, O(seq^2 / 2) for full causal attent
 The mask is `masks.make_attention_mask`'s: query i sees key j iff j <= i, both are in
 the same segment, and i - j < window or j < num_global. The backward pass is
 hand-written: it recomputes each block's probabilities from the saved log-sum-exp
-(as FlashAttention does) instead of storing them. Runs on any backend; it is the
-CPU default and the reference that the cuDNN and splash paths are tested beside.
+(as FlashAttention does) instead of storing them. Runs on any backend and is the CPU
+default; tests/test_attention.py checks it against the dense masked reference.
 """
 
 import functools
