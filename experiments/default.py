@@ -204,7 +204,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data: documents -> TFDS array_record -> grain -> SentencePiece -> packed sequences.
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'shakespeare'  # 'shakespeare' (embedded corpus) or 'folder'.
+  # 'shakespeare' (embedded corpus), 'folder', or 'passkey' (synthetic passkey examples, one
+  # per max_seq_len row: xenith/data/passkey_source.py, experiments/passkey_memory.py).
+  config.data.source = 'shakespeare'
   config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
   config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
   config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.

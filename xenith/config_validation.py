@@ -12,7 +12,7 @@ NORMS = ('rmsnorm', 'layernorm')
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 ON_NONFINITE = ('stop', 'skip')
-DATA_SOURCES = ('shakespeare', 'folder')
+DATA_SOURCES = ('shakespeare', 'folder', 'passkey')
 NAMED_TOKENIZERS = ('train', 'mixtral')
 # As xenith.model.lora.TARGETS (layers that can get LoRA adapters).
 LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head', 'experts')

@@ -165,6 +165,10 @@ def create_datasets(config, *, process_index: int = 0,
     DataError: bad data or settings, before any long work starts.
   """
   _check_settings(config, process_index, process_count)
+  if config.data.source == 'passkey':  # Synthetic examples, one a row (passkey_source.py).
+    from xenith.data import passkey_source  # pylint: disable=g-import-not-at-top
+    return passkey_source.create_datasets(config, Datasets, process_index=process_index,
+                                          process_count=process_count)
   cache = cache_lib.cache_dir(config.data)
   source = sources.make_source(config.data, cache)
   data = text_dataset.prepare(source, config.data.validation_fraction, cache)
