@@ -33,24 +33,22 @@ with XLA_FLAGS unset (one CPU device).
 """
 
 import datetime
-import json
 import math
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
 
 from absl import app
 from absl import flags
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import benchlib  # pylint: disable=g-import-not-at-top
 
 from experiments import default  # pylint: disable=g-import-not-at-top
 from xenith.model import attention
@@ -86,21 +84,6 @@ _JSON = flags.DEFINE_string('json', 'bench/results/attention.json', 'Where to wr
 
 GIB = 1024**3
 MIB = 1024**2
-
-
-def machine_info() -> dict:
-  cpu = platform.processor() or platform.machine()
-  with open('/proc/cpuinfo') as f:
-    names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-  return {'cpu': names[0] if names else cpu, 'usable_cores': len(os.sched_getaffinity(0)),
-          'platform': jax.devices()[0].platform, 'device_count': jax.device_count(),
-          'jax': jax.__version__, 'flax': flax.__version__,
-          'python': platform.python_version(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
-
-
-def peak_rss_mib() -> float:
-  """This process's peak resident memory so far (all variants and lengths together)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def layer_config(variant: str) -> ml_collections.FrozenConfigDict:
@@ -220,7 +203,7 @@ def main(argv):
   result = {
       'command': ' '.join(['python'] + sys.argv),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'machine': machine_info(),
+      'machine': benchlib.machine_info(**benchlib.jax_info()),
       'load_average_start': os.getloadavg(),
       'shape': dict(batch=1, embed_dim=_EMBED.value, num_heads=_HEADS.value,
                     num_kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value, dtype='float32'),
@@ -282,7 +265,7 @@ def main(argv):
           'calls_per_round': bench.calls_per_round, 'warm_s': bench.warm_s,
           'round_times_s': bench.times, 'median_s': median, 'best_s': min(bench.times),
           'ms_per_1k_tokens': median * 1e3 / (seq / 1024)})
-    result['peak_rss_mib_after_' + str(seq)] = peak_rss_mib()
+    result['peak_rss_mib_after_' + str(seq)] = benchlib.peak_rss_mib()
     del benches
 
   # The issue's targets, from this run.
@@ -319,7 +302,7 @@ def main(argv):
   }
   result.update({
       'load_average_end': os.getloadavg(),
-      'peak_rss_mib': peak_rss_mib(),
+      'peak_rss_mib': benchlib.peak_rss_mib(),
       'results': [rows[v][s] for v in variants for s in lengths if s in rows[v]],
       'targets': targets,
       'target_a_sequential_ratio': sequential,
@@ -356,10 +339,7 @@ def main(argv):
   for name, value in not_targets.items():
     print(f"  {name}: {'n/a' if value is None else f'{value:.2f}'}")
 
-  os.makedirs(os.path.dirname(_JSON.value) or '.', exist_ok=True)
-  with open(_JSON.value, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'\nwrote {_JSON.value}')
+  benchlib.write_json(_JSON.value, result)
 
 
 if __name__ == '__main__':

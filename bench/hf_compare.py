@@ -29,16 +29,14 @@ stdout and JSON in bench/results/hf_compare.json. Run with XLA_FLAGS unset.
 
 import argparse
 import datetime
-import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+import benchlib
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +58,7 @@ def batches(n: int) -> list[np.ndarray]:
 
 def peak_memory() -> dict:
   """This process's peak resident memory, MiB (ru_maxrss and /proc VmHWM)."""
-  out = {'ru_maxrss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  out = {'ru_maxrss_mib': benchlib.peak_rss_mib()}
   try:
     with open('/proc/self/status') as f:
       for line in f:
@@ -242,29 +240,13 @@ def hf_child(args) -> dict:
 # ------------------------------------------------------------------------------ parent
 
 
-def machine_info() -> dict:
-  cpu = platform.machine()
-  with open('/proc/cpuinfo') as f:
-    names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-  with open('/proc/meminfo') as f:
-    mem_kib = int(f.readline().split()[1])
-  return {'cpu': names[0] if names else cpu, 'usable_cores': len(os.sched_getaffinity(0)),
-          'memory_gib': round(mem_kib / 2**20, 1), 'python': platform.python_version(),
-          'xla_flags': os.environ.get('XLA_FLAGS', '')}
-
-
 def run_child(framework: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--child={framework}',
          f'--steps={args.steps}', f'--warmup={args.warmup}',
          f'--num_batches={args.num_batches}', f'--hf_experts={args.hf_experts}',
          f'--hf_attn={args.hf_attn}', f'--hf_adamw={args.hf_adamw}']
   start = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    sys.stderr.write(proc.stderr[-4000:])
-    raise RuntimeError(f'{framework} child failed ({proc.returncode})')
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  result = json.loads(line[len('RESULT '):])
+  result = benchlib.run_child(cmd, f'the {framework} child')
   result['wall_s'] = time.perf_counter() - start
   return result
 
@@ -290,13 +272,13 @@ def main():
   if args.child:
     result = (xenith_child if args.child == 'xenith' else hf_child)(args)
     result['peak_memory'] = peak_memory()
-    print('RESULT ' + json.dumps(result), flush=True)
+    benchlib.report(result)
     return
 
   tokens = SHAPE['batch'] * SHAPE['seq']
   out = {'command': ' '.join(['python'] + sys.argv),
          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-         'machine': machine_info(), 'load_average_start': os.getloadavg(),
+         'machine': benchlib.machine_info(), 'load_average_start': os.getloadavg(),
          'shape': SHAPE, 'optimizer': OPT, 'aux_loss_weight': AUX_WEIGHT,
          'tokens_per_step': tokens, 'runs': []}
   print(f"{out['machine']['cpu']}, {out['machine']['usable_cores']} cores; "
@@ -356,10 +338,7 @@ def main():
         f"| {ratios['peak_rss']:.2f} (target <= 1: "
         f"{'met' if targets['memory_met'] else 'NOT met'}) |")
   print('speed ratio per round: ' + ', '.join(f'{v:.2f}' for v in per_round))
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, 'w') as f:
-    json.dump(out, f, indent=2)
-  print(f'\nWrote {args.json}')
+  benchlib.write_json(args.json, out)
 
 
 if __name__ == '__main__':

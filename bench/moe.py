@@ -12,24 +12,22 @@ JSON in bench/results/moe.json. Run with XLA_FLAGS unset (one CPU device).
 """
 
 import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 from absl import app
 from absl import flags
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import benchlib  # pylint: disable=g-import-not-at-top
 
 from experiments import default  # pylint: disable=g-import-not-at-top
 from xenith import flops
@@ -50,16 +48,6 @@ _MIN_ROUND_SECONDS = flags.DEFINE_float(
     'min_round_seconds', 1.0, 'Each method runs at least this long per round.')
 _MATMUL_SECONDS = flags.DEFINE_float('matmul_seconds', 1.0, 'Per matmul measurement.')
 _JSON = flags.DEFINE_string('json', 'bench/results/moe.json', 'Where to write results.')
-
-
-def machine_info() -> dict:
-  cpu = platform.processor() or platform.machine()
-  with open('/proc/cpuinfo') as f:
-    names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-  return {'cpu': names[0] if names else cpu, 'usable_cores': len(os.sched_getaffinity(0)),
-          'platform': jax.devices()[0].platform, 'device_count': jax.device_count(),
-          'jax': jax.__version__, 'flax': flax.__version__,
-          'python': platform.python_version(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 def layer_config(dispatch: str, block_size: int) -> ml_collections.FrozenConfigDict:
@@ -120,7 +108,7 @@ def main(argv):
   result = {
       'command': ' '.join(['python'] + sys.argv),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'machine': machine_info(),
+      'machine': benchlib.machine_info(**benchlib.jax_info()),
       'load_average_start': os.getloadavg(),
       'shape': dict(tokens=tokens, embed_dim=embed, expert_mlp_dim=mlp,
                     num_experts=_EXPERTS.value, top_k=k,
@@ -201,10 +189,7 @@ def main(argv):
           f"| {r['useful_gflops_median']:.1f} | {r['fraction_of_peak_median']:.0%} "
           f"| {r['fraction_of_round_matmul_median']:.0%} | {speedup} "
           f"| {r['dropped_fraction']:.1%} | {r['compile_s']:.1f} |")
-  os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-  with open(_JSON.value, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'\nWrote {_JSON.value}')
+  benchlib.write_json(_JSON.value, result)
 
 
 if __name__ == '__main__':

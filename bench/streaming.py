@@ -18,18 +18,13 @@ Markdown table on stdout and JSON in bench/results/streaming[_memory].json.
 
 import argparse
 import datetime
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
+import benchlib
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def model_config(args):
@@ -91,13 +86,13 @@ def child(args) -> dict:
     cache, nll = step(cache, tokens[:, :-1], tokens[:, 1:])
     total_nll += float(nll)
     if i == 0:
-      rss_after_first = _peak_rss_mib()
+      rss_after_first = benchlib.peak_rss_mib()
       start = time.perf_counter()  # Compilation excluded from the rate.
   seconds = time.perf_counter() - start
   return {'length': length, 'chunk': chunk, 'cache_mib': cache_bytes / 2**20,
           'mean_nll': total_nll / length,
           'tokens_per_s': (length - chunk) / max(seconds, 1e-9),
-          'peak_rss_mib': _peak_rss_mib(), 'peak_rss_after_first_chunk_mib': rss_after_first}
+          'peak_rss_mib': benchlib.peak_rss_mib(), 'peak_rss_after_first_chunk_mib': rss_after_first}
 
 
 def main():
@@ -114,7 +109,7 @@ def main():
   parser.add_argument('--length', type=int, help=argparse.SUPPRESS)  # Child mode.
   args = parser.parse_args()
   if args.length:
-    print('RESULT ' + json.dumps(child(args)), flush=True)
+    benchlib.report(child(args))
     return
 
   if args.json is None:
@@ -125,18 +120,15 @@ def main():
     parser.error(f'every length must be a multiple of --chunk={args.chunk}')
   out = {'command': ' '.join(['python'] + sys.argv),
          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-         'load_average_start': os.getloadavg(), 'windows': args.windows,
+         'machine': benchlib.machine_info(), 'load_average_start': os.getloadavg(),
+         'windows': args.windows,
          'num_global': 0 if args.memory else args.num_global, 'memory': args.memory,
          'runs': []}
   for n in lengths:
     cmd = [sys.executable, os.path.abspath(__file__), f'--length={n}', f'--chunk={args.chunk}',
            f'--windows={args.windows}', f'--num_global={args.num_global}']
     cmd += ['--memory'] if args.memory else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-      sys.stderr.write(proc.stderr[-4000:])
-      raise SystemExit(f'child for length {n} failed')
-    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1][7:])
+    result = benchlib.run_child(cmd, f'the child for length {n}')
     out['runs'].append(result)
     print(f"{n:>8} tokens: peak RSS {result['peak_rss_mib']:.0f} MiB, state "
           f"{result['cache_mib']:.2f} MiB, {result['tokens_per_s']:,.0f} tokens/s", flush=True)
@@ -150,10 +142,7 @@ def main():
           f"{r['tokens_per_s']:,.0f} | {r['mean_nll']:.3f} |")
   print(f"\npeak RSS {longest['length']:,} / {base['length']:,} tokens: {ratio:.3f} "
         f"(target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})")
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, 'w') as f:
-    json.dump(out, f, indent=2)
-  print(f'Wrote {args.json}')
+  benchlib.write_json(args.json, out)
 
 
 if __name__ == '__main__':

@@ -20,17 +20,14 @@ a CPU).
 
 import contextlib
 import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 from absl import app
 from absl import flags
-import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -38,6 +35,8 @@ import numpy as np
 # bench/ is not a package: make `xenith` and `experiments` importable from the repo root.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)
+
+import benchlib  # pylint: disable=g-import-not-at-top
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import default
@@ -158,29 +157,6 @@ def measure_matmuls(sizes: list[int], seconds: float) -> dict[str, float]:
   return {str(n): flops.measure_matmul_flops(n, seconds=seconds) / 1e9 for n in sizes}
 
 
-def machine_info() -> dict:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
-  device = jax.devices()[0]
-  return {
-      'cpu': cpu,
-      'cpu_count': os.cpu_count(),
-      'usable_cores': len(os.sched_getaffinity(0)),
-      'platform': device.platform,
-      'device_kind': device.device_kind,
-      'device_count': jax.device_count(),
-      'jax': jax.__version__,
-      'flax': flax.__version__,
-      'python': platform.python_version(),
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
-  }
-
-
 def summarize(bench: SizeBench, peak_gflops: float, round_matmul: list[float]) -> dict:
   """Per-size results; `round_matmul` is the matmul GFLOP/s measured in each round."""
   median_s = statistics.median(bench.step_times)
@@ -247,7 +223,7 @@ def main(argv):
   result = {
       'command': ' '.join(['python'] + sys.argv),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'machine': machine_info(),
+      'machine': benchlib.machine_info(**benchlib.jax_info()),
       'load_average_start': os.getloadavg(),
   }
   print(f"{result['machine']['cpu']}, {result['machine']['usable_cores']} cores, "
@@ -293,10 +269,7 @@ def main(argv):
   })
   print_tables(result)
 
-  os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-  with open(_JSON.value, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'\nWrote {_JSON.value}')
+  benchlib.write_json(_JSON.value, result)
 
 
 if __name__ == '__main__':

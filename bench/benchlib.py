@@ -1,0 +1,70 @@
+"""What the benchmark scripts share: the machine they ran on, peak memory, child
+processes that report one result each, and the JSON they write.
+
+Imported by the scripts in this folder (run as `python bench/<script>.py`, which puts
+this folder on sys.path); it imports no JAX, so parents of JAX children stay light.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+_RESULT = 'RESULT '
+
+
+def machine_info(**extra) -> dict:
+  """CPU model, cores, memory, Python and XLA_FLAGS, plus `extra` fields."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+    with open('/proc/meminfo') as f:
+      memory_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+  except OSError:
+    memory_gib = None
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'usable_cores': len(os.sched_getaffinity(0)), 'memory_gib': memory_gib,
+          'python': platform.python_version(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          **extra}
+
+
+def jax_info() -> dict:
+  """The JAX backend and library versions of this process (for `machine_info(**...)`)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax
+  device = jax.devices()[0]
+  return {'platform': device.platform, 'device_kind': device.device_kind,
+          'device_count': jax.device_count(), 'jax': jax.__version__,
+          'flax': flax.__version__}
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory so far, MiB (`getrusage` ru_maxrss = VmHWM)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(result: dict) -> None:
+  """In a child process: hands `result` to the parent's `run_child`."""
+  print(_RESULT + json.dumps(result), flush=True)
+
+
+def run_child(cmd: list[str], what: str) -> dict:
+  """Runs `cmd` (a script in child mode) and returns the result it `report`ed."""
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise RuntimeError(f'{what} failed (exit {proc.returncode})')
+  line = [l for l in proc.stdout.splitlines() if l.startswith(_RESULT)][-1]
+  return json.loads(line[len(_RESULT):])
+
+
+def write_json(path: str, data: dict) -> None:
+  """Writes `data` to `path` (creating its folder) and says so."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(data, f, indent=2)
+  print(f'\nWrote {path}')
