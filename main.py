@@ -11,6 +11,9 @@ Running the same command again resumes from the workdir's latest checkpoint.
   python main.py --config=experiments/default.py --workdir=runs/default --mode=generate \
       --prompt='ROMEO:' --max_new_tokens=100 --temperature=0.8
 
+With a memory model (config.model.memory), --memory_bank=<file.npz> continues the document
+saved there by the previous call and saves it again.
+
 import_hf writes the Xenith config (xenith_config.json, config.py) and the params as an
 Orbax checkpoint (checkpoints/0); export_hf writes config.json + model.safetensors from
 the workdir's newest params (pass --config for a training run's workdir).
@@ -56,6 +59,10 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 = greedy, > 0
                                   lower_bound=0.0)
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest tokens; '
                               '0 = all.', lower_bound=0)
+_MEMORY_BANK = flags.DEFINE_string(
+    'memory_bank', None, 'generate, memory models: continue from the memory state saved '
+    'in this .npz (if it exists; the prompt then gets no BOS) and save the state after '
+    'the output there, so the next call continues the same document.')
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'describe: size the mesh for this many devices (default: the '
     'devices present).', lower_bound=1)
@@ -141,20 +148,35 @@ def _generate(config, workdir) -> str:
   from xenith import checkpointing
   from xenith import generate
   from xenith.data import pipeline
+  from xenith.model import memory
   from xenith.model import transformer
-  if config.model.get('memory') and config.model.memory.chunk_size:
-    raise ValueError('generate does not support memory models yet (config.model.memory).')
   path = checkpointing.params_dir(workdir)  # Fails early when there is no checkpoint.
+  with_memory = memory.enabled(config.model)
+  bank = _MEMORY_BANK.value
+  if bank and not with_memory:
+    raise ValueError('--memory_bank needs a memory model (config.model.memory.chunk_size '
+                     '> 0).')
+  state = None
+  if bank and os.path.exists(bank):
+    state = memory.load_bank(bank, like=memory.init_state(config.model, 1))
   tokenizer = pipeline.create_datasets(config).tokenizer  # The run's (cached) tokenizer.
-  prompt = [tokenizer.bos_id] + list(tokenizer.encode(_PROMPT.value))
+  bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.
+  prompt = bos + list(tokenizer.encode(_PROMPT.value))
+  if not prompt:
+    raise ValueError('--prompt is empty; a continued document needs some text.')
   model = transformer.make_model(config.model)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, len(prompt)), jnp.int32))
+  init_length = config.model.memory.chunk_size if with_memory else len(prompt)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, init_length), jnp.int32))
   params = checkpointing.load_params(path, nn.unbox(params)['params'])
   tokens = generate.generate(
       model, params, jnp.asarray([prompt], jnp.int32), jax.random.key(config.seed),
       max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value)
-  return tokenizer.decode([int(t) for t in tokens[0, 1:]])
+      top_k=_TOP_K.value, **({'memory': state} if with_memory else {}))
+  if with_memory:
+    tokens, state = tokens
+    if bank:
+      memory.save_bank(bank, state)
+  return tokenizer.decode([int(t) for t in tokens[0, len(bos):]])
 
 
 def _hf_mode(mode):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import default
+from experiments import memory as memory_experiment
 from xenith import checkpointing
 from xenith import generate
 from xenith.model import transformer
@@ -52,6 +53,28 @@ def test_sampling_is_seeded_and_top_k_restricts_the_choice():
   np.testing.assert_array_equal(sample(3, top_k=1), greedy)
 
 
+def test_greedy_generation_with_memory_equals_the_chunked_pass():
+  """A memory model generates with its bank kept: greedy tokens are the argmax of the
+  chunked pass over prompt + output, and the returned state is that pass's."""
+  config = default.get_config('size=tiny').model
+  config.vocab_size = 64
+  config.attention.implementation = 'dense'
+  config.memory.update(dict(chunk_size=8, summary_tokens=2, summarizer_heads=4,
+                            bank_size=4, layers=(1,), short_term_tokens=3))
+  model = transformer.make_model(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  prompt = jax.random.randint(jax.random.key(1), (2, 11), 0, 64)  # A chunk and 3 tokens.
+  out, state = generate.generate(model, params, prompt, jax.random.key(2),
+                                 max_new_tokens=13)
+  assert out.shape == (2, 24)
+  apply = jax.jit(lambda tokens: model.apply({'params': params}, tokens,
+                                             return_memory=True))
+  logits, full_state = apply(out)
+  np.testing.assert_array_equal(out[:, 11:], jnp.argmax(logits[:, 10:-1], -1))
+  for k in full_state:
+    np.testing.assert_allclose(state[k], full_state[k], atol=2e-5, rtol=2e-5, err_msg=k)
+
+
 def _main(*args):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run([sys.executable, 'main.py', *args], cwd=root, capture_output=True,
@@ -75,3 +98,26 @@ def test_main_generate_mode(tmp_path):
                  '--mode=generate', '--prompt=ROMEO:', '--max_new_tokens=5')
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().startswith('ROMEO:')
+
+
+def test_main_generate_continues_a_memory_bank(tmp_path):
+  """--memory_bank: the first call saves the memory after its output; the second loads
+  it and continues the same document (no second BOS), ending further down the stream."""
+  config = memory_experiment.get_config('size=tiny')
+  model = transformer.make_model(config.model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))['params']
+  checkpointing.save_params(str(tmp_path / 'checkpoints' / '0' / 'state'),
+                            jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                                         is_leaf=lambda x: hasattr(x, 'value')))
+  bank = str(tmp_path / 'bank.npz')
+  args = ('--config=experiments/memory.py:size=tiny', f'--workdir={tmp_path}',
+          '--mode=generate', f'--memory_bank={bank}', '--max_new_tokens=20')
+  first = _main(*args, '--prompt=ROMEO:')
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert first.stdout.strip().startswith('ROMEO:')
+  after_first = int(np.load(bank)['position'])
+  second = _main(*args, '--prompt=JULIET:')
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert second.stdout.strip().startswith('JULIET:')
+  assert after_first > 20
+  assert int(np.load(bank)['position']) > after_first + 20

@@ -162,6 +162,35 @@ def test_two_calls_through_save_and_load_equal_one_call(windows, tmp_path):
     np.testing.assert_allclose(end_state[k], whole_state[k], atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_one_token_at_a_time_equals_the_chunked_pass(tmp_path):
+  """Memory kept while decoding: a whole chunk, 5 tokens in one decode call, a save and
+  load mid-chunk, then single tokens give the chunked pass's logits and final state
+  (windows 6/12 inside a chunk of 8, short-term keys, and a bank of 4 that evicts from
+  the third chunk on)."""
+  decoder, params, apply = _built((('short_term_tokens', 3), ('layers', (1,))),
+                                  (('window_sizes', (6, 12)),))
+  tokens = _tokens(4, 4 * CHUNK)
+  whole, whole_state = apply({'params': params}, tokens)
+  decode = jax.jit(functools.partial(decoder.apply, return_memory=True, decode=True))
+  logits, state = apply({'params': params}, tokens[:, :CHUNK])
+  outs = [logits]
+  logits, state = decode({'params': params}, tokens[:, CHUNK:CHUNK + 5], memory=state)
+  outs.append(logits)
+  path = str(tmp_path / 'mid_chunk.npz')
+  memory.save_bank(path, state)
+  state = memory.load_bank(path, like=memory.init_state(decoder.config, 2))
+  assert int(state['position']) == CHUNK + 5
+  with pytest.raises(ValueError, match='5 tokens into a chunk'):
+    decoder.apply({'params': params}, tokens[:, :CHUNK], memory=state)
+  for t in range(CHUNK + 5, 4 * CHUNK):
+    logits, state = decode({'params': params}, tokens[:, t:t + 1], memory=state)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), whole, atol=2e-5, rtol=2e-5)
+  assert int(whole_state['valid'].sum()) == 8  # The bank is full: it evicted.
+  for k in whole_state:
+    np.testing.assert_allclose(state[k], whole_state[k], atol=2e-5, rtol=2e-5, err_msg=k)
+
+
 def test_load_bank_rejects_another_shape(tmp_path):
   cfg = ml_collections.FrozenConfigDict(_config())
   path = str(tmp_path / 'bank.npz')

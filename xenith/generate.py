@@ -4,6 +4,11 @@
 (`xenith/model/kv_cache.py`), then a `lax.scan` appends one sampled token at a time, so
 each new token costs one single-token forward pass. Greedy at temperature 0, else
 sampling from softmax(logits / temperature), optionally restricted to the top k.
+
+A model with chunk-summary memory (`xenith/model/memory.py`) keeps its memory state
+instead of a KV cache: the prompt's whole chunks go through the chunked pass, the rest
+of the prompt and every new token through `decode=True`, so the bank, its usage and
+the short-term keys carry on exactly as in one long forward pass.
 """
 
 import functools
@@ -12,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from xenith.model import kv_cache
+from xenith.model import memory as memory_lib
 
 
 def _sample(logits, key, temperature: float, top_k: int):
@@ -28,11 +34,12 @@ def _sample(logits, key, temperature: float, top_k: int):
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature',
                                              'top_k'))
 def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+             temperature: float = 0.0, top_k: int = 0,
+             memory: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
   """Continues `prompt` by `max_new_tokens` tokens.
 
   Args:
-    model: a `Decoder` (`transformer.make_model`); memory mode is not supported.
+    model: a `Decoder` (`transformer.make_model`).
     params: its params.
     prompt: [batch, prompt_len] int32 token ids, one document per row, all rows the same
       length (the cache decodes rows in lockstep).
@@ -40,10 +47,19 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
     max_new_tokens: tokens to add.
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
     top_k: with temperature > 0, sample among the k most likely tokens only; 0 = all.
+    memory: memory models only: the state to continue from (`memory.load_bank`, or a
+      previous call's); None = an empty memory at stream position 0.
 
   Returns:
-    [batch, prompt_len + max_new_tokens] int32: the prompt and its continuation.
+    [batch, prompt_len + max_new_tokens] int32: the prompt and its continuation; for a
+    memory model also the memory state after the last of them, for the next call
+    (whose prompt is then the text that follows).
   """
+  if memory_lib.enabled(model.config):
+    return _generate_with_memory(model, params, prompt, key, memory, max_new_tokens,
+                                 temperature, top_k)
+  if memory is not None:
+    raise ValueError('memory= needs a model with config.memory.chunk_size > 0.')
   batch, prompt_len = prompt.shape
   length = prompt_len + max_new_tokens
   apply = functools.partial(model.apply, cache_length=length, mutable=['cache'])
@@ -59,3 +75,30 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
   keys = jax.random.split(key, max_new_tokens)
   _, tokens = jax.lax.scan(step, (variables['cache'], logits[:, -1]), keys)
   return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1)
+
+
+def _generate_with_memory(model, params, prompt, key, state, max_new_tokens, temperature,
+                          top_k):
+  """`generate` for a chunk-summary memory model; returns (tokens, memory state)."""
+  apply = functools.partial(model.apply, {'params': params}, return_memory=True)
+  chunk = model.config.memory.chunk_size
+  rest = prompt
+  logits = None
+  if state is None:  # At stream position 0 the whole chunks are known: one fast pass.
+    whole = prompt.shape[1] // chunk * chunk
+    if whole:
+      logits, state = apply(prompt[:, :whole])
+      rest = prompt[:, whole:]
+  if rest.shape[1]:
+    logits, state = apply(rest, memory=state, decode=True)
+
+  def step(carry, key):
+    state, last_logits = carry
+    token = _sample(last_logits, key, temperature, top_k)
+    logits, state = apply(token[:, None], memory=state, decode=True)
+    return (state, logits[:, -1]), token
+
+  # Every sampled token is fed, the last one too, so the state covers the whole output.
+  keys = jax.random.split(key, max_new_tokens)
+  (state, _), tokens = jax.lax.scan(step, (state, logits[:, -1]), keys)
+  return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1), state

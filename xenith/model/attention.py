@@ -214,7 +214,7 @@ class Attention(nn.Module):
     by stream position (causal, the KV-head group's window) and document.
     """
     cfg = self.config
-    chunk = query.shape[1]
+    chunk = cfg.memory.chunk_size  # Not query.shape[1]: decoding feeds 1 token at a time.
     groups = attention_pattern.layer_head_groups(cfg, self.layer, chunk)
     q_per_kv = cfg.num_heads // cfg.num_kv_heads
     keys = jnp.concatenate([inputs['short_keys'].astype(key.dtype), key], axis=1)

@@ -24,9 +24,15 @@ The state carried between chunks and calls is one flat dict of arrays (`init_sta
   short_keys, short_values  [layers, batch, R, kv_heads, head_dim]  (R = short_term_tokens;
                                         keys already carry RoPE)
   short_positions, short_segments  [batch, R] int32   stream position (-1 = empty), document
+  chunk_keys, chunk_values  [layers, batch, C, kv_heads, head_dim]  the current chunk's
+                                        keys (with RoPE) / values so far, when decoding
+  chunk_hidden [batch, C, embed] float32  its final hidden states (the summarizer's input)
+  chunk_mass   [batch, M] float32        attention mass the bank received in it so far
 
-`save_bank` / `load_bank` write and read it as a NumPy .npz, so a later process continues
-where a call stopped.
+The chunk_* fields hold a partly decoded chunk (`Decoder(..., decode=True)` feeds
+tokens one at a time, from any stream position); whole-chunk calls leave them empty.
+`save_bank` / `load_bank` write and read the state as a NumPy .npz, so a later process
+continues where a call stopped, mid-chunk included.
 """
 
 import os
@@ -66,6 +72,8 @@ def state_shapes(config: ml_collections.FrozenConfigDict, batch: int) -> dict:
   mem = config.memory
   m, r = mem.bank_size, mem.short_term_tokens
   kv = (config.num_layers, batch, r, config.num_kv_heads, config.head_dim)
+  chunk_kv = (config.num_layers, batch, mem.chunk_size, config.num_kv_heads,
+              config.head_dim)
   return {
       'summaries': ((batch, m, config.embed_dim), np.float32),
       'valid': ((batch, m), np.bool_),
@@ -76,6 +84,10 @@ def state_shapes(config: ml_collections.FrozenConfigDict, batch: int) -> dict:
       'short_values': (kv, np.float32),
       'short_positions': ((batch, r), np.int32),
       'short_segments': ((batch, r), np.int32),
+      'chunk_keys': (chunk_kv, np.float32),
+      'chunk_values': (chunk_kv, np.float32),
+      'chunk_hidden': ((batch, mem.chunk_size, config.embed_dim), np.float32),
+      'chunk_mass': ((batch, m), np.float32),
   }
 
 
@@ -164,6 +176,30 @@ def add_usage(bank: dict, mass: jax.Array, decay: float) -> dict:
   out = dict(bank)
   out['usage'] = jnp.where(bank['valid'], decay * bank['usage'] + mass, 0.0)
   return out
+
+
+def close_chunk(state: dict, mass: jax.Array, summaries: jax.Array, keys: jax.Array,
+                values: jax.Array, stream_positions: jax.Array, segments: jax.Array,
+                usage_decay: float) -> dict:
+  """The state after a finished chunk of C tokens; chunk_* fields come back empty.
+
+  mass: [batch, M] the attention mass the bank received during the chunk (all its
+  queries and memory layers); summaries: [batch, S, embed] the summarizer's output;
+  keys, values: [layers, batch, C, kv_heads, head_dim] the chunk's; stream_positions,
+  segments: [batch, C]. Usage decays and adds `mass` before the write, so the new
+  summaries start unused; the short-term memory becomes the chunk's last R tokens.
+  """
+  keep = state['short_positions'].shape[1]
+  chunk = stream_positions.shape[1]
+  new = write(add_usage(state, mass, usage_decay), summaries.astype(jnp.float32))
+  new['short_keys'] = keys[:, :, chunk - keep:].astype(jnp.float32)
+  new['short_values'] = values[:, :, chunk - keep:].astype(jnp.float32)
+  new['short_positions'] = stream_positions[:, chunk - keep:]
+  new['short_segments'] = segments[:, chunk - keep:]
+  new['position'] = state['position'] + chunk
+  for k in ('chunk_keys', 'chunk_values', 'chunk_hidden', 'chunk_mass'):
+    new[k] = jnp.zeros_like(state[k])
+  return new
 
 
 def attention_with_memory(query, key, value, mask, mem_query, mem_key, mem_value,

@@ -117,6 +117,7 @@ class Decoder(nn.Module):
       cache_length: int = 0,
       memory: dict | None = None,
       return_memory: bool = False,
+      decode: bool = False,
   ) -> jax.Array | tuple[jax.Array, ...]:
     """Next-token logits.
 
@@ -144,6 +145,9 @@ class Decoder(nn.Module):
         seq must be a multiple of the chunk size; positions default to the stream
         positions (continuing from the state's).
       return_memory: also return the memory state after the last chunk (memory on).
+      decode: with memory on, feed the tokens one at a time (incremental decoding, any
+        length, continuing the state mid-chunk): the same logits and state as the
+        whole-chunk pass, at one token's cost per step.
 
     Returns:
       logits: [batch, seq, vocab] float32 (or (hidden, head), see features_only);
@@ -157,9 +161,10 @@ class Decoder(nn.Module):
     if memory_lib.enabled(cfg):
       return self._memory_forward(inputs, segment_ids, positions, deterministic,
                                   return_moe_stats, features_only, cache_length, memory,
-                                  return_memory)
-    if memory is not None or return_memory:
-      raise ValueError('memory / return_memory need config.memory.chunk_size > 0.')
+                                  return_memory, decode)
+    if memory is not None or return_memory or decode:
+      raise ValueError('memory / return_memory / decode need config.memory.chunk_size > 0 '
+                       '(without memory, decode with cache_length).')
     if cache_length:
       if segment_ids is not None or positions is not None:
         raise ValueError('Decoding with a cache takes neither segment_ids nor positions '
@@ -221,14 +226,15 @@ class Decoder(nn.Module):
     return outputs[0] if len(outputs) == 1 else outputs
 
   def _memory_forward(self, inputs, segment_ids, positions, deterministic,
-                      return_moe_stats, features_only, cache_length, state, return_memory):
+                      return_moe_stats, features_only, cache_length, state, return_memory,
+                      decode):
     """Memory mode (`memory.py`): the chunks in order, each reading and writing memory.
 
     `nn.scan` over the seq / chunk_size chunks (params broadcast: every chunk runs the
     same blocks, named as without memory) on each chunk's tokens with the short-term
     keys / values and (in memory layers) the bank, then the summarizer writes the
     chunk's summaries. After every `tbptt_chunks`-th chunk the carried state gets a
-    stop_gradient.
+    stop_gradient. With `decode` the tokens go one at a time (`_memory_decode`).
     """
     cfg = self.config
     mem = cfg.memory
@@ -237,10 +243,7 @@ class Decoder(nn.Module):
     chunk = mem.chunk_size
     if cache_length or cfg.scan_layers or moe.enabled(cfg):
       raise ValueError('Chunk-summary memory does not combine with cache_length, '
-                       'scan_layers or MoE.')
-    if seq_len % chunk:
-      raise ValueError(f'Input length {seq_len} is not a multiple of '
-                       f'config.memory.chunk_size={chunk}.')
+                       'scan_layers or MoE (decode with memory: decode=True).')
     if state is None:
       state = memory_lib.init_state(cfg, batch)
     else:
@@ -248,47 +251,44 @@ class Decoder(nn.Module):
     embed = embed_lib.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name='embed')
     x_all = nn.with_logical_constraint(embed(inputs), _EMBED_NAMES)
     block = _block_class(cfg)
+    if decode:
+      if segment_ids is not None or positions is not None:
+        raise ValueError('Decoding with memory takes neither segment_ids nor positions '
+                         '(one document per row; positions come from the state).')
+      state, x = self._memory_decode(x_all, state, block)
+      outputs = self._head(x, embed, features_only)
+      outputs += (state,) if return_memory else ()
+      outputs += ({},) if return_moe_stats else ()
+      return outputs[0] if len(outputs) == 1 else outputs
+    if seq_len % chunk:
+      raise ValueError(f'Input length {seq_len} is not a multiple of '
+                       f'config.memory.chunk_size={chunk} (decode=True takes any length).')
+    try:
+      mid_chunk = int(state['position']) % chunk
+    except jax.errors.ConcretizationTypeError:
+      mid_chunk = 0  # Traced: the caller keeps whole-chunk calls at chunk boundaries.
+    if mid_chunk:
+      raise ValueError(f'The memory state is {mid_chunk} tokens into a chunk (left there '
+                       'by decode=True); continue it with decode=True.')
     stream = jnp.broadcast_to(state['position'] + jnp.arange(seq_len, dtype=jnp.int32),
                               (batch, seq_len))
     if positions is None:
       positions = stream
     segments = (jnp.ones((batch, seq_len), jnp.int32) if segment_ids is None
                 else segment_ids.astype(jnp.int32))
-    keep = mem.short_term_tokens
     num_chunks = seq_len // chunk
 
     def chunk_step(module, state, chunk_inputs):
       """One chunk: the blocks with memory, then the bank update; (state, hidden)."""
-      # Created in the scan's scope (a remat block closed over from outside would leak
-      # tracers); the names are those of the plain model's blocks.
-      blocks = [block(cfg, use_moe=False, layer=i, name=f'block_{i}', parent=module)
-                for i in range(cfg.num_layers)]
-      summarizer = memory_lib.Summarizer(cfg, name='summarizer', parent=module)
       index, x, stream_c, positions_c, segments_c = chunk_inputs
-      mass = jnp.zeros(state['usage'].shape, jnp.float32)
-      short_keys, short_values = [], []
-      for i, blk in enumerate(blocks):
-        memory_inputs = {
-            'stream_positions': stream_c, 'segments': segments_c,
-            'short_keys': state['short_keys'][i], 'short_values': state['short_values'][i],
-            'short_positions': state['short_positions'],
-            'short_segments': state['short_segments']}
-        if memory_lib.is_memory_layer(cfg, i):
-          memory_inputs['summaries'] = state['summaries']
-          memory_inputs['valid'] = state['valid']
-        x, out = blk(x, None if segment_ids is None else segments_c, positions_c,
-                     deterministic, 0, memory_inputs)
-        if out['mass'] is not None:
-          mass = mass + out['mass']
-        short_keys.append(out['keys'][:, chunk - keep:].astype(jnp.float32))
-        short_values.append(out['values'][:, chunk - keep:].astype(jnp.float32))
-      new = memory_lib.add_usage(state, mass, mem.usage_decay)
-      new = memory_lib.write(new, summarizer(x, segments_c).astype(jnp.float32))
-      new['short_keys'] = jnp.stack(short_keys)
-      new['short_values'] = jnp.stack(short_values)
-      new['short_positions'] = stream_c[:, chunk - keep:]
-      new['short_segments'] = segments_c[:, chunk - keep:]
-      new['position'] = state['position'] + chunk
+      x, out = self._memory_blocks(
+          module, block, state, x, None if segment_ids is None else segments_c,
+          positions_c, deterministic, stream_c, segments_c,
+          state['short_positions'], state['short_segments'], 0)
+      summarizer = memory_lib.Summarizer(cfg, name='summarizer', parent=module)
+      new = memory_lib.close_chunk(state, out['mass'], summarizer(x, segments_c),
+                                   out['keys'], out['values'], stream_c, segments_c,
+                                   mem.usage_decay)
       if mem.tbptt_chunks:  # Truncate after every K-th chunk of this call.
         cut = (index + 1) % mem.tbptt_chunks == 0
         new = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), new)
@@ -310,6 +310,106 @@ class Decoder(nn.Module):
     if return_moe_stats:
       outputs += ({},)
     return outputs[0] if len(outputs) == 1 else outputs
+
+  def _memory_blocks(self, module, block, state, x, segment_ids, positions,
+                     deterministic, stream, segments, past_positions, past_segments,
+                     num_chunk_keys):
+    """The blocks on new tokens x [batch, L, embed] with memory; (x, stacked outputs).
+
+    Each layer's new tokens attend to themselves and to its past keys/values: the
+    short-term ones, then (decoding) the first `num_chunk_keys` slots' worth of the
+    state's chunk_* buffers, at stream positions `past_positions` [batch, past] (-1 =
+    empty) in documents `past_segments`; memory layers also attend to the bank.
+    Returns the new x and {'keys', 'values': [layers, batch, L, kv_heads, head_dim],
+    'mass': [batch, M] summed over layers}. Blocks are created in `module`'s scope
+    (a remat block closed over from outside a scan would leak tracers) with the names
+    of the plain model's blocks.
+    """
+    cfg = self.config
+    mass = jnp.zeros(state['usage'].shape, jnp.float32)
+    keys, values = [], []
+    for i in range(cfg.num_layers):
+      past_keys, past_values = state['short_keys'][i], state['short_values'][i]
+      if num_chunk_keys:
+        past_keys = jnp.concatenate([past_keys, state['chunk_keys'][i]], axis=1)
+        past_values = jnp.concatenate([past_values, state['chunk_values'][i]], axis=1)
+      memory_inputs = {
+          'stream_positions': stream, 'segments': segments,
+          'short_keys': past_keys, 'short_values': past_values,
+          'short_positions': past_positions, 'short_segments': past_segments}
+      if memory_lib.is_memory_layer(cfg, i):
+        memory_inputs['summaries'] = state['summaries']
+        memory_inputs['valid'] = state['valid']
+      blk = block(cfg, use_moe=False, layer=i, name=f'block_{i}', parent=module)
+      x, out = blk(x, segment_ids, positions, deterministic, 0, memory_inputs)
+      if out['mass'] is not None:
+        mass = mass + out['mass']
+      keys.append(out['keys'])
+      values.append(out['values'])
+    return x, {'keys': jnp.stack(keys), 'values': jnp.stack(values), 'mass': mass}
+
+  def _memory_decode(self, x_all, state, block):
+    """Memory mode, one token at a time: (state, hidden [batch, seq, embed]).
+
+    Each token attends as in the whole-chunk pass: to the short-term keys, to the
+    current chunk's earlier tokens (the state's chunk_* buffers), to itself and, in
+    memory layers, to the bank, which stays fixed until the chunk is complete. When a
+    token completes its chunk the summarizer runs on the chunk's hidden states and the
+    bank, usage and short-term memory are updated exactly as `close_chunk` does for a
+    whole chunk, so decoding reproduces the whole-chunk pass token for token.
+    """
+    cfg = self.config
+    mem = cfg.memory
+    chunk = mem.chunk_size
+    batch = x_all.shape[0]
+    ones = jnp.ones((batch, 1), jnp.int32)
+
+    def close(module, state, start):
+      chunk_positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32),
+                                         (batch, chunk))
+      segments = jnp.ones((batch, chunk), jnp.int32)
+      summarizer = memory_lib.Summarizer(cfg, name='summarizer', parent=module)
+      state = dict(state, position=start)  # close_chunk advances by a whole chunk.
+      return memory_lib.close_chunk(
+          state, state['chunk_mass'], summarizer(state['chunk_hidden'], segments),
+          state['chunk_keys'], state['chunk_values'], chunk_positions, segments,
+          mem.usage_decay)
+
+    def keep(module, state, start):
+      del module, start
+      return state
+
+    def token_step(module, state, x):
+      """x: [batch, embed] one token per row -> (state, its final hidden state)."""
+      position = state['position']
+      slot = position % chunk
+      start = position - slot
+      filled = jnp.arange(chunk, dtype=jnp.int32) < slot
+      chunk_positions = jnp.where(filled, start + jnp.arange(chunk, dtype=jnp.int32), -1)
+      past_positions = jnp.concatenate(
+          [state['short_positions'], jnp.broadcast_to(chunk_positions, (batch, chunk))],
+          axis=1)
+      past_segments = jnp.concatenate(
+          [state['short_segments'], jnp.ones((batch, chunk), jnp.int32)], axis=1)
+      stream = jnp.full((batch, 1), position, jnp.int32)
+      x, out = self._memory_blocks(module, block, state, x[:, None], None, stream, True,
+                                   stream, ones, past_positions, past_segments, chunk)
+      new = dict(state)
+      for name, value in (('chunk_keys', out['keys']), ('chunk_values', out['values'])):
+        new[name] = jax.lax.dynamic_update_slice_in_dim(
+            state[name], value.astype(jnp.float32), slot, axis=2)
+      new['chunk_hidden'] = jax.lax.dynamic_update_slice_in_dim(
+          state['chunk_hidden'], x.astype(jnp.float32), slot, axis=1)
+      new['chunk_mass'] = state['chunk_mass'] + out['mass']
+      new['position'] = position + 1
+      new = nn.cond(slot == chunk - 1, close, keep, module, new, start)
+      return new, x[:, 0]
+
+    scan = nn.scan(token_step, variable_broadcast='params',
+                   split_rngs={'params': False, 'dropout': False},
+                   length=x_all.shape[1])
+    state, hidden = scan(self, state, jnp.swapaxes(x_all, 0, 1))
+    return state, jnp.swapaxes(hidden, 0, 1)
 
   def _head(self, x, embed, features_only):
     """Final norm and output head: (logits,) or (hidden, head) (see `__call__`)."""
