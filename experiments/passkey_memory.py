@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.source = 'passkey'
   config.max_seq_len = 256
   config.global_batch_size = 16
-  config.num_train_steps = 1500
+  config.num_train_steps = 5000
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.num_eval_batches = 4
@@ -58,9 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def split_by_reach(workdir: str, memory: str, lengths=(256, 512, 1024), num_examples=100):
   """Passkey scores of a trained run, split by whether the key is within local reach.
 
-  'near': the passkey line ends inside the last CHUNK tokens before the first answer
-  token (the window / the question's chunk can hold it); 'far': it does not, so only
-  memory can bring it. Uses the in-loop evaluation's examples (config.passkey.seed).
+  'far': the passkey line ends more than num_layers * CHUNK tokens before the first
+  answer token. Then neither model can reach it locally: the sliding windows of the
+  memory=0 model stack to a receptive field of num_layers * CHUNK tokens, and a memory=1
+  position sees only its own chunk; only memory can bring it. 'near': the rest. Uses the in-loop evaluation's examples (config.passkey.seed).
 
     python -m experiments.passkey_memory /tmp/pk_mem 1
   """
@@ -73,6 +74,7 @@ def split_by_reach(workdir: str, memory: str, lengths=(256, 512, 1024), num_exam
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   config = get_config(f'memory={memory}')
+  reach = config.model.num_layers * CHUNK  # The windows' stacked receptive field.
   tokenizer = pipeline.create_datasets(config).tokenizer
   model = transformer.make_model(config.model)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, config.max_seq_len),
@@ -85,7 +87,7 @@ def split_by_reach(workdir: str, memory: str, lengths=(256, 512, 1024), num_exam
                                      seed=config.passkey.seed, digits=config.passkey.digits)
     def far(e):
       line_end = e.passkey_start + len(tokenizer.encode(passkey.passkey_line(e.passkey)))
-      return line_end <= e.answer_start - CHUNK
+      return line_end <= e.answer_start - reach
 
     for name, want_far in (('near', False), ('far', True)):
       subset = [e for e in examples if far(e) == want_far]
