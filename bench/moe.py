@@ -97,8 +97,8 @@ def gather_rows(bench: MethodBench, logits) -> int:
   expert_index, _ = moe.route(logits, _TOP_K.value, True)
   block = moe_dispatch.gather_block_size(_TOKENS.value, _TOP_K.value, _EXPERTS.value,
                                          bench.block_size)
-  *_, num_used = moe_dispatch.block_layout(expert_index, _EXPERTS.value, block)
-  return int(num_used) * block
+  *_, num_blocks = moe_dispatch.block_layout(expert_index, _EXPERTS.value, block)
+  return int(num_blocks.sum()) * block
 
 
 def main(argv):

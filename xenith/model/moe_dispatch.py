@@ -126,100 +126,157 @@ def block_layout(expert_index, num_experts, block):
 
   Assignments sorted by expert; each expert's rows start at a block boundary.
   Returns (row [tokens * k]: each assignment's row, out of range if unrouted;
-  row_token [blocks * block]: the token in each row (0 in padding rows);
-  block_expert [blocks]; num_used [] int32: blocks that hold any row).
+  row_assignment [blocks * block]: the assignment in each row, tokens * k (out of
+  range) in padding rows; first_block [E]: each expert's first block; num_blocks [E]:
+  its number of blocks).
   """
   tokens, k = expert_index.shape
   n = tokens * k
-  num_blocks = (n + num_experts * (block - 1)) // block  # Upper bound on blocks in use.
+  max_blocks = (n + num_experts * (block - 1)) // block  # Upper bound on blocks in use.
   flat = expert_index.reshape(-1)
   _, sizes, rank = _sorted_layout(flat, num_experts)
-  padded = (sizes + block - 1) // block * block
-  padded_end = jnp.cumsum(padded)
-  padded_start = padded_end - padded
+  num_blocks = (sizes + block - 1) // block
+  first_block = jnp.cumsum(num_blocks) - num_blocks
   routed = flat < num_experts
-  row = jnp.where(routed, padded_start[jnp.minimum(flat, num_experts - 1)] + rank,
-                  num_blocks * block)
-  row_token = jnp.zeros(num_blocks * block, jnp.int32).at[row].set(
-      jnp.arange(n, dtype=jnp.int32) // k, mode='drop')
-  block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block
-  block_expert = jnp.minimum(
-      jnp.searchsorted(padded_end, block_start, side='right'), num_experts - 1)
-  num_used = padded_end[-1] // block
-  return row, row_token, block_expert.astype(jnp.int32), num_used
+  row = jnp.where(routed, first_block[jnp.minimum(flat, num_experts - 1)] * block + rank,
+                  max_blocks * block)
+  row_assignment = jnp.full(max_blocks * block, n, jnp.int32).at[row].set(
+      jnp.arange(n, dtype=jnp.int32), mode='drop')
+  return row, row_assignment, first_block.astype(jnp.int32), num_blocks.astype(jnp.int32)
+
+
+@jax.custom_vjp
+def gather_rows(x, index, transpose_index):
+  """x[index] with zeros where index is out of range; its gradient is a gather too.
+
+  x: [n, d]; index: [m]; transpose_index: [n, g], the rows of the output that read each
+  row of x (out of range = none), so that the gradient dx[i] = sum_j dy[transpose_index[i,
+  j]]. Every in-range index must be listed there once, and output rows not listed must
+  not matter to the caller (their gradient is dropped). The gradient of a gather is a
+  scatter-add, which XLA:CPU runs row by row; this gather-sum is several times faster.
+  """
+  return jnp.take(x, index, axis=0, mode='fill', fill_value=0)
+
+
+def _gather_rows_fwd(x, index, transpose_index):
+  return gather_rows(x, index, transpose_index), transpose_index
+
+
+def _gather_rows_bwd(transpose_index, dy):
+  dx = jnp.take(dy, transpose_index, axis=0, mode='fill', fill_value=0).sum(axis=1)
+  return dx, None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def _take(w, e):
   return lax.dynamic_index_in_dim(w, e, keepdims=False)
 
 
+def _expert_blocks(num_experts, first_block, num_blocks, start, block_body, finish, carry):
+  """Two nested loops: over experts, then over each expert's blocks.
+
+  Each expert's weights are sliced once (not once per block) and stay loop-invariant in
+  its inner loop: start(e, carry) -> (weights, inner carry); block_body(j, weights,
+  inner) -> inner for its blocks j; finish(e, inner) -> carry.
+  """
+  def expert(e, carry):
+    weights, inner = start(e, carry)
+    first = first_block[e]
+    inner = lax.fori_loop(first, first + num_blocks[e],
+                          lambda j, c: block_body(j, weights, c), inner)
+    return finish(e, inner)
+  return lax.fori_loop(0, num_experts, expert, carry)
+
+
+def _expert_weights(gate, up, down, e):
+  """Expert e's ([embed, 2 * mlp] gate and up side by side, [mlp, embed] down).
+
+  One [block, 2 * mlp] matmul per block instead of two: XLA:CPU runs one wide matmul
+  faster than two concurrent narrow ones.
+  """
+  return jnp.concatenate([_take(gate, e), _take(up, e)], axis=-1), _take(down, e)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def grouped_swiglu(x_rows, gate, up, down, block_expert, num_used, block):
-  """Per block of `block` rows, expert block_expert[j]'s SwiGLU; blocks >= num_used are 0.
+def grouped_swiglu(x_rows, gate, up, down, first_block, num_blocks, block):
+  """Expert e's SwiGLU on its blocks [first_block[e], first_block[e] + num_blocks[e])
+  of `block` rows each; rows in no expert's blocks are 0.
 
   x_rows: [blocks * block, embed]; gate, up: [experts, embed, mlp];
   down: [experts, mlp, embed] -> [blocks * block, embed].
   """
-  return _grouped_swiglu_fwd(x_rows, gate, up, down, block_expert, num_used, block)[0]
+  return _grouped_swiglu_fwd(x_rows, gate, up, down, first_block, num_blocks, block)[0]
 
 
-def _grouped_swiglu_fwd(x_rows, gate, up, down, block_expert, num_used, block):
+def _grouped_swiglu_fwd(x_rows, gate, up, down, first_block, num_blocks, block):
   rows = x_rows.shape[0]
   mlp = gate.shape[-1]
-  # Gate and up side by side, [experts, embed, 2 * mlp]: one matmul per block instead of
-  # two (XLA:CPU runs one wide matmul faster than two concurrent narrow ones).
-  gate_up = jnp.concatenate([gate, up], axis=-1)
 
-  def body(j, carry):
+  def body(j, weights, carry):
+    gate_up, w_down = weights
     y, gu_rows = carry
-    start, e = j * block, block_expert[j]
+    start = j * block
     xj = lax.dynamic_slice_in_dim(x_rows, start, block)  # [block, embed]
-    gu = xj @ _take(gate_up, e)  # [block, 2 * mlp]
-    yj = (jax.nn.silu(gu[:, :mlp]) * gu[:, mlp:]) @ _take(down, e)
+    gu = xj @ gate_up  # [block, 2 * mlp]
+    yj = (jax.nn.silu(gu[:, :mlp]) * gu[:, mlp:]) @ w_down
     return (lax.dynamic_update_slice_in_dim(y, yj, start, 0),
             lax.dynamic_update_slice_in_dim(gu_rows, gu, start, 0))
 
   init = (jnp.zeros_like(x_rows), jnp.zeros((rows, 2 * mlp), x_rows.dtype))
-  y, gu_rows = lax.fori_loop(0, num_used, body, init)
+  y, gu_rows = _expert_blocks(
+      gate.shape[0], first_block, num_blocks,
+      lambda e, carry: (_expert_weights(gate, up, down, e), carry), body,
+      lambda e, carry: carry, init)
   # Keeping the gate/up activations saves recomputing two of the three matmuls.
-  return y, (x_rows, gate_up, down, block_expert, num_used, gu_rows)
+  return y, (x_rows, gate, up, down, first_block, num_blocks, gu_rows)
 
 
 def _grouped_swiglu_bwd(block, residuals, dy):
-  x_rows, gate_up, down, block_expert, num_used, gu_rows = residuals
+  x_rows, gate, up, down, first_block, num_blocks, gu_rows = residuals
   f32 = jnp.float32
-  mlp = down.shape[1]
+  num_experts, mlp, embed = down.shape
+  dot = functools.partial(jnp.matmul, preferred_element_type=f32)
 
-  def accumulate(total, e, update):
-    return lax.dynamic_update_index_in_dim(total, _take(total, e) + update, e, 0)
-
-  def body(j, carry):
+  def start(e, carry):
+    # Expert e's weight gradients accumulate in float32 in the inner carry; `finish`
+    # stores them once, after its last block.
     dx, dgate_up, ddown_t = carry
-    start, e = j * block, block_expert[j]
+    inner = (dx, dgate_up, ddown_t, jnp.zeros((embed, 2 * mlp), f32),
+             jnp.zeros((embed, mlp), f32))
+    return _expert_weights(gate, up, down, e), inner
+
+  def body(j, weights, inner):
+    gate_up, w_down = weights
+    dx, dgate_up, ddown_t, dgate_up_e, ddown_e = inner
+    start = j * block
     xj, gu, dyj = (lax.dynamic_slice_in_dim(a, start, block) for a in (x_rows, gu_rows, dy))
     g, u = gu[:, :mlp], gu[:, mlp:]
     sig = jax.nn.sigmoid(g)
     silu = g * sig
-    dh = dyj @ _take(down, e).T  # [block, mlp]
+    dh = dyj @ w_down.T  # [block, mlp]
     # silu'(g) = sig * (1 + g * (1 - sig)); [d gate | d up], [block, 2 * mlp].
     dgu = jnp.concatenate([dh * u * sig * (1 + g * (1 - sig)), dh * silu], axis=-1)
-    dxj = dgu @ _take(gate_up, e).T
-    # Weight gradients accumulate in float32 whatever the compute dtype.
-    dot = functools.partial(jnp.matmul, preferred_element_type=f32)
-    return (lax.dynamic_update_slice_in_dim(dx, dxj, start, 0),
-            accumulate(dgate_up, e, dot(xj.T, dgu)),
-            # Accumulated as [embed, mlp]: XLA:CPU computes that product about 1.4x
-            # faster than the [mlp, embed] one.
-            accumulate(ddown_t, e, dot(dyj.T, silu * u)))
+    dxj = dgu @ gate_up.T
+    # d down accumulates as [embed, mlp]: XLA:CPU computes that product about 1.4x
+    # faster than the [mlp, embed] one.
+    return (lax.dynamic_update_slice_in_dim(dx, dxj, start, 0), dgate_up, ddown_t,
+            dgate_up_e + dot(xj.T, dgu), ddown_e + dot(dyj.T, silu * u))
 
-  num_experts, _, embed = down.shape
-  init = (jnp.zeros_like(x_rows), jnp.zeros(gate_up.shape, f32),
+  def finish(e, inner):
+    dx, dgate_up, ddown_t, dgate_up_e, ddown_e = inner
+    return (dx, lax.dynamic_update_index_in_dim(dgate_up, dgate_up_e, e, 0),
+            lax.dynamic_update_index_in_dim(ddown_t, ddown_e, e, 0))
+
+  init = (jnp.zeros_like(x_rows), jnp.zeros((num_experts, embed, 2 * mlp), f32),
           jnp.zeros((num_experts, embed, mlp), f32))
-  dx, dgate_up, ddown_t = lax.fori_loop(0, num_used, body, init)
+  dx, dgate_up, ddown_t = _expert_blocks(num_experts, first_block, num_blocks, start, body,
+                                         finish, init)
   ddown = ddown_t.transpose(0, 2, 1)
   dgate, dup = dgate_up[..., :mlp], dgate_up[..., mlp:]
-  return (dx, dgate.astype(gate_up.dtype), dup.astype(gate_up.dtype),
-          ddown.astype(down.dtype), None, None)
+  return (dx, dgate.astype(gate.dtype), dup.astype(up.dtype), ddown.astype(down.dtype),
+          None, None)
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
@@ -236,9 +293,13 @@ def dropless_gather(x, expert_index, weights, gate, up, down, block_size):
   tokens, k = expert_index.shape
   num_experts = gate.shape[0]
   block = gather_block_size(tokens, k, num_experts, block_size)
-  row, row_token, block_expert, num_used = block_layout(expert_index, num_experts, block)
-  y_rows = grouped_swiglu(x[row_token], gate, up, down, block_expert, num_used, block)
-  y = y_rows.at[row].get(mode='fill', fill_value=0).reshape(tokens, k, -1)
+  row, row_assignment, first_block, num_blocks = block_layout(expert_index, num_experts,
+                                                               block)
+  # Padding rows read token 0; their outputs are never read, so nothing flows back.
+  row_token = jnp.where(row_assignment < tokens * k, row_assignment // k, 0)
+  x_rows = gather_rows(x, row_token, row.reshape(tokens, k))
+  y_rows = grouped_swiglu(x_rows, gate, up, down, first_block, num_blocks, block)
+  y = gather_rows(y_rows, row, row_assignment[:, None]).reshape(tokens, k, -1)
   return _combine(y, weights), jnp.ones(expert_index.shape, bool)
 
 
