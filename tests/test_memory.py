@@ -191,6 +191,47 @@ def test_decoding_one_token_at_a_time_equals_the_chunked_pass(tmp_path):
     np.testing.assert_allclose(state[k], whole_state[k], atol=2e-5, rtol=2e-5, err_msg=k)
 
 
+def test_memory_with_moe_layers():
+  """MoE and memory together: the first chunk equals the plain MoE model on it (logits
+  and router stats), the router stats of a longer input are the chunks' mean, and
+  token-by-token decoding equals the chunked pass."""
+  cfg = _config((('short_term_tokens', 2), ('layers', (1,))))
+  cfg.moe.update(dict(num_experts=4, num_experts_per_token=2, expert_mlp_dim=32,
+                      first_dense_layers=1, dispatch='dropless_gather', block_size=8))
+  decoder = model.make_model(cfg)
+  tokens = _tokens(7, 3 * CHUNK)
+  params = nn.unbox(jax.jit(decoder.init)(jax.random.key(0), tokens))['params']
+  assert 'moe' in params['block_1'] and 'mlp' in params['block_0']
+  apply = jax.jit(functools.partial(decoder.apply, return_memory=True,
+                                    return_moe_stats=True))
+  logits, state, stats = apply({'params': params}, tokens)
+  assert set(stats) == {'layer_1'}
+  plain_cfg = _config((('chunk_size', 0),))
+  plain_cfg.moe.update(cfg.moe)
+  plain = model.make_model(plain_cfg)
+  shared = {k: v for k, v in params.items() if k != 'summarizer'}
+  plain_apply = jax.jit(functools.partial(plain.apply, return_moe_stats=True))
+  first, first_stats = plain_apply({'params': shared}, tokens[:, :CHUNK])
+  np.testing.assert_allclose(logits[:, :CHUNK], first, atol=1e-5, rtol=1e-5)
+  chunk_stats = [apply({'params': params}, tokens[:, :CHUNK])[2]]
+  for c in (1, 2):  # Chunks 2 and 3, continuing from the state after the one before.
+    _, before, _ = apply({'params': params}, tokens[:, :c * CHUNK])
+    chunk_stats.append(apply({'params': params}, tokens[:, c * CHUNK:(c + 1) * CHUNK],
+                             memory=before)[2])
+  np.testing.assert_allclose(chunk_stats[0]['layer_1']['aux_loss'],
+                             first_stats['layer_1']['aux_loss'], rtol=1e-5)
+  for name in ('aux_loss', 'expert_fraction'):
+    mean = np.mean([s['layer_1'][name] for s in chunk_stats], axis=0)
+    np.testing.assert_allclose(stats['layer_1'][name], mean, rtol=1e-5, atol=1e-7)
+  decode = jax.jit(functools.partial(decoder.apply, return_memory=True, decode=True))
+  step_state = memory.init_state(decoder.config, 2)
+  outs = []
+  for t in range(tokens.shape[1]):
+    out, step_state = decode({'params': params}, tokens[:, t:t + 1], memory=step_state)
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, atol=2e-5, rtol=2e-5)
+
+
 def test_load_bank_rejects_another_shape(tmp_path):
   cfg = ml_collections.FrozenConfigDict(_config())
   path = str(tmp_path / 'bank.npz')

@@ -177,10 +177,9 @@ def _validate_memory(config) -> None:
            lambda v: isinstance(v, int) and 0 <= v <= mem.chunk_size,
            f'must be an int in [0, chunk_size={mem.chunk_size}]')
   _require(config, f + 'usage_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
-  for field, bad in (('scan_layers', m.scan_layers), ('moe.num_experts', m.moe.num_experts)):
-    if bad:
-      raise ConfigError('model.' + field, f'{bad!r}: chunk-summary memory '
-                        f'(config.{f}chunk_size={mem.chunk_size}) needs it off')
+  if m.scan_layers:
+    raise ConfigError('model.scan_layers', f'True: chunk-summary memory '
+                      f'(config.{f}chunk_size={mem.chunk_size}) needs it off')
   if 'attention' in m and m.attention.window_sizes and m.attention.num_global_tokens:
     raise ConfigError('model.attention.num_global_tokens', 'global tokens do not '
                       'combine with chunk-summary memory; set it to 0')

@@ -50,7 +50,7 @@ class DecoderBlock(nn.Module):
     """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output.
 
     With `memory_inputs` (memory mode, see `attention.Attention`) the second element
-    is the attention's memory outputs instead (memory mode has no MoE).
+    is (the attention's memory outputs, MoE router stats or None).
     """
     cfg = self.config
     x = nn.with_logical_constraint(x, _EMBED_NAMES)
@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
     if memory_inputs is not None:
-      stats = memory_out
+      stats = (memory_out, stats)
     return nn.with_logical_constraint(x, _EMBED_NAMES), stats
 
 
@@ -241,9 +241,9 @@ class Decoder(nn.Module):
     dtype = layers.compute_dtype(cfg)
     batch, seq_len = inputs.shape
     chunk = mem.chunk_size
-    if cache_length or cfg.scan_layers or moe.enabled(cfg):
-      raise ValueError('Chunk-summary memory does not combine with cache_length, '
-                       'scan_layers or MoE (decode with memory: decode=True).')
+    if cache_length or cfg.scan_layers:
+      raise ValueError('Chunk-summary memory does not combine with cache_length or '
+                       'scan_layers (decode with memory: decode=True).')
     if state is None:
       state = memory_lib.init_state(cfg, batch)
     else:
@@ -292,7 +292,7 @@ class Decoder(nn.Module):
       if mem.tbptt_chunks:  # Truncate after every K-th chunk of this call.
         cut = (index + 1) % mem.tbptt_chunks == 0
         new = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), new)
-      return new, x
+      return new, (x, out['moe'])
 
     def by_chunk(a):  # [batch, seq, ...] -> [chunks, batch, chunk, ...]
       a = a.reshape((batch, num_chunks, chunk) + a.shape[2:])
@@ -300,15 +300,15 @@ class Decoder(nn.Module):
 
     scan = nn.scan(chunk_step, variable_broadcast='params',
                    split_rngs={'params': False, 'dropout': True}, length=num_chunks)
-    state, hidden = scan(self, state, (jnp.arange(num_chunks), by_chunk(x_all),
-                                       by_chunk(stream), by_chunk(positions),
-                                       by_chunk(segments)))
+    state, (hidden, moe_stats) = scan(
+        self, state, (jnp.arange(num_chunks), by_chunk(x_all), by_chunk(stream),
+                      by_chunk(positions), by_chunk(segments)))
     x = jnp.swapaxes(hidden, 0, 1).reshape((batch, seq_len) + hidden.shape[3:])
     outputs = self._head(x, embed, features_only)
     if return_memory:
       outputs += (state,)
-    if return_moe_stats:
-      outputs += ({},)
+    if return_moe_stats:  # Each chunk routes its own tokens: the chunks' mean stats.
+      outputs += (jax.tree.map(lambda a: a.mean(axis=0), moe_stats),)
     return outputs[0] if len(outputs) == 1 else outputs
 
   def _memory_blocks(self, module, block, state, x, segment_ids, positions,
@@ -321,13 +321,14 @@ class Decoder(nn.Module):
     state's chunk_* buffers, at stream positions `past_positions` [batch, past] (-1 =
     empty) in documents `past_segments`; memory layers also attend to the bank.
     Returns the new x and {'keys', 'values': [layers, batch, L, kv_heads, head_dim],
-    'mass': [batch, M] summed over layers}. Blocks are created in `module`'s scope
+    'mass': [batch, M] summed over layers, 'moe': {'layer_<i>': router stats} of the
+    MoE layers}. Blocks are created in `module`'s scope
     (a remat block closed over from outside a scan would leak tracers) with the names
     of the plain model's blocks.
     """
     cfg = self.config
     mass = jnp.zeros(state['usage'].shape, jnp.float32)
-    keys, values = [], []
+    keys, values, moe_stats = [], [], {}
     for i in range(cfg.num_layers):
       past_keys, past_values = state['short_keys'][i], state['short_values'][i]
       if num_chunk_keys:
@@ -340,13 +341,17 @@ class Decoder(nn.Module):
       if memory_lib.is_memory_layer(cfg, i):
         memory_inputs['summaries'] = state['summaries']
         memory_inputs['valid'] = state['valid']
-      blk = block(cfg, use_moe=False, layer=i, name=f'block_{i}', parent=module)
-      x, out = blk(x, segment_ids, positions, deterministic, 0, memory_inputs)
+      blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
+                  parent=module)
+      x, (out, stats) = blk(x, segment_ids, positions, deterministic, 0, memory_inputs)
       if out['mass'] is not None:
         mass = mass + out['mass']
       keys.append(out['keys'])
       values.append(out['values'])
-    return x, {'keys': jnp.stack(keys), 'values': jnp.stack(values), 'mass': mass}
+      if stats is not None:
+        moe_stats[f'layer_{i}'] = stats
+    return x, {'keys': jnp.stack(keys), 'values': jnp.stack(values), 'mass': mass,
+               'moe': moe_stats}
 
   def _memory_decode(self, x_all, state, block):
     """Memory mode, one token at a time: (state, hidden [batch, seq, embed]).
