@@ -6,9 +6,11 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import default
+from experiments import memory as memory_experiment
 from experiments import xenith_beast
 from experiments import xenith_mini
 from xenith import describe
@@ -66,6 +68,34 @@ def test_attention_flops_count_windows():
   model.attention.num_global_tokens = 64
   model.attention.full_attention_layers = 1
   assert flops.attention_flops_per_token(model, 1024) == pytest.approx(full * (1 + 192 / 1024) / 2)
+
+
+def test_memory_flops_match_the_compiled_chunk():
+  """What chunk-summary memory adds per token (summarizer, bank projections, the bank
+  and short-term keys in the scores) is within 15% of what XLA's cost analysis counts
+  for one chunk, memory vs the same model without it; describe uses the same count."""
+  def per_token(chunk_size):
+    config = memory_experiment.get_config('size=tiny')
+    m = config.model
+    m.attention.implementation = 'dense'  # Memory chunks use the dense kernel too.
+    length = m.memory.chunk_size
+    m.memory.chunk_size = chunk_size
+    model = make_model(m)
+    tokens = jnp.zeros((1, length), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    kwargs = {'return_memory': True} if chunk_size else {}  # Else the summarizer is dead code.
+    cost = jax.jit(lambda p, t: model.apply(p, t, **kwargs)).lower(
+        params, tokens).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    ours = 2 * flops.matmul_params(m) + flops.attention_flops_per_token(m, length)
+    return cost['flops'] / length, ours, config
+
+  chunk = memory_experiment.get_config('size=tiny').model.memory.chunk_size
+  xla_memory, ours_memory, config = per_token(chunk)
+  xla_plain, ours_plain, _ = per_token(0)
+  assert ours_memory - ours_plain == pytest.approx(xla_memory - xla_plain, rel=0.15)
+  assert describe.describe(config, 1)['inference_flops_per_token'] == pytest.approx(
+      ours_memory)
 
 
 def test_xenith_mini_is_not_what_the_seed_claims():

@@ -15,6 +15,7 @@ import ml_collections
 
 from xenith import flops
 from xenith import sharding
+from xenith.model import memory
 from xenith.model.transformer import make_model
 
 GIB = 2.0**30
@@ -23,7 +24,9 @@ GIB = 2.0**30
 def _boxed_params(model_config: ml_collections.ConfigDict) -> Any:
   """Abstract params with their logical-axis boxes (shapes only)."""
   model = make_model(model_config)
-  tokens = jnp.zeros((1, 8), jnp.int32)  # Param shapes do not depend on the length.
+  # Param shapes do not depend on the length (a memory model reads whole chunks).
+  length = model_config.memory.chunk_size if memory.enabled(model_config) else 8
+  tokens = jnp.zeros((1, length), jnp.int32)
   return jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
 
 
@@ -65,10 +68,13 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
     active += used
     is_lookup_only = 'embed' in path and 'embedding' in path and not m.tie_embeddings
     # Norm scales are elementwise, even when a scan stacks them into [layers, embed].
-    if 'norm' not in names and len(shape) >= 2 and not is_lookup_only:
+    # The summarizer's work is per chunk, not per token: `flops.memory_matmul_params`.
+    if ('norm' not in names and len(shape) >= 2 and not is_lookup_only
+        and 'summarizer' not in path):
       matmul_active += used
     shard += _shard_elements(shape, names, mesh_sizes, rules)
 
+  matmul_active += flops.memory_matmul_params(m)
   seq = config.max_seq_len
   attention_per_token = flops.attention_flops_per_token(m, seq)  # Forward.
   param_bytes = 4  # Params are float32 whatever the compute dtype.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xenith.model import attention_pattern
+from xenith.model import memory
 from xenith.model import moe
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against `device_kind`.
@@ -39,7 +40,25 @@ def matmul_params(model: ml_collections.ConfigDict) -> float:
     else:
       mlp = 3 * d * model.mlp_dim  # SwiGLU: gate, up, down.
     total += attention + mlp
-  return total
+  return total + memory_matmul_params(model)
+
+
+def memory_matmul_params(model: ml_collections.ConfigDict) -> float:
+  """Chunk-summary memory's matmul work per token, as parameters used once per token.
+
+  Per summarizer layer, every chunk token goes through the key and value projections
+  (2 d^2) while the S queries' projections and MLP (2 d^2 + 2 d mlp) run once per chunk,
+  i.e. S / C times per token; each memory layer projects the M bank summaries to keys and
+  values once per chunk. 0 without memory. (`describe` counts the summarizer this way
+  instead of from its param tree, which would charge every token all its weights.)
+  """
+  if not memory.enabled(model):
+    return 0.0
+  mem, d = model.memory, model.embed_dim
+  per_chunk = mem.summary_tokens / mem.chunk_size
+  summarizer = mem.summarizer_layers * (2 * d * d + per_chunk * (2 * d * d + 2 * d * model.mlp_dim))
+  bank = len(mem.layers) * mem.bank_size / mem.chunk_size * 2 * d * model.num_kv_heads * model.head_dim
+  return summarizer + bank
 
 
 def attention_keys_per_query(model: ml_collections.ConfigDict, layer: int,
@@ -48,7 +67,13 @@ def attention_keys_per_query(model: ml_collections.ConfigDict, layer: int,
 
   The full sequence for full attention (the whole score matrix, as the dense causal
   kernel computes it); window + global tokens (at most seq_len) for windowed heads.
+  With chunk-summary memory every query scores its chunk and the short-term keys (the
+  dense kernel per chunk), plus the bank in memory layers.
   """
+  if memory.enabled(model):
+    mem = model.memory
+    bank = mem.bank_size if layer in tuple(mem.layers) else 0
+    return mem.chunk_size + mem.short_term_tokens + bank
   groups = attention_pattern.layer_head_groups(model, layer, seq_len)
   num_global = attention_pattern.num_global_tokens(model, layer)
   keys = [seq_len if g.window is None else min(seq_len, g.window + num_global)
@@ -57,10 +82,17 @@ def attention_keys_per_query(model: ml_collections.ConfigDict, layer: int,
 
 
 def attention_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
-  """Forward FLOPs per token of the attention scores and their weighted sum (no params)."""
-  return sum(4 * model.num_heads * model.head_dim
-             * attention_keys_per_query(model, layer, seq_len)
-             for layer in range(model.num_layers))
+  """Forward FLOPs per token of the attention scores and their weighted sum (no params).
+
+  With memory, also the summarizer's: S queries score the C chunk tokens per layer.
+  """
+  total = sum(4 * model.num_heads * model.head_dim
+              * attention_keys_per_query(model, layer, seq_len)
+              for layer in range(model.num_layers))
+  if memory.enabled(model):
+    mem = model.memory
+    total += mem.summarizer_layers * 4 * model.embed_dim * mem.summary_tokens
+  return total
 
 
 def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
