@@ -79,8 +79,8 @@ def test_windowed_layers_keep_a_ring_buffer_no_larger_than_their_window():
     # Globals + window: 3 + 4 and 3 + 6 slots, for a 1024-token cache.
     assert c['key_0'].shape[1] == 7 and c['key_1'].shape[1] == 9
     # Kept: the 3 globals and the most recent window positions.
-    assert sorted(np.asarray(c['positions_0']).tolist()) == [0, 1, 2, 20, 21, 22, 23]
-    assert sorted(np.asarray(c['positions_1']).tolist()) == [0, 1, 2, 18, 19, 20, 21, 22, 23]
+    assert sorted(np.asarray(c['positions_0'][0]).tolist()) == [0, 1, 2, 20, 21, 22, 23]
+    assert sorted(np.asarray(c['positions_1'][0]).tolist()) == [0, 1, 2, 18, 19, 20, 21, 22, 23]
 
 
 def test_decoding_rejects_packed_inputs():
@@ -88,6 +88,6 @@ def test_decoding_rejects_packed_inputs():
   tokens = jnp.zeros((1, 4), jnp.int32)
   params = model.init(jax.random.key(0), tokens)['params']
   cache = kv_cache.init_cache(model, 1, 8)
-  with pytest.raises(ValueError, match='neither segment_ids nor positions'):
+  with pytest.raises(ValueError, match='no segment_ids'):
     model.apply({'params': params, 'cache': cache}, tokens, cache_length=8,
                 segment_ids=jnp.ones_like(tokens), mutable=['cache'])

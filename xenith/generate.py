@@ -34,19 +34,22 @@ def _sample(logits, key, temperature: float, top_k: int):
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature',
                                              'top_k'))
 def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0,
+             temperature: float = 0.0, top_k: int = 0, prompt_lengths: jax.Array | None = None,
              memory: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
   """Continues `prompt` by `max_new_tokens` tokens.
 
   Args:
     model: a `Decoder` (`transformer.make_model`).
     params: its params.
-    prompt: [batch, prompt_len] int32 token ids, one document per row, all rows the same
-      length (the cache decodes rows in lockstep).
+    prompt: [batch, prompt_len] int32 token ids, one document per row; rows shorter
+      than prompt_len are left-padded (any token id) and give `prompt_lengths`.
     key: PRNG key for sampling (unused when greedy).
     max_new_tokens: tokens to add.
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
     top_k: with temperature > 0, sample among the k most likely tokens only; 0 = all.
+    prompt_lengths: [batch] int, each row's prompt length (its last tokens); None = all
+      prompt_len. The padding sits at negative positions, so each row continues exactly
+      as it would alone. Not for memory models.
     memory: memory models only: the state to continue from (`memory.load_bank`, or a
       previous call's); None = an empty memory at stream position 0.
 
@@ -56,24 +59,33 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
     (whose prompt is then the text that follows).
   """
   if memory_lib.enabled(model.config):
+    if prompt_lengths is not None:
+      raise ValueError('prompt_lengths is not supported for memory models.')
     return _generate_with_memory(model, params, prompt, key, memory, max_new_tokens,
                                  temperature, top_k)
   if memory is not None:
     raise ValueError('memory= needs a model with config.memory.chunk_size > 0.')
   batch, prompt_len = prompt.shape
   length = prompt_len + max_new_tokens
+  # Row b's first real token is at position 0: its padding at -padding[b]..-1.
+  padding = (jnp.zeros((batch,), jnp.int32) if prompt_lengths is None
+             else prompt_len - jnp.asarray(prompt_lengths, jnp.int32))
   apply = functools.partial(model.apply, cache_length=length, mutable=['cache'])
+  positions = jnp.arange(prompt_len, dtype=jnp.int32)[None] - padding[:, None]
   logits, variables = apply({'params': params, 'cache': kv_cache.init_cache(model, batch, length)},
-                            prompt)
+                            prompt, positions=positions)
 
-  def step(carry, key):
+  def step(carry, xs):
     cache, last_logits = carry
+    key, t = xs
     token = _sample(last_logits, key, temperature, top_k)
-    logits, variables = apply({'params': params, 'cache': cache}, token[:, None])
+    logits, variables = apply({'params': params, 'cache': cache}, token[:, None],
+                              positions=(prompt_len + t - padding)[:, None])
     return (variables['cache'], logits[:, -1]), token
 
   keys = jax.random.split(key, max_new_tokens)
-  _, tokens = jax.lax.scan(step, (variables['cache'], logits[:, -1]), keys)
+  steps = jnp.arange(max_new_tokens, dtype=jnp.int32)
+  _, tokens = jax.lax.scan(step, (variables['cache'], logits[:, -1]), (keys, steps))
   return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1)
 
 

@@ -153,7 +153,7 @@ class Attention(nn.Module):
       segment_ids: [batch, seq] document ids (0 = padding), or None.
       positions: [batch, seq] positions for RoPE (absolute ones when decoding).
       cache_length: > 0 decodes with the 'cache' collection (`kv_cache.py`): x are
-        the next tokens after the cached ones, rows in lockstep, one document each.
+        the next tokens after the cached ones, one document per row.
       memory_inputs: chunk-summary memory mode (`memory.py`): x is one chunk, which
         attends to itself, to the short-term keys/values and, if the dict has
         'summaries', to the bank. Keys: 'stream_positions', 'segments' [batch, C];
@@ -194,10 +194,10 @@ class Attention(nn.Module):
       out, aux = self._attend_memory(query, key, value, plain_query, memory_inputs,
                                      key_proj, value_proj)
     elif cache_length and not self.is_initializing():
-      out = self._attend_cached(query, key, value, positions[0], cache_length)
+      out = self._attend_cached(query, key, value, positions, cache_length)
     else:
       if cache_length:  # Creating the cache: its buffers, then plain attention.
-        self._attend_cached(query, key, value, positions[0], cache_length)
+        self._attend_cached(query, key, value, positions, cache_length)
       out = self._attend_groups(query, key, value, segment_ids)
     out = nn.with_logical_constraint(out, q_names)  # [batch, seq, heads, head_dim]
     out = layers.dense(
@@ -264,7 +264,7 @@ class Attention(nn.Module):
   def _attend_cached(self, query, key, value, positions, cache_length):
     """Attention of the new tokens to the layer's KV cache, which it then updates.
 
-    positions: [L] absolute positions of the new tokens (the same in every row).
+    positions: [batch, L] absolute positions of the new tokens (negative = padding).
     """
     cfg = self.config
     groups = attention_pattern.layer_head_groups(cfg, self.layer, cache_length)
@@ -281,7 +281,7 @@ class Attention(nn.Module):
       cached_key = self.variable('cache', f'key_{n}', jnp.zeros, shape, dtype)
       cached_value = self.variable('cache', f'value_{n}', jnp.zeros, shape, dtype)
       cached_positions = self.variable('cache', f'positions_{n}',
-                                       lambda s=slots: jnp.full((s,), -1, jnp.int32))
+                                       lambda s=slots: jnp.full((batch, s), -1, jnp.int32))
       if self.is_initializing():
         continue
       k, v = key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end]

@@ -1,7 +1,8 @@
 """KV cache for incremental decoding: ring buffers for windowed heads, kept global tokens.
 
 Each attention layer keeps, per KV-head group (`attention_pattern.HeadGroup`), a
-buffer of `slots` keys and values with the absolute position of each slot (-1 = empty):
+buffer of `slots` keys and values per row with the absolute position of each slot
+(-1 = empty):
 
 - a full-attention group keeps every position: slots = the cache length, slot = position;
 - a windowed group keeps its G global tokens in slots [0, G) for good and the most
@@ -11,8 +12,10 @@ buffer of `slots` keys and values with the absolute position of each slot (-1 = 
 A call appends L >= 1 tokens (a prompt, then one token at a time): the new queries
 attend to the cached keys plus the new keys, masked by absolute positions exactly as
 `masks.make_attention_mask` masks the one-shot forward pass (causal, window, global),
-and then the new keys are written. Rows of a batch decode in lockstep: one document
-per row, all at the same position, no packing.
+and then the new keys are written. One document per row, no packing. Rows advance
+together (one token each per step) but may sit at different positions: prompts of
+different lengths are left-padded, and padding tokens get negative positions, which
+nothing attends to and which are never cached.
 """
 
 import jax
@@ -38,40 +41,44 @@ def keys_and_mask(key, value, positions, cached_key, cached_value, cached_positi
                   *, window: int | None, num_global: int):
   """The keys and values new tokens attend to (the cache, then themselves), and the mask.
 
-  key, value: [batch, L, kv_heads, head_dim] of the new tokens; positions: [L] their
-  absolute positions; cached_*: [batch, slots, kv_heads, head_dim] and [slots] (-1 =
-  empty). Returns (keys, values [batch, slots + L, kv_heads, head_dim],
-  mask [1, L, slots + L] bool) for `attention.dot_product_attention`.
+  key, value: [batch, L, kv_heads, head_dim] of the new tokens; positions: [batch, L]
+  their absolute positions (negative = padding); cached_*: [batch, slots, kv_heads,
+  head_dim] and [batch, slots] (-1 = empty). Returns (keys, values [batch, slots + L,
+  kv_heads, head_dim], mask [batch, L, slots + L] bool) for
+  `attention.dot_product_attention`.
   """
   keys = jnp.concatenate([cached_key, key.astype(cached_key.dtype)], axis=1)
   values = jnp.concatenate([cached_value, value.astype(cached_value.dtype)], axis=1)
-  key_pos = jnp.concatenate([cached_positions, positions])  # [slots + L]
-  q = positions[:, None]
-  k = key_pos[None, :]
+  key_pos = jnp.concatenate([cached_positions, positions], axis=1)  # [batch, slots + L]
+  q = positions[:, :, None]
+  k = key_pos[:, None, :]
   mask = (k >= 0) & (k <= q)
   if window is not None:
     mask &= (q - k < window) | (k < num_global)
-  return keys, values, mask[None]
+  return keys, values, mask
 
 
 def write(cached_key, cached_value, cached_positions, key, value, positions, *,
           window: int | None, num_global: int):
   """Stores the new keys and values; returns the updated (key, value, positions).
 
-  Of the new positions only those the buffer keeps are written (the globals and the
-  last `window`), so no two writes share a slot.
+  Per row, of the new positions only those the buffer keeps are written (the globals
+  and the last `window`; never padding), so no two writes share a slot.
   """
-  slots = cached_positions.shape[0]
-  last = positions[-1]
+  slots = cached_positions.shape[1]
+  last = positions[:, -1:]
   keep = positions < num_global
   if window is None:
     keep = positions < slots
   else:
     keep |= positions > last - window
+  keep &= positions >= 0
   target = jnp.where(keep, slot_of(positions, window, num_global), slots)  # slots = drop
-  cached_key = cached_key.at[:, target].set(key.astype(cached_key.dtype), mode='drop')
-  cached_value = cached_value.at[:, target].set(value.astype(cached_value.dtype), mode='drop')
-  cached_positions = cached_positions.at[target].set(positions, mode='drop')
+  rows = jnp.arange(positions.shape[0])[:, None]
+  cached_key = cached_key.at[rows, target].set(key.astype(cached_key.dtype), mode='drop')
+  cached_value = cached_value.at[rows, target].set(value.astype(cached_value.dtype),
+                                                   mode='drop')
+  cached_positions = cached_positions.at[rows, target].set(positions, mode='drop')
   return cached_key, cached_value, cached_positions
 
 

@@ -137,8 +137,10 @@ class Decoder(nn.Module):
       cache_length: > 0 decodes incrementally with a KV cache of that many positions
         (`kv_cache.init_cache(model, batch, cache_length)` builds it; apply with
         mutable=['cache']): `inputs` are the tokens after those already cached (a
-        prompt, then one at a time), positions continue from the cache's counter,
-        and segment_ids / positions must be None (one document per row).
+        prompt, then one at a time), one document per row, no segment_ids.
+        positions default to the cache's counter onwards in every row; pass them
+        per row to decode prompts of different lengths, left-padded, the padding at
+        negative positions (never attended to or cached; see `generate.generate`).
       memory: with chunk-summary memory on (`config.memory.chunk_size` > 0,
         `memory.py`): the state a previous call returned (or `memory.load_bank`
         read); None = an empty bank and short-term memory at stream position 0.
@@ -166,12 +168,13 @@ class Decoder(nn.Module):
       raise ValueError('memory / return_memory / decode need config.memory.chunk_size > 0 '
                        '(without memory, decode with cache_length).')
     if cache_length:
-      if segment_ids is not None or positions is not None:
-        raise ValueError('Decoding with a cache takes neither segment_ids nor positions '
-                         '(one document per row; positions come from the cache).')
+      if segment_ids is not None:
+        raise ValueError('Decoding with a cache takes no segment_ids (one document per '
+                         'row; left padding goes at negative positions).')
       index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
-      positions = jnp.broadcast_to(index.value + jnp.arange(seq_len, dtype=jnp.int32),
-                                   (batch, seq_len))
+      if positions is None:
+        positions = jnp.broadcast_to(index.value + jnp.arange(seq_len, dtype=jnp.int32),
+                                     (batch, seq_len))
       if not self.is_initializing():
         index.value = index.value + seq_len
     if positions is None:
