@@ -137,11 +137,7 @@ class VariantBench:
 
   def run(self, calls: int) -> float:
     """Seconds per call over `calls` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = self.step(*self.args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
+    return benchlib.seconds_per_call(self.step, self.args, calls)
 
 
 def predicted_seconds(variant: str, seq: int, measured: dict) -> float | None:

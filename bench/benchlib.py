@@ -1,8 +1,9 @@
 """What the benchmark scripts share: the machine they ran on, peak memory, child
-processes that report one result each, and the JSON they write.
+processes that report one result each, timing a compiled step, and the JSON they write.
 
 Imported by the scripts in this folder (run as `python bench/<script>.py`, which puts
-this folder on sys.path); it imports no JAX, so parents of JAX children stay light.
+this folder on sys.path); it imports JAX only inside `seconds_per_call`, so parents of
+JAX children stay light.
 """
 
 import json
@@ -11,6 +12,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 
 _RESULT = 'RESULT '
 
@@ -60,6 +62,16 @@ def run_child(cmd: list[str], what: str) -> dict:
     raise RuntimeError(f'{what} failed (exit {proc.returncode})')
   line = [l for l in proc.stdout.splitlines() if l.startswith(_RESULT)][-1]
   return json.loads(line[len(_RESULT):])
+
+
+def seconds_per_call(step, args, calls: int) -> float:
+  """Seconds per call of the compiled `step(*args)` over `calls` back-to-back calls."""
+  import jax  # pylint: disable=g-import-not-at-top  (only timing children need JAX)
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = step(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
 
 
 def write_json(path: str, data: dict) -> None:

@@ -85,11 +85,7 @@ class MethodBench:
 
   def run(self, calls: int) -> float:
     """Seconds per call over `calls` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = self.step(*self.args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
+    return benchlib.seconds_per_call(self.step, self.args, calls)
 
 
 def gather_rows(bench: MethodBench, logits) -> int:

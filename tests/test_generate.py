@@ -99,6 +99,15 @@ def _main(*args):
                         text=True, timeout=300, check=False)
 
 
+def _save_fresh_params(config, workdir, length):
+  """Initial params of `config`'s model as the workdir's checkpoint 0 (what generate loads)."""
+  model = transformer.make_model(config.model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))['params']
+  checkpointing.save_params(str(workdir / 'checkpoints' / '0' / 'state'),
+                            jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                                         is_leaf=lambda x: hasattr(x, 'value')))
+
+
 def test_main_generate_mode(tmp_path):
   """--mode=generate prints the prompt and its continuation from a workdir's params, and
   names the problem in one line when the workdir has no checkpoint."""
@@ -106,12 +115,7 @@ def test_main_generate_mode(tmp_path):
                  '--mode=generate', '--prompt=ROMEO:')
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith('CheckpointMismatchError: ')
-  config = default.get_config('size=tiny')
-  model = transformer.make_model(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-  checkpointing.save_params(str(tmp_path / 'checkpoints' / '0' / 'state'),
-                            jax.tree.map(lambda x: getattr(x, 'value', x), params,
-                                         is_leaf=lambda x: hasattr(x, 'value')))
+  _save_fresh_params(default.get_config('size=tiny'), tmp_path, length=8)
   result = _main('--config=experiments/default.py:size=tiny', f'--workdir={tmp_path}',
                  '--mode=generate', '--prompt=ROMEO:', '--max_new_tokens=5')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -121,12 +125,7 @@ def test_main_generate_mode(tmp_path):
 def test_main_generate_continues_a_memory_bank(tmp_path):
   """--memory_bank: the first call saves the memory after its output; the second loads
   it and continues the same document (no second BOS), ending further down the stream."""
-  config = memory_experiment.get_config('size=tiny')
-  model = transformer.make_model(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))['params']
-  checkpointing.save_params(str(tmp_path / 'checkpoints' / '0' / 'state'),
-                            jax.tree.map(lambda x: getattr(x, 'value', x), params,
-                                         is_leaf=lambda x: hasattr(x, 'value')))
+  _save_fresh_params(memory_experiment.get_config('size=tiny'), tmp_path, length=16)
   bank = str(tmp_path / 'bank.npz')
   args = ('--config=experiments/memory.py:size=tiny', f'--workdir={tmp_path}',
           '--mode=generate', f'--memory_bank={bank}', '--max_new_tokens=20')

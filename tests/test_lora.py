@@ -27,6 +27,7 @@ from xenith.model import lora
 from xenith.model.transformer import make_model
 from xenith.steps import make_loss_fn, make_train_step
 from xenith.train_state import init_train_state
+from helpers import single_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 128
@@ -331,16 +332,8 @@ def test_configs_and_target_lists_agree():
 
 # End to end, with real processes, as a user runs it.
 
-def _env():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device.
-  env['XENITH_CACHE'] = os.environ.get('XENITH_TEST_CACHE', env.get('XENITH_CACHE', ''))
-  if not env['XENITH_CACHE']:
-    del env['XENITH_CACHE']
-  return env
-
-
 def _run(*args, script='main.py'):
-  result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(),
+  result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=single_device_env(),
                           capture_output=True, text=True, timeout=900)
   if result.returncode:
     raise AssertionError(f'{script} {args} failed:\n{result.stderr[-4000:]}')

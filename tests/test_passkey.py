@@ -16,6 +16,7 @@ from xenith import passkey
 from xenith.config_validation import ConfigError, validate
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.model.transformer import make_model
+from helpers import single_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('the king and queen walk to the castle where a fool sings of green grass blue '
@@ -166,15 +167,6 @@ def test_invalid_passkey_config_is_named(field, value, message):
     validate(config, num_devices=8)
 
 
-def _env():
-  # One CPU device (as tests/test_train.py); the shared data cache when one is set.
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['XENITH_CACHE'] = os.environ.get('XENITH_TEST_CACHE', env.get('XENITH_CACHE', ''))
-  if not env['XENITH_CACHE']:
-    del env['XENITH_CACHE']
-  return env
-
-
 @pytest.mark.slow
 def test_train_loop_writes_passkey_scalars(tmp_path):
   workdir = str(tmp_path)
@@ -184,7 +176,7 @@ def test_train_loop_writes_passkey_scalars(tmp_path):
              '--config.num_eval_batches=1', '--config.checkpoint_every_steps=6',
              '--config.optimizer.warmup_steps=1', '--config.passkey.lengths=(80, 200)',
              '--config.passkey.num_examples=3', '--config.passkey.batch_size=2']
-  result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+  result = subprocess.run(command, cwd=ROOT, env=single_device_env(), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   scalars = event_files.read_scalars(workdir)

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from xenith import event_files
+from helpers import single_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 120
@@ -31,17 +32,8 @@ def _command(workdir, *overrides):
           *overrides]
 
 
-def _env():
-  # One CPU device, like a user's laptop run (conftest's 8 devices are for sharding).
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['XENITH_CACHE'] = os.environ.get('XENITH_TEST_CACHE', env.get('XENITH_CACHE', ''))
-  if not env['XENITH_CACHE']:
-    del env['XENITH_CACHE']
-  return env
-
-
 def _run(workdir, *overrides, check=True):
-  result = subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=_env(),
+  result = subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=single_device_env(),
                           capture_output=True, text=True, timeout=900)
   if check and result.returncode:
     raise AssertionError(f'run failed:\n{result.stderr[-4000:]}')
@@ -57,7 +49,7 @@ def _checkpoint_steps(workdir):
 
 def _start_and_signal(workdir, sig, after_checkpoint=30):
   """Starts a run and sends `sig` once checkpoint `after_checkpoint` is committed."""
-  process = subprocess.Popen(_command(workdir), cwd=ROOT, env=_env(),
+  process = subprocess.Popen(_command(workdir), cwd=ROOT, env=single_device_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while not any(s >= after_checkpoint for s in _checkpoint_steps(workdir)):
