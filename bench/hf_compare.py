@@ -90,8 +90,9 @@ def time_steps(step, data, warmup: int, steps: int) -> dict:
 # ----------------------------------------------------------------------------- Xenith
 
 
-def xenith_config():
-  """experiments/default.py's config reshaped to SHAPE, OPT and the aux-loss weight."""
+def xenith_config(overrides=()):
+  """experiments/default.py's config reshaped to SHAPE, OPT and the aux-loss weight,
+  then `overrides` ('model.moe.block_size=128', ...) for what-if runs."""
   sys.path.insert(0, _REPO_ROOT)
   from experiments import default  # pylint: disable=g-import-not-at-top
   config = default.get_config('size=small')
@@ -122,7 +123,16 @@ def xenith_config():
   config.optimizer.update(dict(learning_rate=OPT['lr'], b1=OPT['b1'], b2=OPT['b2'],
                                eps=OPT['eps'], weight_decay=OPT['weight_decay'],
                                grad_clip_norm=OPT['clip']))
-
+  for override in overrides:
+    name, _, value = override.partition('=')
+    *parents, field = name.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if field not in node:
+      raise ValueError(f'--xenith_set {override!r}: config has no field {name!r}')
+    kind = type(node[field])
+    setattr(node, field, value.lower() in ('1', 'true') if kind is bool else kind(value))
   return config
 
 
@@ -137,7 +147,7 @@ def xenith_child(args) -> dict:
   from xenith.steps import make_train_step
   from xenith.train_state import abstract_train_state, init_train_state
 
-  config = xenith_config()
+  config = xenith_config(args.xenith_set)
   m = config.model
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   mesh = sharding.create_mesh(config.mesh)
@@ -175,6 +185,7 @@ def xenith_child(args) -> dict:
                 'flax': __import__('flax').__version__,
                 'optax': __import__('optax').__version__},
       settings={'dispatch': 'auto', 'remat': 'none', 'scan_layers': False,
+                'overrides': list(args.xenith_set),
                 'block_size': int(m.moe.block_size), 'lr_schedule': 'warmup + cosine (config)'})
   return result
 
@@ -245,6 +256,7 @@ def run_child(framework: str, args) -> dict:
          f'--steps={args.steps}', f'--warmup={args.warmup}',
          f'--num_batches={args.num_batches}', f'--hf_experts={args.hf_experts}',
          f'--hf_attn={args.hf_attn}', f'--hf_adamw={args.hf_adamw}']
+  cmd += [f'--xenith_set={override}' for override in args.xenith_set]
   start = time.perf_counter()
   result = benchlib.run_child(cmd, f'the {framework} child')
   result['wall_s'] = time.perf_counter() - start
@@ -264,6 +276,9 @@ def main():
   parser.add_argument('--hf_attn', default='sdpa', help="HF attn_implementation.")
   parser.add_argument('--hf_adamw', default='fused', choices=['fused', 'foreach', 'default'],
                       help='torch AdamW implementation.')
+  parser.add_argument('--xenith_set', action='append', default=[],
+                      help='KEY=VALUE override of the Xenith config (repeatable), e.g. '
+                      'model.moe.block_size=128, for what-if runs.')
   parser.add_argument('--json', default=os.path.join(_REPO_ROOT, 'bench', 'results',
                                                      'hf_compare.json'))
   parser.add_argument('--child', choices=['xenith', 'hf'], help=argparse.SUPPRESS)
