@@ -28,6 +28,7 @@ stdout and JSON in bench/results/hf_compare.json. Run with XLA_FLAGS unset.
 """
 
 import argparse
+import ast
 import datetime
 import os
 import statistics
@@ -123,16 +124,14 @@ def xenith_config(overrides=()):
   config.optimizer.update(dict(learning_rate=OPT['lr'], b1=OPT['b1'], b2=OPT['b2'],
                                eps=OPT['eps'], weight_decay=OPT['weight_decay'],
                                grad_clip_norm=OPT['clip']))
+  from xenith import sweeps  # pylint: disable=g-import-not-at-top
   for override in overrides:
-    name, _, value = override.partition('=')
-    *parents, field = name.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    if field not in node:
-      raise ValueError(f'--xenith_set {override!r}: config has no field {name!r}')
-    kind = type(node[field])
-    setattr(node, field, value.lower() in ('1', 'true') if kind is bool else kind(value))
+    name, _, text = override.partition('=')
+    try:
+      value = ast.literal_eval(text)  # 128, 0.5, True, (64, 128), 'dense'
+    except (SyntaxError, ValueError):
+      value = text  # A bare word: a string field.
+    sweeps.set_field(config, name, value)
   return config
 
 
@@ -277,8 +276,9 @@ def main():
   parser.add_argument('--hf_adamw', default='fused', choices=['fused', 'foreach', 'default'],
                       help='torch AdamW implementation.')
   parser.add_argument('--xenith_set', action='append', default=[],
-                      help='KEY=VALUE override of the Xenith config (repeatable), e.g. '
-                      'model.moe.block_size=128, for what-if runs.')
+                      help='KEY=VALUE override of the Xenith config (repeatable; VALUE a '
+                      'Python literal or a bare word), e.g. model.moe.block_size=128, '
+                      'for what-if runs.')
   parser.add_argument('--json', default=os.path.join(_REPO_ROOT, 'bench', 'results',
                                                      'hf_compare.json'))
   parser.add_argument('--child', choices=['xenith', 'hf'], help=argparse.SUPPRESS)

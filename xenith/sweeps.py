@@ -109,8 +109,11 @@ def _load_module(path: str):
   return module
 
 
-def _set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> Any:
-  """Sets dotted `key` as `--config.<key>` would; returns the value as the field's type."""
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> Any:
+  """Sets dotted `key` as `--config.<key>` would; returns the value as the field's type.
+
+  Raises SweepError naming the field when it does not exist or the value does not fit.
+  """
   parts = key.split('.')
   node = config
   for i, part in enumerate(parts):
@@ -147,7 +150,7 @@ def validate(config: ml_collections.ConfigDict,
     if not isinstance(point, Mapping) or not all(isinstance(k, str) for k in point):
       raise SweepError(f'sweep point {i} is not a dict of field names to values: {point!r}')
     fresh = copy.deepcopy(config)  # Each point starts from the experiment's config.
-    typed.append({key: _set_field(fresh, key, value) for key, value in point.items()})
+    typed.append({key: set_field(fresh, key, value) for key, value in point.items()})
     canonical = repr(sorted(typed[-1].items()))
     if canonical in seen:
       raise SweepError(f'sweep points {seen[canonical]} and {i} are the same: {point!r}')
