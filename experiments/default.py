@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.b1 = 0.9  # Adam beta1.
   config.optimizer.b2 = 0.95  # Adam beta2.
   config.optimizer.eps = 1e-8  # Adam epsilon.
-  config.optimizer.weight_decay = 0.1  # Decoupled weight decay (not on norms or biases).
+  config.optimizer.weight_decay = 0.1  # Decoupled weight decay (not on norm scales or biases).
   config.optimizer.grad_clip_norm = 1.0  # Clip gradients to this global norm; 0 = off.
 
   # Model: a pre-norm decoder-only transformer.

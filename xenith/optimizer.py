@@ -18,9 +18,29 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       end_value=opt.learning_rate * opt.end_lr_fraction)
 
 
+# Params named so are elementwise (norm scales and biases): they never decay, whatever
+# their rank (a scan stacks a norm scale into [layers, embed]).
+NO_DECAY_PARAMS = ('scale', 'bias')
+
+
+def _param_name(path) -> str | None:
+  """The param's own name: the last dict key of its path (a logical-axis box adds an
+  attribute key after it)."""
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return names[-1] if names else None
+
+
+def decays(path) -> bool:
+  """Whether weight decay applies to the param at `path` (a `jax.tree_util` key path).
+
+  Every weight matrix decays: kernels, embeddings, experts, LoRA adapters, the memory
+  summarizer's queries. Norm scales and biases (`NO_DECAY_PARAMS`) do not.
+  """
+  return _param_name(path) not in NO_DECAY_PARAMS
+
+
 def _decay_mask(params):
-  # Matrices decay; norm scales and biases (vectors) do not.
-  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
 
 
 def _adapter_labels(params):
