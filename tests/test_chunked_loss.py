@@ -100,3 +100,60 @@ def test_train_loss_and_grads_equal_full_logits(tie_embeddings, lora_head, moe):
   if tie_embeddings:
     for name in ('loss', 'accuracy'):
       np.testing.assert_allclose(chunked_eval[name], full_eval[name], rtol=1e-5)
+
+
+# Two hand-packed rows of 12 tokens (BOS 2, EOS 3, padding 0). Row 0: a whole document,
+# a second one, and the start of a third, cut at the row's end; row 1: the rest of the
+# third (a new segment), a fourth document, then padding.
+_PACKED = {
+    'inputs': [[2, 10, 11, 12, 3, 2, 20, 21, 3, 2, 30, 31],
+               [32, 33, 3, 2, 40, 41, 3, 0, 0, 0, 0, 0]],
+    'segment_ids': [[1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3],
+                    [1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0]],
+    'positions': [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2],
+                  [0, 1, 2, 0, 1, 2, 3, 0, 0, 0, 0, 0]],
+}
+# What each position predicts, and whether it counts: never across a document boundary
+# (EOS -> next BOS), into padding, past the row's end, or from padding.
+_TARGETS = [[10, 11, 12, 3, 2, 20, 21, 3, 2, 30, 31, 0],
+            [33, 3, 2, 40, 41, 3, 0, 0, 0, 0, 0, 0]]
+_WEIGHTS = [[1, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0],
+            [1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]]
+
+
+def test_next_token_targets_of_a_hand_packed_batch():
+  batch = {k: jnp.asarray(v, jnp.int32) for k, v in _PACKED.items()}
+  targets, weights = steps.next_token_targets(batch['inputs'], batch['segment_ids'])
+  np.testing.assert_array_equal(weights, np.asarray(_WEIGHTS, np.float32))
+  # Only counted positions' targets matter; those must be exactly the next token.
+  np.testing.assert_array_equal(np.where(weights > 0, targets, 0),
+                                np.where(np.asarray(_WEIGHTS) > 0, _TARGETS, 0))
+
+
+@pytest.mark.parametrize('chunk', [0, 5])  # Full logits; chunks not dividing the row.
+def test_train_and_eval_loss_of_a_hand_packed_batch_equal_numpy(chunk):
+  """The train loss, eval loss and accuracy against a NumPy negative log-likelihood
+  over the hand-listed targets and weights, from the model's own logits."""
+  config = _config(tie_embeddings=True)
+  config.model.loss_chunk_size = chunk
+  batch = {k: jnp.asarray(v, jnp.int32) for k, v in _PACKED.items()}
+  model = transformer.make_model(config.model)
+  params = jax.tree.map(lambda x: getattr(x, 'value', x),
+                        model.init(jax.random.key(0), batch['inputs'])['params'],
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  params = jax.tree.map(lambda x: 4 * x, params)  # Sharper logits: a wrong target shows.
+  logits = np.asarray(model.apply({'params': params}, batch['inputs'],
+                                  segment_ids=batch['segment_ids'],
+                                  positions=batch['positions']), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  targets, weights = np.asarray(_TARGETS), np.asarray(_WEIGHTS, np.float64)
+  nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  want_loss = (nll * weights).sum() / weights.sum()
+  want_accuracy = ((logits.argmax(-1) == targets) * weights).sum() / weights.sum()
+
+  loss = steps.make_loss_fn(model)(params, batch, jax.random.key(1))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  result = steps.make_eval_step(model)(params, batch).compute()
+  np.testing.assert_allclose(result['loss'], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(result['accuracy'], want_accuracy, rtol=1e-6)
