@@ -172,6 +172,47 @@ def test_batches_are_packed_consistently(ds):
   assert ds.tokenizer.pad_id == 0
 
 
+def test_train_rows_carry_no_padding_across_epochs(ds):
+  """The train stream repeats before packing: no row pads, not even at an epoch's end."""
+  rows_per_epoch = ds.stats['train_tokens'] / (BATCH * SEQ_LEN)
+  it = iter(ds.train)
+  for i in range(math.ceil(2.5 * rows_per_epoch) + 1):  # Across two epoch boundaries.
+    batch = next(it)
+    assert np.all(batch['segment_ids'] > 0), f'padding in train batch {i}'
+
+
+def _pack_reference(docs, seq_len):
+  """Concat-then-split by hand: rows of seq_len tokens cut from all documents in order;
+  a document cut by a row's end goes on as a new segment (positions from 0); only the
+  last row pads."""
+  rows, row = [], []
+  for doc in docs:
+    position = 0
+    for token in doc:
+      if len(row) == seq_len:
+        rows.append(row)
+        row, position = [], 0  # The rest of this document starts the next row.
+      segment = (row[-1][1] + (position == 0)) if row else 1
+      row.append((token, segment, position))
+      position += 1
+  rows.append(row + [(0, 0, 0)] * (seq_len - len(row)))
+  return [{'inputs': [t for t, _, _ in r], 'segment_ids': [s for _, s, _ in r],
+           'positions': [p for _, _, p in r]} for r in rows]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_packing_a_finite_stream_equals_a_hand_packer(seed):
+  """Documents shorter, equal to and longer than a row; only the final row pads."""
+  from xenith.data import packing  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  seq_len = 8
+  lengths = [8, 3, 1, 13, 5, 17, 2, 8, 4]
+  docs = [rng.integers(1, 100, n).astype(np.int32) for n in lengths]
+  source = grain.MapDataset.source([{'inputs': d} for d in docs]).to_iter_dataset()
+  got = [{k: v.tolist() for k, v in row.items()} for row in packing.pack(source, seq_len)]
+  assert got == _pack_reference([d.tolist() for d in docs], seq_len)
+
+
 def test_no_text_lost_in_train_and_validation(ds, corpus):
   tok = ds.tokenizer
   train, val = expected_passages(corpus, 0.2)
