@@ -184,6 +184,31 @@ def test_adapter_dropout_runs_only_with_a_dropout_rng():
   assert np.abs(dropped - expected).max() > 1e-3
 
 
+@pytest.mark.parametrize('rate', [0.25, 0.5])
+def test_adapter_dropout_zeroes_inputs_and_scales_the_rest_on_the_adapter_only(rate):
+  """With A = B = identity the adapter's output is alpha / rank * dropout(x): every
+  input is either dropped (0) or kept and scaled by 1 / (1 - rate), about `rate` of them
+  dropped; the base path sees x whole. With B = 0 the output is exactly the base's."""
+  width, alpha = 8, 4.0
+  layer = layers.DenseGeneral(features=width, names=('embed', 'mlp'), lora_rank=width,
+                              lora_alpha=alpha, lora_dropout=rate)
+  x = jax.random.normal(jax.random.key(0), (512, width)) + 3.0  # No zeros in x.
+  params = nn.unbox(layer.init(_key(0), x))['params']
+  kernel = np.asarray(params['kernel'])
+  base = np.asarray(x) @ kernel
+  identity = {**params, 'lora_a': jnp.eye(width), 'lora_b': jnp.eye(width)}
+  out = np.asarray(layer.apply({'params': identity}, x, rngs={'dropout': jax.random.key(3)}))
+  kept = (out - base) / (alpha / width) / np.asarray(x)  # dropout(x) / x per element.
+  dropped = np.isclose(kept, 0.0, atol=1e-4)
+  assert np.all(dropped | np.isclose(kept, 1 / (1 - rate), rtol=1e-4))
+  assert abs(dropped.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / dropped.size)
+  zero_b = {**params, 'lora_b': jnp.zeros_like(params['lora_b'])}
+  np.testing.assert_array_equal(
+      layer.apply({'params': zero_b}, x, rngs={'dropout': jax.random.key(3)}),
+      layer.apply({'params': zero_b}, x))
+  np.testing.assert_allclose(layer.apply({'params': zero_b}, x), base, rtol=1e-5, atol=1e-5)
+
+
 def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
   shape = (config.global_batch_size, config.max_seq_len)
@@ -386,5 +411,21 @@ def test_lora_finetune_of_a_trained_checkpoint_through_main(tmp_path):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding
                                      .SingleDeviceSharding(jax.devices()[0])),
       traverse_util.unflatten_dict(base, sep='/')))
-  expected = lora.merge_lora(traverse_util.unflatten_dict(tuned, sep='/'), config.model)
-  jax.tree.map(np.testing.assert_array_equal, merged, expected)
+  # Every merged kernel is W + alpha / rank * A @ B, in NumPy from the trained adapters.
+  flat_merged, factor = _flat(merged), config.model.lora.alpha / config.model.lora.rank
+  assert set(flat_merged) == set(base)
+  for name in base:
+    owner = name[:-len('kernel')]
+    want = np.asarray(tuned[name], np.float64)
+    if owner + 'lora_a' in tuned:
+      a, b = (np.asarray(tuned[owner + n], np.float64) for n in ('lora_a', 'lora_b'))
+      want = want + factor * np.tensordot(a, b, axes=1)
+    np.testing.assert_allclose(flat_merged[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+  # The merged plain model and the adapted model, both run here, give the same logits.
+  tokens = _tokens((2, config.max_seq_len), seed=5)
+  adapted = make_model(config.model).apply(
+      {'params': traverse_util.unflatten_dict(tuned, sep='/')}, tokens)
+  plain = make_model(lora.plain_config(config.model)).apply({'params': merged}, tokens)
+  assert np.abs(adapted - make_model(lora.plain_config(config.model)).apply(
+      {'params': traverse_util.unflatten_dict(base, sep='/')}, tokens)).max() > 1e-4
+  np.testing.assert_allclose(plain, adapted, rtol=1e-4, atol=1e-4)
