@@ -310,20 +310,28 @@ def _sharded_config(dispatch='auto', **mesh):
   config.model.moe.num_experts = 4
   config.model.moe.expert_mlp_dim = 32
   config.model.moe.dispatch = dispatch
+  # 'capacity': 247 routed tokens x 2 > 4 experts x ceil(0.5 * 256 * 2 / 4) slots: drops.
+  config.model.moe.capacity_factor = 0.5
   return config
 
 
 @functools.cache
-def _single_device_moe(dispatch):
-  return test_sharding._run_steps(_sharded_config(dispatch), jax.devices()[:1])
+def _single_device_moe(dispatch, num_steps):
+  return test_sharding._run_steps(_sharded_config(dispatch), jax.devices()[:1], num_steps)
 
 
-@pytest.mark.parametrize('mesh', [dict(data=2, expert=4), dict(data=2, expert=2, tensor=2)])
-def test_expert_parallel_step_matches_single_device(mesh):
+@pytest.mark.parametrize('dispatch,mesh', [
+    ('auto', dict(data=2, expert=4)), ('auto', dict(data=2, expert=2, tensor=2)),
+    # One mesh each, gradients only (no train step to compile): the costly part is XLA.
+    ('capacity', dict(data=2, expert=4)),
+    ('dropless_ragged', dict(data=2, expert=2, tensor=2))],
+    ids=lambda v: v if isinstance(v, str) else '-'.join(f'{a}{n}' for a, n in v.items()))
+def test_expert_parallel_step_matches_single_device(dispatch, mesh):
   assert jax.device_count() == 8, 'conftest sets 8 simulated CPU devices'
-  ref_grads, ref_losses, ref_norms, _ = _single_device_moe('auto')
+  num_steps = 2 if dispatch == 'auto' else 0
+  ref_grads, ref_losses, ref_norms, _ = _single_device_moe(dispatch, num_steps)
   grads, losses, norms, state = test_sharding._run_steps(
-      _sharded_config('auto', **mesh), jax.devices())
+      _sharded_config(dispatch, **mesh), jax.devices(), num_steps)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
   _assert_trees_close(grads, ref_grads)
