@@ -10,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import torch
+import transformers
 
-import xenith  # pylint: disable=g-import-not-at-top
-from xenith import hf  # pylint: disable=g-import-not-at-top
+from experiments import default
+import xenith
+from xenith import hf
+from xenith.model import make_model
+from helpers import single_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
@@ -219,3 +222,83 @@ def test_main_import_export(saved, tmp_path):
                  f'--workdir={tmp_path / "run2"}')
   assert result.returncode != 0
   assert 'HfFormatError' in result.stderr and 'is not a directory' in result.stderr
+
+
+def _exportable_model():
+  """A tiny Mixtral-shaped Xenith model config: MoE in every layer, one sliding window."""
+  model = default.get_config('size=tiny').model
+  model.moe.num_experts = 4
+  model.tie_embeddings = False
+  model.attention.window_sizes = (16,)
+  return model
+
+
+# (fields set on an exportable model, what the refusal names).
+_UNEXPORTABLE = [
+    ({'norm': 'layernorm'}, "norm='layernorm'"),
+    ({'rope_scaling.type': 'yarn', 'rope_scaling.factor': 2.0}, "rope_scaling.type='yarn'"),
+    ({'lora.rank': 4}, 'LoRA adapters'),
+    ({'memory.chunk_size': 8}, 'chunk-summary memory'),
+    ({'attention.window_sizes': (16, 32)}, 'attention pattern'),
+    ({'attention.num_global_tokens': 2}, 'attention pattern'),
+    ({'attention.dynamic_windows': True}, 'attention pattern'),
+    ({'attention.full_attention_layers': 1}, 'attention pattern'),
+    ({'moe.num_shared_experts': 1}, 'shared experts'),
+    ({'moe.first_dense_layers': 1}, 'dense layers between MoE layers'),
+    ({'moe.moe_every': 2}, 'dense layers between MoE layers'),
+    ({'moe.normalize_top_k': False}, 'normalize_top_k=False'),
+    ({'moe.expert_mlp_dim': 32}, 'expert_mlp_dim != mlp_dim'),
+]
+
+
+@pytest.mark.parametrize('fields,message', _UNEXPORTABLE,
+                         ids=[next(iter(f)) for f, _ in _UNEXPORTABLE])
+def test_every_setting_without_a_hf_equivalent_is_refused(fields, message):
+  hf.check_exportable(_exportable_model())  # The starting point exports.
+  model = _exportable_model()
+  for field, value in fields.items():
+    *parents, name = field.split('.')
+    node = model
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  with pytest.raises(hf.HfFormatError, match='no Mistral/Mixtral equivalent') as error:
+    hf.check_exportable(model)
+  assert message in str(error.value)
+
+
+def test_all_problems_are_named_at_once():
+  model = _exportable_model()
+  model.norm = 'layernorm'
+  model.moe.num_shared_experts = 1
+  with pytest.raises(hf.HfFormatError, match="norm='layernorm'.*; shared experts"):
+    hf.check_exportable(model)
+
+
+@pytest.mark.slow
+def test_export_of_a_natively_trained_run(tmp_path):
+  """A Xenith run trained from scratch (MoE, untied head, a sliding window) exports to a
+  Mixtral checkpoint whose logits in transformers equal the run's own."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'export')
+  overrides = ['--config.model.moe.num_experts=4', '--config.model.tie_embeddings=False',
+               '--config.model.attention.window_sizes=(16,)']
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=experiments/default.py:size=tiny',
+       f'--workdir={workdir}', '--config.num_train_steps=4',
+       '--config.checkpoint_every_steps=4', '--config.eval_every_steps=4',
+       '--config.num_eval_batches=1', '--config.optimizer.warmup_steps=1', *overrides],
+      cwd=REPO, env=single_device_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  result = _main('--mode=export_hf', '--config=experiments/default.py:size=tiny',
+                 *overrides, f'--workdir={workdir}', f'--hf_dir={out}')
+  assert result.returncode == 0, result.stderr[-4000:]
+
+  exported = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+  assert exported.config.sliding_window == 16 and exported.config.num_local_experts == 4
+  model = _exportable_model()
+  params = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', '4', 'state'))['params']
+  tokens = np.random.RandomState(2).randint(0, model.vocab_size, (2, 40)).astype(np.int32)
+  ours = np.asarray(make_model(model).apply({'params': params}, jnp.asarray(tokens)))
+  np.testing.assert_allclose(_hf_logits(exported, tokens), ours, rtol=0, atol=1e-4)

@@ -223,6 +223,9 @@ def check_exportable(model: ml_collections.ConfigDict) -> None:
     problems.append(f'rope_scaling.type={model.rope_scaling.type!r}')
   if model.get('lora') and model.lora.rank:
     problems.append('LoRA adapters (merge them first: launch/merge_lora.py)')
+  memory = model.get('memory')
+  if memory and memory.chunk_size:
+    problems.append('chunk-summary memory (memory.chunk_size > 0)')
   attn = model.get('attention')
   if attn and attn.window_sizes and (
       len(set(attn.window_sizes)) > 1 or attn.num_global_tokens or attn.dynamic_windows
