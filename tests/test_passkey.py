@@ -167,31 +167,116 @@ def test_invalid_passkey_config_is_named(field, value, message):
     validate(config, num_devices=8)
 
 
-@pytest.mark.slow
-def test_train_loop_writes_passkey_scalars(tmp_path):
-  workdir = str(tmp_path)
-  command = [sys.executable, 'main.py', '--config=experiments/default.py:size=tiny',
-             f'--workdir={workdir}', '--config.num_train_steps=6',
-             '--config.log_every_steps=2', '--config.eval_every_steps=4',
-             '--config.num_eval_batches=1', '--config.checkpoint_every_steps=6',
-             '--config.optimizer.warmup_steps=1', '--config.passkey.lengths=(80, 200)',
-             '--config.passkey.num_examples=3', '--config.passkey.batch_size=2']
-  result = subprocess.run(command, cwd=ROOT, env=single_device_env(), capture_output=True, text=True,
+# Two short runs of the tiny model on passkey examples (so that it predicts digits), the
+# same but for logging: every 4 steps with the passkey evaluation, and every step.
+_RUN = ['--config=experiments/default.py:size=tiny', '--config.data.source=passkey',
+        '--config.num_train_steps=24', '--config.eval_every_steps=12',
+        '--config.num_eval_batches=1', '--config.checkpoint_every_steps=12',
+        '--config.optimizer.warmup_steps=4']
+_PASSKEY = ['--config.log_every_steps=4', '--config.passkey.lengths=(64, 96)',
+            '--config.passkey.num_examples=8', '--config.passkey.batch_size=3']
+_EVERY_STEP = ['--config.log_every_steps=1']
+
+
+def _main(workdir, *flags):
+  result = subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *flags],
+                          cwd=ROOT, env=single_device_env(), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
-  scalars = event_files.read_scalars(workdir)
-  tags = [f'passkey/{name}_{n}' for n in (80, 200)
+  return event_files.read_scalars(workdir)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """(workdir, scalars) of the run logging every 4 steps with passkey, and the scalars of
+  the run logging every step."""
+  workdir = str(tmp_path_factory.mktemp('passkey_run'))
+  every_step = str(tmp_path_factory.mktemp('every_step'))
+  return (workdir, _main(workdir, *_RUN, *_PASSKEY)), _main(every_step, *_RUN, *_EVERY_STEP)
+
+
+@pytest.mark.slow
+def test_train_loop_writes_passkey_scalars(runs):
+  (workdir, scalars), _ = runs
+  tags = [f'passkey/{name}_{n}' for n in (64, 96)
           for name in ('accuracy', 'digit_accuracy')]
   tags += ['passkey/mean_accuracy', 'passkey/mean_digit_accuracy']
   for tag in tags:
-    # With each eval (every 4 steps) and at the last step.
-    assert [s for s, _ in scalars[tag]] == [4, 6], tag
+    # With each eval (every 12 steps), the last step among them.
+    assert [s for s, _ in scalars[tag]] == [12, 24], tag
     assert all(0 <= v <= 1 for _, v in scalars[tag]), tag
-  mean = dict(scalars['passkey/mean_accuracy'])[6]
-  assert mean == pytest.approx((dict(scalars['passkey/accuracy_80'])[6] +
-                                dict(scalars['passkey/accuracy_200'])[6]) / 2)
+  for name in ('accuracy', 'digit_accuracy'):
+    mean = dict(scalars[f'passkey/mean_{name}'])[24]
+    assert mean == pytest.approx((dict(scalars[f'passkey/{name}_64'])[24] +
+                                  dict(scalars[f'passkey/{name}_96'])[24]) / 2)
   with open(os.path.join(workdir, 'final_metrics.json')) as f:
     final = json.load(f)
-  assert final['step'] == 6
+  assert final['step'] == 24
   for tag in tags:
-    assert final[tag] == pytest.approx(dict(scalars[tag])[6]), tag
+    assert final[tag] == pytest.approx(dict(scalars[tag])[24]), tag
+
+
+def _hand_scores(model, params, examples):
+  """Exact-match and per-token accuracy from the full logits' argmax, one example at a
+  time (no batching, padding or answer-position gathering)."""
+  exact, right, total = 0, 0, 0
+  for e in examples:
+    logits = np.asarray(model.apply({'params': params}, e.tokens[None]))[0]
+    # Position t predicts token t + 1: the answer's predictions sit one to the left.
+    predicted = logits[e.answer_start - 1:-1].argmax(-1)
+    hits = predicted == e.answer
+    exact += bool(hits.all())
+    right += int(hits.sum())
+    total += len(e.answer)
+  return exact / len(examples), right / total
+
+
+@pytest.mark.slow
+def test_in_loop_passkey_scores_equal_a_hand_evaluation_of_the_saved_params(runs):
+  """The scalars the loop wrote at steps 12 and 24 against argmax predictions of the
+  checkpoints of those steps, computed here."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from xenith.data import pipeline  # pylint: disable=g-import-not-at-top
+  (workdir, scalars), _ = runs
+  config = default.get_config('size=tiny')
+  config.data.source = 'passkey'
+  config.data.cache_dir = single_device_env().get('XENITH_CACHE', '')
+  tokenizer = pipeline.create_datasets(config).tokenizer
+  model = make_model(config.model)
+  digit_scores = []
+  for step in (12, 24):
+    params = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, 'checkpoints', str(step), 'state'))['params']
+    for length in (64, 96):
+      examples = passkey.make_examples(tokenizer, length, 8, seed=config.passkey.seed,
+                                       digits=config.passkey.digits)
+      accuracy, digit_accuracy = _hand_scores(model, params, examples)
+      assert dict(scalars[f'passkey/accuracy_{length}'])[step] == pytest.approx(accuracy)
+      assert dict(scalars[f'passkey/digit_accuracy_{length}'])[step] == pytest.approx(
+          digit_accuracy), (step, length)
+      digit_scores.append(digit_accuracy)
+  assert max(digit_scores) > 0, 'the model predicts no digit: the check would be empty'
+
+
+@pytest.mark.slow
+def test_logged_train_metrics_are_the_interval_means_of_the_per_step_values(runs):
+  """Logging every 4 steps writes the mean loss and gradient norm of those 4 steps and
+  the last step's param norm and learning rate; the training itself is unchanged."""
+  (_, every_4), every_step = runs
+  per_step = {tag: event_files.last_per_step(every_step[tag])
+              for tag in ('train/loss', 'train/grad_norm', 'train/param_norm')}
+  assert sorted(per_step['train/loss']) == list(range(1, 25))
+  logged = {tag: event_files.last_per_step(every_4[tag]) for tag in per_step}
+  assert sorted(logged['train/loss']) == [4, 8, 12, 16, 20, 24]
+  for end in logged['train/loss']:
+    interval = range(end - 3, end + 1)
+    for tag in ('train/loss', 'train/grad_norm'):
+      want = sum(per_step[tag][s] for s in interval) / 4
+      assert logged[tag][end] == pytest.approx(want, rel=1e-5), (tag, end)
+    assert logged['train/param_norm'][end] == pytest.approx(
+        per_step['train/param_norm'][end], rel=1e-6)
+    assert dict(every_4['train/learning_rate'])[end] == pytest.approx(
+        dict(every_step['train/learning_rate'])[end], rel=1e-6)
+  for step in (12, 24):
+    assert dict(every_4['eval/loss'])[step] == pytest.approx(
+        dict(every_step['eval/loss'])[step], rel=1e-6)
