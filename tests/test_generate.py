@@ -143,6 +143,23 @@ def test_generate_samples_the_first_token_from_the_models_distribution():
   _assert_frequencies(out[:, 3:], _tempered_top_k(logits, 2.0, 5))
 
 
+def test_every_step_draws_afresh():
+  """With all-zero params every next-token distribution is uniform: each of 4 new tokens
+  is then an independent uniform draw, so a step that reused another step's key (equal
+  tokens in a row) or a row's (equal rows) shows."""
+  model, params = _model()
+  params = jax.tree.map(jnp.zeros_like, params)
+  prompt = jnp.zeros((4000, 2), jnp.int32)
+  out = np.asarray(generate.generate(model, params, prompt, jax.random.key(5),
+                                     max_new_tokens=4, temperature=1.0))[:, 2:]  # [rows, 4]
+  uniform = np.full((1, 64), 1 / 64)
+  for t in range(4):
+    _assert_frequencies(out[:, t:t + 1], uniform)
+    for u in range(t):  # Independent steps agree in about 1/64 of the rows.
+      assert abs(np.mean(out[:, t] == out[:, u]) - 1 / 64) < 0.02, (t, u)
+  assert len({tuple(r) for r in out}) > 3900  # Rows are not copies of each other.
+
+
 def test_greedy_generation_with_memory_equals_the_chunked_pass():
   """A memory model generates with its bank kept: greedy tokens are the argmax of the
   chunked pass over prompt + output, and the returned state is that pass's."""
