@@ -213,6 +213,26 @@ def test_packing_a_finite_stream_equals_a_hand_packer(seed):
   assert got == _pack_reference([d.tolist() for d in docs], seq_len)
 
 
+def test_packed_stream_resumes_after_a_json_round_trip_at_every_row():
+  """Resuming after each row from its JSON-stored state (as Orbax keeps it) continues
+  with exactly the remaining rows, also where a row ended on a document's end (no
+  partial document pending)."""
+  from xenith.data import packing  # pylint: disable=g-import-not-at-top
+  seq_len, lengths = 8, [8, 3, 5, 8, 2, 6, 11, 5]  # Rows 1, 2, 3 and 4 end on a document.
+  rng = np.random.default_rng(0)
+  source = grain.MapDataset.source(
+      [{'inputs': rng.integers(1, 100, n).astype(np.int32)} for n in lengths])
+  packed = packing.pack(source.to_iter_dataset(), seq_len)
+  rows = list(packed)
+  for k in range(len(rows)):
+    it = iter(packed)
+    for _ in range(k):
+      next(it)
+    resumed = iter(packed)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    _assert_same_batches(list(resumed), rows[k:])
+
+
 def test_no_text_lost_in_train_and_validation(ds, corpus):
   tok = ds.tokenizer
   train, val = expected_passages(corpus, 0.2)
