@@ -122,6 +122,33 @@ def test_auto_dispatch_picks_gather_on_cpu():
     moe_dispatch.resolve('megablox')
 
 
+def test_gather_block_size_shrinks_to_a_multiple_of_8_covering_an_experts_share():
+  # (tokens, k, experts, block_size) -> rows per block: the even per-expert share
+  # ceil(tokens * k / experts) rounded up to a multiple of 8, at most block_size, at least 8.
+  for args, want in (((24, 2, 4, 256), 16), ((100, 2, 8, 256), 32), ((3, 1, 8, 256), 8),
+                     ((4096, 2, 8, 256), 256), ((4096, 2, 8, 64), 64), ((64, 2, 4, 32), 32)):
+    assert moe_dispatch.gather_block_size(*args) == want, args
+
+
+@pytest.mark.parametrize('method', ['dense', 'dropless_gather', 'dropless_ragged', 'capacity'])
+def test_dispatch_runs_the_method_it_is_asked_for(method, monkeypatch):
+  """Every method gives dense's numbers, so a dispatch that ran dense (or any other)
+  instead would pass the agreement tests: here every other method raises."""
+  methods = ('dense', 'dropless_gather', 'dropless_ragged', 'capacity')
+  for other in methods:
+    if other != method:
+      monkeypatch.setattr(moe_dispatch, other, functools.partial(_must_not_run, other))
+  gate, up, down = _expert_weights()
+  x = jax.random.normal(jax.random.key(4), (6, 4))
+  index = jnp.array([[0, 1]] * 6)
+  y, kept = moe_dispatch.dispatch(method, x, index, jnp.full((6, 2), 0.5), gate, up, down)
+  assert y.shape == (6, 4) and kept.shape == (6, 2)
+
+
+def _must_not_run(name, *args, **kwargs):
+  raise AssertionError(f'dispatch ran {name}')
+
+
 def _expert_weights(num_experts=2, embed=4, mlp=6):
   keys = jax.random.split(jax.random.key(3), 3)
   return (jax.random.normal(keys[0], (num_experts, embed, mlp)),
