@@ -55,7 +55,10 @@ COVERING_TESTS = {
         'tests/test_train.py::test_nonfinite_steps_can_be_skipped'],
     'xenith/model/chunked_loss.py': ['tests/test_chunked_loss.py'],
     'xenith/model/memory.py': ['tests/test_memory_reference.py', 'tests/test_memory.py'],
-    'xenith/model/moe.py': ['tests/test_moe_reference.py', 'tests/test_moe.py'],
+    'xenith/model/moe.py': [
+        'tests/test_moe_reference.py', 'tests/test_moe.py',
+        'tests/test_lora.py::test_expert_adapters_have_an_expert_axis',
+        'tests/test_lora.py::test_zero_b_equals_base_and_merged_equals_unmerged'],
     'xenith/model/moe_dispatch.py': ['tests/test_moe_reference.py', 'tests/test_moe.py'],
     'xenith/model/attention.py': ['tests/test_attention.py', 'tests/test_model.py',
                                   'tests/test_kv_cache.py', 'tests/test_memory_reference.py'],

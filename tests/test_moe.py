@@ -303,6 +303,29 @@ def test_scan_layout_matches_loop():
   np.testing.assert_allclose(scan_aux, loop_aux, rtol=1e-5)
 
 
+def test_aux_loss_and_metrics_names_and_means():
+  """Layer means under their own names, every per-layer stat but aux_loss under
+  'layer_<i>/<name>' (aux_loss is the training loss's, not a metric per layer)."""
+  stat_names = ('load_balance_loss', 'router_z_loss', 'router_entropy', 'expert_fraction',
+                'max_load_ratio', 'min_load_ratio', 'dropped_fraction', 'aux_loss')
+  rng = np.random.default_rng(0)
+  per_layer = {f'layer_{i}': {n: jnp.asarray(rng.random(4 if n == 'expert_fraction' else ()),
+                                             jnp.float32) for n in stat_names}
+               for i in (1, 3)}
+  aux, metrics = moe.aux_loss_and_metrics(per_layer)
+  means = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'router_entropy',
+           'dropped_fraction')
+  assert set(metrics) == set(means) | {f'layer_{i}/{n}' for i in (1, 3)
+                                       for n in stat_names if n != 'aux_loss'}
+  for name in means:
+    np.testing.assert_allclose(metrics[name], (per_layer['layer_1'][name]
+                                               + per_layer['layer_3'][name]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(aux, metrics['aux_loss'], rtol=1e-6)
+  np.testing.assert_array_equal(metrics['layer_3/expert_fraction'],
+                                per_layer['layer_3']['expert_fraction'])
+  assert moe.aux_loss_and_metrics({}) == (None, {})
+
+
 def test_loss_adds_mean_layer_aux_loss_and_eval_reports_it():
   cfg = _model_config(load_balance_loss_weight=0.5)
   cfg.num_layers = 2
