@@ -75,6 +75,8 @@ def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
   np.testing.assert_array_equal(out['summaries'][0, :, 0], [0, 0, 1, 2])
   np.testing.assert_array_equal(out['age'], [[10, 3, 0, 0]])
   np.testing.assert_array_equal(out['usage'], [[5, 3, 0, 0]])
+  with pytest.raises(ValueError, match='5 summaries do not fit a bank of 4 slots'):
+    memory.write(bank, jnp.ones((1, 5, 3)))
 
 
 def test_usage_accumulates_with_decay_on_valid_slots():
