@@ -77,6 +77,33 @@ def test_blockwise_matches_dense_reference(seq, window, num_global, block, packe
   _assert_matches_reference(fn, q, k, v, segment_ids, window, num_global)
 
 
+@pytest.mark.parametrize('seq,block,window,num_global', [
+    (22, 4, None, 0), (22, 4, 1, 0), (22, 4, 5, 0), (20, 4, 6, 3), (22, 4, 9, 8),
+    (32, 8, 8, 2), (13, 4, 4, 13)])
+def test_blockwise_visits_exactly_the_key_blocks_the_mask_reaches(seq, block, window,
+                                                                  num_global):
+  """The visit plan is what makes blockwise attention linear in the sequence for a
+  window: query block i visits each key block holding a key that some query of block i
+  may attend to, once, and no other (the other blocks would be masked out: more work,
+  equal outputs, so the kernel tests cannot see it)."""
+  x = jnp.zeros((1, seq, 2, 4))
+  _, blocks = blockwise_attention._prepare(  # pylint: disable=protected-access
+      x, x[:, :, :1], x[:, :, :1], jnp.ones((1, seq), jnp.int32), window, num_global,
+      block)
+  num_blocks = -(-seq // block)
+  q = np.arange(seq)[:, None]
+  k = np.arange(seq)[None, :]
+  allowed = k <= q
+  if window is not None:
+    allowed &= (q - k < window) | (k < num_global)
+  for i in range(num_blocks):
+    rows = allowed[i * block:(i + 1) * block]
+    want = [j for j in range(num_blocks) if rows[:, j * block:(j + 1) * block].any()]
+    visits = int(blocks.num_visits(i))
+    got = [int(blocks._visit(i, t)[1]) for t in range(visits)]  # pylint: disable=protected-access
+    assert got == want, (i, got, want)
+
+
 def test_blockwise_bfloat16_is_close_to_float32():
   q, k, v = _qkv(1, 64, 4, 2)
   exact = blockwise_attention.blockwise_attention(q, k, v, window=24, block_size=16)
