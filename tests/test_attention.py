@@ -145,6 +145,44 @@ def test_implementation_choice():
     attention.attend('cudnn', q, k, v, None, window=4, num_global=2)
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
+def test_auto_picks_each_backends_kernel(backend, monkeypatch):
+  """'auto' on each backend: TPU splash (blockwise when the length is not a multiple of
+  128), GPU cuDNN (blockwise when there are global tokens), CPU blockwise. The kernels
+  are recorded, not run: this CPU has neither a GPU nor a TPU."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  calls = []
+  record = lambda name: lambda q, *a, **kw: calls.append((name, kw)) or q
+  monkeypatch.setattr(fused_attention, 'splash_attention', record('splash'))
+  monkeypatch.setattr(fused_attention, 'cudnn_attention', record('cudnn'))
+  monkeypatch.setattr(blockwise_attention, 'blockwise_attention', record('blockwise'))
+  expected = {'cpu': ('blockwise', 'blockwise', 'blockwise'),
+              'gpu': ('cudnn', 'cudnn', 'blockwise'),
+              'tpu': ('splash', 'blockwise', 'splash')}[backend]
+  # (batch, seq, window, global tokens): 256 tokens; 100 tokens; 256 tokens with globals.
+  for (batch, seq, window, num_global), want in zip(
+      [(2, 256, 64, 0), (2, 100, 64, 0), (3, 256, 64, 4)], expected):
+    q, k, v = _qkv(batch, seq, 2, 1)
+    calls.clear()
+    attention.attend('auto', q, k, v, None, window=window, num_global=num_global)
+    assert [name for name, _ in calls] == [want], (backend, seq, num_global)
+    assert attention.resolve_implementation('auto', num_global, seq) == want
+
+
+def test_full_attention_needs_no_global_tokens(monkeypatch):
+  """Without a window (or one covering the sequence) every token already sees all
+  earlier ones: global tokens are dropped, so cuDNN can run the layer."""
+  calls = []
+  monkeypatch.setattr(fused_attention, 'cudnn_attention',
+                      lambda q, *a, **kw: calls.append(kw) or q)
+  q, k, v = _qkv(1, 16, 2, 2)
+  for window in (None, 16, 40):
+    attention.attend('cudnn', q, k, v, None, window=window, num_global=2)
+  assert calls == [{'window': None}] * 3
+  mask = masks.make_attention_mask(16, None, window=None, num_global=2)
+  np.testing.assert_array_equal(mask, masks.make_attention_mask(16, None))
+
+
 def _model_config(**attention_overrides):
   config = default.get_config('size=tiny').model
   config.vocab_size = 64

@@ -47,7 +47,9 @@ SHORT_FIELDS = ('short_keys', 'short_values', 'short_positions', 'short_segments
 # name -> (num_layers, memory layers, window_sizes).
 CONFIGS = {
     'full': (2, (0, 1), ()),
-    'windows': (2, (1,), (6, 12)),  # KV head 0 sees 6 tokens, head 1 12; layer 0 no bank.
+    # KV head 0 sees 6 tokens, head 1 10; a chunk's last query reaches 7 + R = 10 tokens
+    # back, past both windows, so both cut keys (layer 0 reads no bank).
+    'windows': (2, (1,), (6, 10)),
     'one_layer': (1, (0,), ()),
     'one_layer_no_bank': (1, (), ()),
 }
