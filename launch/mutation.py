@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # at the first failure, so a mutant caught early costs little).
 COVERING_TESTS = {
     'xenith/steps.py': [
-        'tests/test_chunked_loss.py', 'tests/test_metrics.py',
+        'tests/test_steps.py', 'tests/test_chunked_loss.py', 'tests/test_metrics.py',
         'tests/test_moe.py::test_loss_adds_mean_layer_aux_loss_and_eval_reports_it',
         'tests/test_lora.py::test_lora_train_steps_change_only_adapters',
         'tests/test_train.py::test_nonfinite_steps_can_be_skipped', 'tests/test_sharding.py'],
