@@ -9,6 +9,7 @@ from experiments import default
 from xenith import steps
 from xenith.model import chunked_loss
 from xenith.model import transformer
+from helpers import two_document_batch
 
 
 def _inputs(batch=2, seq=37, embed=16, vocab=50, seed=0):
@@ -68,12 +69,7 @@ def test_train_loss_and_grads_equal_full_logits(tie_embeddings, lora_head, moe):
   """make_loss_fn with a chunked head equals it with full logits (tied head, untied head
   with MoE, a LoRA-adapted head with random B)."""
   config = _config(tie_embeddings, lora_head, moe)
-  rng = np.random.default_rng(0)
-  segment_ids = np.repeat([[1] * 20 + [2] * 12], 2, axis=0).astype(np.int32)
-  batch = {'inputs': jnp.asarray(rng.integers(0, 96, (2, 32)), jnp.int32),
-           'segment_ids': jnp.asarray(segment_ids),
-           'positions': jnp.asarray(np.concatenate([np.arange(20), np.arange(12)])[None]
-                                    .repeat(2, 0), jnp.int32)}
+  batch = two_document_batch(20, 12, vocab=96)
   results = []
   for chunk in (0, 8):
     config.model.loss_chunk_size = chunk

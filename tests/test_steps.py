@@ -20,6 +20,7 @@ from xenith import optimizer
 from xenith import steps
 from xenith.model.transformer import make_model
 from xenith.train_state import TrainState
+from helpers import two_document_batch
 
 
 DROPOUT = 0.3  # One model for every test (one compile per step variant); the hand update
@@ -34,12 +35,7 @@ def _setup(dropout_rate=DROPOUT):
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = 0.5  # Below the gradient's norm: clipping acts.
   model = make_model(config.model)
-  rng = np.random.default_rng(0)
-  segments = np.repeat([[1] * 10 + [2] * 6], 2, axis=0).astype(np.int32)
-  batch = {'inputs': jnp.asarray(rng.integers(1, 64, (2, 16)), jnp.int32),
-           'segment_ids': jnp.asarray(segments),
-           'positions': jnp.asarray(np.concatenate([np.arange(10), np.arange(6)])[None]
-                                    .repeat(2, 0), jnp.int32)}
+  batch = two_document_batch(10, 6, vocab=64)
   params = jax.tree.map(lambda x: getattr(x, 'value', x),
                         jax.jit(model.init)(jax.random.key(0), batch['inputs'])['params'],
                         is_leaf=lambda x: hasattr(x, 'value'))
