@@ -113,11 +113,14 @@ def test_blockwise_bfloat16_is_close_to_float32():
   np.testing.assert_allclose(low.astype(jnp.float32), exact, atol=0.05)
 
 
-@pytest.mark.parametrize('window,num_global', [(None, 0), (100, 5)])
-def test_splash_kernel_matches_dense_reference(window, num_global):
-  """The TPU splash kernel, run by Pallas's interpreter on CPU."""
+@pytest.mark.parametrize('window,num_global,packed', [
+    (None, 0, True), (40, 0, True), (40, 5, False)])  # Documents of ~85 tokens when packed.
+def test_splash_kernel_matches_dense_reference(window, num_global, packed):
+  """The TPU splash kernel, run by Pallas's interpreter on CPU. The window (40) is shorter
+  than the documents, and the global tokens sit in the one document of an unpacked row,
+  so both change the mask."""
   q, k, v = _qkv(1, 256, 4, 2, dim=64)
-  segment_ids = _segments(1, 256, packed=True)
+  segment_ids = _segments(1, 256, packed=packed)
   fn = functools.partial(fused_attention.splash_attention, segment_ids=segment_ids,
                          window=window, num_global=num_global, block_size=128,
                          interpret=True)

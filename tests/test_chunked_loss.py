@@ -153,3 +153,24 @@ def test_train_and_eval_loss_of_a_hand_packed_batch_equal_numpy(chunk):
   result = steps.make_eval_step(model)(params, batch).compute()
   np.testing.assert_allclose(result['loss'], want_loss, rtol=1e-5)
   np.testing.assert_allclose(result['accuracy'], want_accuracy, rtol=1e-6)
+
+
+def test_full_logits_losses_and_correctness_of_hand_made_logits():
+  """`next_token_losses` on logits made by hand: the peak on the target at half the
+  positions (correct there, wrong elsewhere), NLL against NumPy's log-softmax."""
+  batch = {k: np.asarray(v, np.int32) for k, v in _PACKED.items()}
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 12, 50)).astype(np.float32)
+  targets = np.asarray(_TARGETS)
+  hit = np.arange(24).reshape(2, 12) % 2 == 0  # Correct at even positions.
+  peak = np.where(hit, targets, (targets + 1) % 50)
+  np.put_along_axis(logits, peak[..., None], 8.0, axis=-1)
+  nll, correct, weights = steps.next_token_losses(
+      jnp.asarray(logits), jnp.asarray(batch['inputs']), jnp.asarray(batch['segment_ids']))
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  counted = np.asarray(_WEIGHTS) > 0
+  np.testing.assert_allclose(np.where(counted, nll, 0), np.where(counted, want, 0),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.where(counted, correct, False), hit & counted)
+  np.testing.assert_array_equal(weights, np.asarray(_WEIGHTS, np.float32))
