@@ -267,6 +267,14 @@ def test_layer_pattern_param_names_and_logical_axes():
     assert flat[path].names == axes, path
   assert flat['block_1/moe/experts/down'].value.shape == (4, 24, 64)
   assert flat['block_2/moe/shared/down/kernel'].value.shape == (24, 64)
+  # One expert (top-1) is still a MoE layer: a router and an expert of expert_mlp_dim.
+  one = _model_config(num_experts=1, num_experts_per_token=1)
+  assert moe.enabled(one) and moe.is_moe_layer(ml_collections.FrozenConfigDict(one), 0)
+  flat = flax.traverse_util.flatten_dict(jax.eval_shape(
+      transformer.make_model(one).init, _key(0), jnp.zeros((1, 8), jnp.int32))['params'],
+      sep='/')
+  assert flat['block_0/moe/experts/gate'].value.shape == (1, 64, 24)
+  assert not moe.enabled(_model_config(num_experts=0))
 
 
 def _stack(params, layers):
