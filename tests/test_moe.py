@@ -277,6 +277,19 @@ def test_layer_pattern_param_names_and_logical_axes():
   assert not moe.enabled(_model_config(num_experts=0))
 
 
+def test_expert_weights_are_initialised_by_each_experts_fan_in():
+  """gate / up [exp, embed, mlp] have std 1/sqrt(embed), down [exp, mlp, embed]
+  1/sqrt(mlp), expert by expert (the expert axis is not part of the fan-in)."""
+  cfg = _model_config(num_experts=4, expert_mlp_dim=96)
+  params = jax.jit(moe.Experts(ml_collections.FrozenConfigDict(cfg)).init)(
+      _key(0), jnp.zeros((8, 64)), jnp.zeros((8, 2), jnp.int32), jnp.zeros((8, 2)))
+  params = nn.unbox(params)['params']
+  for name, fan_in in (('gate', 64), ('up', 64), ('down', 96)):
+    for e in range(4):  # 6,144 weights each: the std is known to about 1%.
+      std = float(np.std(np.asarray(params[name][e])))
+      assert abs(std * np.sqrt(fan_in) - 1) < 0.06, (name, e, std)
+
+
 def _stack(params, layers):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'block_{i}'] for i in layers])
 
