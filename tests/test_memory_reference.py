@@ -357,11 +357,13 @@ def test_summarizer_matches_numpy_and_fills_the_bank():
   assert (want[-1][2]['age'] == 1).any()
 
 
-def test_usage_is_the_decayed_attention_mass_on_the_bank():
+@pytest.mark.parametrize('name', ['full', 'windows'])
+def test_usage_is_the_decayed_attention_mass_on_the_bank(name):
   """usage after each chunk = decay * usage before + the probability mass each valid slot
-  received (summed over the chunk's queries and both memory layers, mean over heads),
-  then 0 for the slots just written."""
-  got, want = _runs('full')
+  received (summed over the chunk's queries and the memory layers, mean over heads: with
+  'windows' over two KV-head groups of different windows), then 0 for the slots just
+  written."""
+  got, want = _runs(name)
   for c in range(NUM_CHUNKS):
     _, before, after, details = want[c]
     usage = np.where(before['valid'], DECAY * before['usage'] + details['mass'], 0.0)
