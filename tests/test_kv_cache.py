@@ -83,6 +83,32 @@ def test_windowed_layers_keep_a_ring_buffer_no_larger_than_their_window():
     assert sorted(np.asarray(c['positions_1'][0]).tolist()) == [0, 1, 2, 18, 19, 20, 21, 22, 23]
 
 
+@pytest.mark.parametrize('start,length,window,num_global,slots', [
+    (0, 13, 4, 3, 7),  # A prompt longer than the window: the ring wraps within one call.
+    (-3, 9, 4, 2, 6),  # Left padding (negative positions) first.
+    (11, 1, 4, 3, 7),  # One token, far along.
+    (5, 6, 6, 0, 6),  # No globals; exactly one window.
+    (0, 10, None, 0, 16),  # Full attention: slot = position.
+])
+def test_writes_go_to_distinct_slots_of_the_positions_kept(start, length, window,
+                                                           num_global, slots):
+  """A call writes exactly the positions the buffer keeps (not padding; the globals; the
+  last `window` of the others) and never two to one slot, which an accelerator's scatter
+  might resolve either way."""
+  positions = jnp.arange(start, start + length, dtype=jnp.int32)[None]  # [1, L]
+  target = np.asarray(kv_cache.write_slots(positions, slots, window=window,
+                                           num_global=num_global))[0]
+  last = start + length - 1
+  for p, slot in zip(range(start, start + length), target):
+    kept = p >= 0 and (window is None or p < num_global or p > last - window)
+    assert (slot != slots) == kept, (p, slot)
+    if kept:  # Globals first, then a ring of `window` slots (full attention: the position).
+      ring = num_global + (p - num_global) % window if window and p >= num_global else p
+      assert slot == ring, (p, slot)
+  written = target[target != slots]
+  assert len(set(written.tolist())) == len(written)
+
+
 def test_decoding_rejects_packed_inputs():
   model = transformer.make_model(_config())
   tokens = jnp.zeros((1, 4), jnp.int32)

@@ -58,14 +58,14 @@ def keys_and_mask(key, value, positions, cached_key, cached_value, cached_positi
   return keys, values, mask
 
 
-def write(cached_key, cached_value, cached_positions, key, value, positions, *,
-          window: int | None, num_global: int):
-  """Stores the new keys and values; returns the updated (key, value, positions).
+def write_slots(positions: jax.Array, slots: int, *, window: int | None,
+                num_global: int) -> jax.Array:
+  """The slot each new position is written to; `slots` (out of range) = not written.
 
-  Per row, of the new positions only those the buffer keeps are written (the globals
-  and the last `window`; never padding), so no two writes share a slot.
+  positions: [batch, L]. Per row only the positions the buffer keeps are written (the
+  globals and the last `window`; never padding), so no two writes share a slot: a
+  scatter with repeated indices may apply them in any order on an accelerator.
   """
-  slots = cached_positions.shape[1]
   last = positions[:, -1:]
   keep = positions < num_global
   if window is None:
@@ -73,7 +73,15 @@ def write(cached_key, cached_value, cached_positions, key, value, positions, *,
   else:
     keep |= positions > last - window
   keep &= positions >= 0
-  target = jnp.where(keep, slot_of(positions, window, num_global), slots)  # slots = drop
+  return jnp.where(keep, slot_of(positions, window, num_global), slots)
+
+
+def write(cached_key, cached_value, cached_positions, key, value, positions, *,
+          window: int | None, num_global: int):
+  """Stores the new keys and values (`write_slots`); returns the updated (key, value,
+  positions)."""
+  slots = cached_positions.shape[1]
+  target = write_slots(positions, slots, window=window, num_global=num_global)
   rows = jnp.arange(positions.shape[0])[:, None]
   cached_key = cached_key.at[rows, target].set(key.astype(cached_key.dtype), mode='drop')
   cached_value = cached_value.at[rows, target].set(value.astype(cached_value.dtype),
