@@ -139,29 +139,35 @@ def test_cudnn_call_matches_dense_reference(window):
 
 
 def test_implementation_choice():
-  assert attention.resolve_implementation('auto', num_global=4) == 'blockwise'  # CPU.
-  assert attention.resolve_implementation('dense', num_global=0) == 'dense'
+  assert attention.resolve_implementation('auto', 4, seq_len=256) == 'blockwise'  # CPU.
+  assert attention.resolve_implementation('dense', 0, seq_len=256) == 'dense'
   with pytest.raises(ValueError, match='Unknown attention implementation'):
-    attention.resolve_implementation('flash', num_global=0)
+    attention.resolve_implementation('flash', 0, seq_len=256)
   q, k, v = _qkv(1, 16, 2, 2)
   with pytest.raises(ValueError, match='cannot express global tokens'):
     attention.attend('cudnn', q, k, v, None, window=4, num_global=2)
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
-def test_auto_picks_each_backends_kernel(backend, monkeypatch):
-  """'auto' on each backend: TPU splash (blockwise when the length is not a multiple of
-  128), GPU cuDNN (blockwise when there are global tokens), CPU blockwise. The kernels
-  are recorded, not run: this CPU has neither a GPU nor a TPU."""
-  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+def _record_kernels(monkeypatch) -> list:
+  """Replaces the three kernels by recorders: calls gets (name, kwargs) per call."""
   calls = []
   record = lambda name: lambda q, *a, **kw: calls.append((name, kw)) or q
   monkeypatch.setattr(fused_attention, 'splash_attention', record('splash'))
   monkeypatch.setattr(fused_attention, 'cudnn_attention', record('cudnn'))
   monkeypatch.setattr(blockwise_attention, 'blockwise_attention', record('blockwise'))
-  expected = {'cpu': ('blockwise', 'blockwise', 'blockwise'),
-              'gpu': ('cudnn', 'cudnn', 'blockwise'),
-              'tpu': ('splash', 'blockwise', 'splash')}[backend]
+  return calls
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu', 'neuron'])
+def test_auto_picks_each_backends_kernel(backend, monkeypatch):
+  """'auto' on each backend: TPU splash (blockwise when the length is not a multiple of
+  128), GPU cuDNN (blockwise when there are global tokens), CPU and any other backend
+  (a PJRT plugin) blockwise. The kernels are recorded, not run: this CPU has neither a
+  GPU nor a TPU."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  calls = _record_kernels(monkeypatch)
+  expected = {'gpu': ('cudnn', 'cudnn', 'blockwise'),
+              'tpu': ('splash', 'blockwise', 'splash')}.get(backend, ('blockwise',) * 3)
   # (batch, seq, window, global tokens): 256 tokens; 100 tokens; 256 tokens with globals.
   for (batch, seq, window, num_global), want in zip(
       [(2, 256, 64, 0), (2, 100, 64, 0), (3, 256, 64, 4)], expected):
@@ -170,6 +176,16 @@ def test_auto_picks_each_backends_kernel(backend, monkeypatch):
     attention.attend('auto', q, k, v, None, window=window, num_global=num_global)
     assert [name for name, _ in calls] == [want], (backend, seq, num_global)
     assert attention.resolve_implementation('auto', num_global, seq) == want
+
+
+@pytest.mark.parametrize('name', ['blockwise', 'cudnn', 'splash'])
+def test_a_kernel_named_by_a_string_built_at_run_time_is_the_one_run(name, monkeypatch):
+  """A name parsed from a flag is a new string object, not the interned literal: the
+  kernel is chosen by its value."""
+  calls = _record_kernels(monkeypatch)
+  q, k, v = _qkv(1, 16, 2, 1)
+  attention.attend(''.join(list(name)), q, k, v, None, window=4)
+  assert [kernel for kernel, _ in calls] == [name]
 
 
 def test_full_attention_needs_no_global_tokens(monkeypatch):

@@ -71,7 +71,7 @@ def dot_product_attention(
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def resolve_implementation(implementation: str, num_global: int, seq_len: int = 0) -> str:
+def resolve_implementation(implementation: str, num_global: int, seq_len: int) -> str:
   """The concrete kernel for `implementation` on the default backend (for `seq_len`
   tokens: splash needs multiples of 128, so 'auto' uses blockwise on TPU otherwise)."""
   if implementation not in IMPLEMENTATIONS:
