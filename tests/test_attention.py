@@ -158,11 +158,11 @@ def _record_kernels(monkeypatch) -> list:
   return calls
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu', 'neuron'])
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu', 'METAL', 'neuron', 'xpu'])
 def test_auto_picks_each_backends_kernel(backend, monkeypatch):
   """'auto' on each backend: TPU splash (blockwise when the length is not a multiple of
   128), GPU cuDNN (blockwise when there are global tokens), CPU and any other backend
-  (a PJRT plugin) blockwise. The kernels are recorded, not run: this CPU has neither a
+  (PJRT plugins, named on either side of 'gpu' and 'tpu') blockwise. The kernels are recorded, not run: this CPU has neither a
   GPU nor a TPU."""
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   calls = _record_kernels(monkeypatch)
