@@ -1,9 +1,9 @@
 """xenith_mini, the first seed model: 64 layers (8 dense + 56 MoE), 32 experts top-6.
 
-Shapes from the seed document (see ../shared/DESIGN.md). It cannot train here; use it
+Shapes from the project's seed document. It cannot train here; use it
 to size runs: `python main.py --config=experiments/xenith_mini.py --mode=describe
 --num_devices=16` (a TPU v4-32 has 16 chips). The seed's "~50B parameters, ~10B
-active" is not what these shapes give: see the README for the real figures.
+active" is not what these shapes give: docs/describe.md has the real figures.
 """
 
 from experiments import default

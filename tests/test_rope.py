@@ -234,7 +234,7 @@ def test_invalid_rope_scaling_is_named(field, value, message):
 
 
 def test_context_extension_override_is_valid():
-  """The README's example: a model trained at 128 tokens, run at 512 with YaRN x4."""
+  """docs/rope.md's example: a model trained at 128 tokens, run at 512 with YaRN x4."""
   config = default.get_config('size=small')
   config.max_seq_len = 512
   config.model.rope_scaling.type = 'yarn'
