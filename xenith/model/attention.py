@@ -125,6 +125,26 @@ def attend(
                                           num_global=num_global, block_size=block_size)
 
 
+def attend_head_groups(attend_group, groups, query, key, value):
+  """Attention split by KV-head group (heads sharing a window), query heads following
+  their KV head; the groups' outputs are concatenated back over heads.
+
+  query: [batch, q, heads, d]; key, value: [batch, k, kv_heads, d]. `attend_group(n,
+  group, query_g, key_g, value_g)` gets group n's heads and returns its output [batch, q,
+  group heads, d], or None (creating a KV cache). Returns [batch, q, heads, d] or None.
+  """
+  q_per_kv = query.shape[2] // key.shape[2]
+  outs = []
+  for n, g in enumerate(groups):
+    out = attend_group(n, g, query[:, :, g.kv_start * q_per_kv:g.kv_end * q_per_kv],
+                       key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end])
+    if out is not None:
+      outs.append(out)
+  if not outs:
+    return None
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+
 class Attention(nn.Module):
   """Causal grouped-query self-attention within packed documents.
 
@@ -227,21 +247,23 @@ class Attention(nn.Module):
     if summaries is not None:
       summaries = summaries.astype(layers.compute_dtype(cfg))
       mem_key, mem_value = key_proj(summaries), value_proj(summaries)
-    outs, mass = [], None
-    for g in groups:
+    masses = []
+
+    def attend_group(n, g, q, k, v):
+      del n
       window = g.window if g.window is not None and g.window < 2 * chunk else None
       mask = memory_lib.local_mask(q_pos, k_pos, q_seg, k_seg, window)[:, None]
-      hs = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv)
-      ks = slice(g.kv_start, g.kv_end)
+      hs, ks = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv), slice(g.kv_start, g.kv_end)
       out, m = memory_lib.attention_with_memory(
-          query[:, :, hs], keys[:, :, ks], values[:, :, ks], mask, plain_query[:, :, hs],
+          q, k, v, mask, plain_query[:, :, hs],
           None if mem_key is None else mem_key[:, :, ks],
           None if mem_value is None else mem_value[:, :, ks], inputs.get('valid'))
-      outs.append(out)
       if m is not None:  # Mean over heads: weight each group by its share of heads.
-        share = (g.kv_end - g.kv_start) / cfg.num_kv_heads
-        mass = m * share if mass is None else mass + m * share
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+        masses.append(m * ((g.kv_end - g.kv_start) / cfg.num_kv_heads))
+      return out
+
+    out = attend_head_groups(attend_group, groups, query, keys, values)
+    mass = sum(masses[1:], masses[0]) if masses else None
     return out, {'keys': key, 'values': value, 'mass': mass}
 
   def _attend_groups(self, query, key, value, segment_ids):
@@ -252,14 +274,10 @@ class Attention(nn.Module):
     block_size = settings.block_size if settings else 128
     groups = attention_pattern.layer_head_groups(cfg, self.layer, query.shape[1])
     num_global = attention_pattern.num_global_tokens(cfg, self.layer)
-    q_per_kv = cfg.num_heads // cfg.num_kv_heads
-    outs = [
-        attend(implementation,
-               query[:, :, g.kv_start * q_per_kv:g.kv_end * q_per_kv],
-               key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end],
-               segment_ids, window=g.window, num_global=num_global, block_size=block_size)
-        for g in groups]
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return attend_head_groups(
+        lambda n, g, q, k, v: attend(implementation, q, k, v, segment_ids, window=g.window,
+                                     num_global=num_global, block_size=block_size),
+        groups, query, key, value)
 
   def _attend_cached(self, query, key, value, positions, cache_length):
     """Attention of the new tokens to the layer's KV cache, which it then updates.
@@ -269,30 +287,25 @@ class Attention(nn.Module):
     cfg = self.config
     groups = attention_pattern.layer_head_groups(cfg, self.layer, cache_length)
     num_global = attention_pattern.num_global_tokens(cfg, self.layer)
-    q_per_kv = cfg.num_heads // cfg.num_kv_heads
     batch, _, _, head_dim = key.shape
-    dtype = key.dtype
-    outs = []
-    for n, g in enumerate(groups):
+
+    def attend_group(n, g, q, k, v):
       window = g.window if g.window is not None and g.window < cache_length else None
       globals_ = num_global if window is not None else 0
       slots = kv_cache.num_slots(cache_length, window, globals_)
       shape = (batch, slots, g.kv_end - g.kv_start, head_dim)
-      cached_key = self.variable('cache', f'key_{n}', jnp.zeros, shape, dtype)
-      cached_value = self.variable('cache', f'value_{n}', jnp.zeros, shape, dtype)
+      cached_key = self.variable('cache', f'key_{n}', jnp.zeros, shape, key.dtype)
+      cached_value = self.variable('cache', f'value_{n}', jnp.zeros, shape, key.dtype)
       cached_positions = self.variable('cache', f'positions_{n}',
-                                       lambda s=slots: jnp.full((batch, s), -1, jnp.int32))
+                                       lambda: jnp.full((batch, slots), -1, jnp.int32))
       if self.is_initializing():
-        continue
-      k, v = key[:, :, g.kv_start:g.kv_end], value[:, :, g.kv_start:g.kv_end]
+        return None
       keys, values, mask = kv_cache.keys_and_mask(
           k, v, positions, cached_key.value, cached_value.value, cached_positions.value,
           window=window, num_global=globals_)
-      outs.append(dot_product_attention(
-          query[:, :, g.kv_start * q_per_kv:g.kv_end * q_per_kv], keys, values, mask))
       cached_key.value, cached_value.value, cached_positions.value = kv_cache.write(
           cached_key.value, cached_value.value, cached_positions.value, k, v, positions,
           window=window, num_global=globals_)
-    if not outs:
-      return None
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+      return dot_product_attention(q, keys, values, mask)
+
+    return attend_head_groups(attend_group, groups, query, key, value)
