@@ -162,8 +162,8 @@ def _record_kernels(monkeypatch) -> list:
 def test_auto_picks_each_backends_kernel(backend, monkeypatch):
   """'auto' on each backend: TPU splash (blockwise when the length is not a multiple of
   128), GPU cuDNN (blockwise when there are global tokens), CPU and any other backend
-  (PJRT plugins, named on either side of 'gpu' and 'tpu') blockwise. The kernels are recorded, not run: this CPU has neither a
-  GPU nor a TPU."""
+  (PJRT plugins, named on either side of 'gpu' and 'tpu') blockwise. The kernels are
+  recorded, not run: this CPU has neither a GPU nor a TPU."""
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   calls = _record_kernels(monkeypatch)
   expected = {'gpu': ('cudnn', 'cudnn', 'blockwise'),

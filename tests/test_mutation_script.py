@@ -67,18 +67,17 @@ def test_the_sample_leaves_out_annotations_and_excluded_operators(tmp_path, line
   everything = _pending(session)
   spans = mutation._annotation_spans(str(tmp_path / 'm.py'))  # pylint: disable=protected-access
   inside = lambda m: any(s <= m.start_pos and m.end_pos <= e for s, e in spans)
-  wanted = [m for m in everything if not inside(m) and not mutation.EXCLUDED_OPERATORS.match(
-      m.operator_name)]
+  kept = [m for m in everything
+          if not inside(m) and not mutation.EXCLUDED_OPERATORS.match(m.operator_name)]
   # Both kinds exist before sampling, so leaving them out is checked, not assumed.
   assert any(inside(m) for m in everything)
   assert any(mutation.EXCLUDED_OPERATORS.match(m.operator_name) for m in everything)
   total, chosen = mutation._sample(session, 0, 0, lines, spans)  # pylint: disable=protected-access
-  if lines:  # Only mutants on the changed lines (`--since`): here the `return` line.
-    wanted = [m for m in wanted if m.start_pos[0] in lines]
+  # With `--since`, only mutants on the changed lines: here the `return` line.
+  wanted = [m for m in kept if not lines or m.start_pos[0] in lines]
   assert 0 < len(wanted) < len(everything)
   key = lambda ms: sorted((m.operator_name, m.occurrence) for m in ms)
-  assert total == len([m for m in everything if not inside(m) and
-                       not mutation.EXCLUDED_OPERATORS.match(m.operator_name)])
+  assert total == len(kept)
   assert chosen == len(wanted) and key(_pending(session)) == key(wanted)
 
 
