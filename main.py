@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from xenith.checkpointing import CheckpointMismatchError
-from xenith.config_validation import ConfigError, validate
-from xenith.data.errors import DataError
+from xenith import errors
+from xenith.config_validation import validate
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally with an argument: '
@@ -104,16 +103,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _MODE.value in ('import_hf', 'export_hf'):
-    return _hf_mode(_MODE.value)
+  try:
+    _run(_MODE.value)
+  except errors.XenithError as e:  # Bad input: one line, no traceback.
+    label = 'Invalid config' if isinstance(e, errors.ConfigError) else type(e).__name__
+    sys.exit(f'{label}: {e}')
+
+
+def _run(mode):
+  """Runs --mode=`mode`."""
+  if mode in ('import_hf', 'export_hf'):
+    return _hf_mode(mode)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(f'--config is required for --mode={_MODE.value}.')
   num_devices = _NUM_DEVICES.value or jax.device_count()
-  try:
-    validate(config, num_devices, jax.process_count())
-  except ConfigError as e:
-    sys.exit(f'Invalid config: {e}')
+  validate(config, num_devices, jax.process_count())
 
   if _MODE.value == 'describe':
     from xenith import describe  # pylint: disable=g-import-not-at-top
@@ -128,18 +133,12 @@ def main(argv):
   logging.info('Config:\n%s', config)
 
   if _MODE.value == 'generate':
-    try:
-      print(_generate(config, _WORKDIR.value))
-    except (DataError, CheckpointMismatchError, ValueError) as e:
-      sys.exit(f'{type(e).__name__}: {e}')
+    print(_generate(config, _WORKDIR.value))
     return
 
   if _MODE.value == 'train':
     from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
-    try:
-      train.train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, DataError, CheckpointMismatchError, train.NonFiniteError) as e:
-      sys.exit(f'{type(e).__name__}: {e}')
+    train.train_and_evaluate(config, _WORKDIR.value)
 
 
 def _generate(config, workdir) -> str:
@@ -149,12 +148,12 @@ def _generate(config, workdir) -> str:
   from xenith import generate
   from xenith.data import pipeline
   from xenith.model import memory
-  from xenith.model import transformer
+  from xenith.model import build
   path = checkpointing.params_dir(workdir)  # Fails early when there is no checkpoint.
   with_memory = memory.enabled(config.model)
   bank = _MEMORY_BANK.value
   if bank and not with_memory:
-    raise ValueError('--memory_bank needs a memory model (config.model.memory.chunk_size '
+    raise app.UsageError('--memory_bank needs a memory model (config.model.memory.chunk_size '
                      '> 0).')
   state = None
   if bank and os.path.exists(bank):
@@ -163,8 +162,8 @@ def _generate(config, workdir) -> str:
   bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.
   prompt = bos + list(tokenizer.encode(_PROMPT.value))
   if not prompt:
-    raise ValueError('--prompt is empty; a continued document needs some text.')
-  model = transformer.make_model(config.model)
+    raise app.UsageError('--prompt is empty; a continued document needs some text.')
+  model = build.make_model(config.model)
   init_length = config.model.memory.chunk_size if with_memory else len(prompt)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, init_length), jnp.int32))
   params = checkpointing.load_params(path, nn.unbox(params)['params'])
@@ -184,20 +183,16 @@ def _hf_mode(mode):
   if not _HF_DIR.value or not _WORKDIR.value:
     raise app.UsageError(f'--mode={mode} needs --hf_dir and --workdir.')
   from xenith import hf  # pylint: disable=g-import-not-at-top
-  try:
-    if mode == 'import_hf':
-      config = hf.import_to_workdir(_HF_DIR.value, _WORKDIR.value)
-      print(f'Imported {_HF_DIR.value} into {_WORKDIR.value}: '
-            f'{config.model.num_layers} layers, embed {config.model.embed_dim}, '
-            f'{config.model.moe.num_experts or "no"} experts. Fine-tune with '
-            f'--config={os.path.join(os.path.abspath(_WORKDIR.value), hf.CONFIG_PY)} '
-            '--workdir=<new dir>.')
-    else:
-      hf.export_from_workdir(_WORKDIR.value, _HF_DIR.value, _CONFIG.value)
-      print(f'Exported {_WORKDIR.value} to {_HF_DIR.value}.')
-  except (hf.HfFormatError, CheckpointMismatchError) as e:
-    sys.exit(f'{type(e).__name__}: {e}')
-
+  if mode == 'import_hf':
+    config = hf.import_to_workdir(_HF_DIR.value, _WORKDIR.value)
+    print(f'Imported {_HF_DIR.value} into {_WORKDIR.value}: '
+          f'{config.model.num_layers} layers, embed {config.model.embed_dim}, '
+          f'{config.model.moe.num_experts or "no"} experts. Fine-tune with '
+          f'--config={os.path.join(os.path.abspath(_WORKDIR.value), hf.CONFIG_PY)} '
+          '--workdir=<new dir>.')
+  else:
+    hf.export_from_workdir(_WORKDIR.value, _HF_DIR.value, _CONFIG.value)
+    print(f'Exported {_WORKDIR.value} to {_HF_DIR.value}.')
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

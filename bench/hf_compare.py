@@ -142,7 +142,7 @@ def xenith_child(args) -> dict:
   from xenith import optimizer
   from xenith import sharding
   from xenith.model import moe_dispatch
-  from xenith.model.transformer import make_model
+  from xenith.model.build import make_model
   from xenith.steps import make_train_step
   from xenith.train_state import abstract_train_state, init_train_state
 

@@ -49,10 +49,10 @@ def child(args) -> dict:
   import numpy as np
   from xenith.model import kv_cache
   from xenith.model import memory
-  from xenith.model import transformer
+  from xenith.model import build
 
   config = model_config(args)
-  model = transformer.make_model(config)
+  model = build.make_model(config)
   length, chunk = args.length, args.chunk
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, chunk), jnp.int32))['params']
   if args.memory:  # The carried state: the summary bank and the short-term keys.

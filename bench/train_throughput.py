@@ -43,7 +43,7 @@ from experiments import default
 from xenith import flops
 from xenith import optimizer
 from xenith import sharding
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from xenith.steps import make_train_step
 from xenith.train_state import abstract_train_state, init_train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position

@@ -70,13 +70,13 @@ def split_by_reach(workdir: str, memory: str, lengths=(256, 512, 1024), num_exam
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from xenith import checkpointing, passkey  # pylint: disable=g-import-not-at-top
   from xenith.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xenith.model import transformer  # pylint: disable=g-import-not-at-top
+  from xenith.model import build  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   config = get_config(f'memory={memory}')
   reach = config.model.num_layers * CHUNK  # The windows' stacked receptive field.
   tokenizer = pipeline.create_datasets(config).tokenizer
-  model = transformer.make_model(config.model)
+  model = build.make_model(config.model)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, config.max_seq_len),
                                                                   jnp.int32))['params'])
   params = checkpointing.load_base_params(workdir, params)

@@ -31,7 +31,7 @@ import numpy as np
 from xenith import checkpointing
 from xenith import sharding
 from xenith.model import lora
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The LoRA run\'s experiment config (with the same overrides).')

@@ -21,7 +21,7 @@ from xenith.model import attention_pattern
 from xenith.model import blockwise_attention
 from xenith.model import fused_attention
 from xenith.model import masks
-from xenith.model import transformer
+from xenith.model import build
 
 
 def _qkv(batch, seq, heads, kv_heads, dim=8, seed=0):
@@ -237,7 +237,7 @@ def test_dynamic_windows_scale_with_length_within_bounds():
 
 
 def _apply(config, params, tokens, segment_ids=None):
-  model = transformer.make_model(config)
+  model = build.make_model(config)
   return model.apply({'params': params}, tokens, segment_ids=segment_ids)
 
 
@@ -251,7 +251,7 @@ def test_sparse_model_kernels_agree(overrides):
              for impl in ('dense', 'blockwise')}
   tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 64)
   segment_ids = _segments(2, 40, packed=True, seed=3)
-  params = transformer.make_model(configs['dense']).init(jax.random.key(0), tokens)['params']
+  params = build.make_model(configs['dense']).init(jax.random.key(0), tokens)['params']
   results = {}
   for impl, config in configs.items():
     loss = lambda p, c=config: jnp.mean(_apply(c, p, tokens, segment_ids) ** 2)
@@ -266,7 +266,7 @@ def test_one_windowed_layer_sees_only_its_window_and_the_globals():
   config = _model_config(window_sizes=(window,), num_global_tokens=num_global, block_size=8)
   config.num_layers = 1
   tokens = jax.random.randint(jax.random.key(1), (1, 24), 0, 64)
-  params = transformer.make_model(config).init(jax.random.key(0), tokens)['params']
+  params = build.make_model(config).init(jax.random.key(0), tokens)['params']
   before = _apply(config, params, tokens)
   for j in (2, 10):  # Past the globals: position i sees j only if i - j < window.
     after = _apply(config, params, tokens.at[0, j].set((tokens[0, j] + 1) % 64))

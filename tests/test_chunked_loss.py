@@ -8,7 +8,7 @@ import pytest
 from experiments import default
 from xenith import steps
 from xenith.model import chunked_loss
-from xenith.model import transformer
+from xenith.model import build
 from helpers import two_document_batch
 
 
@@ -73,7 +73,7 @@ def test_train_loss_and_grads_equal_full_logits(tie_embeddings, lora_head, moe):
   results = []
   for chunk in (0, 8):
     config.model.loss_chunk_size = chunk
-    model = transformer.make_model(config.model)
+    model = build.make_model(config.model)
     params = model.init(jax.random.key(0), batch['inputs'])['params']
     params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
                           is_leaf=lambda x: hasattr(x, 'value'))
@@ -133,7 +133,7 @@ def test_train_and_eval_loss_of_a_hand_packed_batch_equal_numpy(chunk):
   config = _config(tie_embeddings=True)
   config.model.loss_chunk_size = chunk
   batch = {k: jnp.asarray(v, jnp.int32) for k, v in _PACKED.items()}
-  model = transformer.make_model(config.model)
+  model = build.make_model(config.model)
   params = jax.tree.map(lambda x: getattr(x, 'value', x),
                         model.init(jax.random.key(0), batch['inputs'])['params'],
                         is_leaf=lambda x: hasattr(x, 'value'))

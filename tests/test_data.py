@@ -21,7 +21,7 @@ from xenith.data import pipeline
 from xenith.data import text_dataset
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.data import unigram
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 32

@@ -17,7 +17,7 @@ from xenith import describe
 from xenith import flops
 from xenith import optimizer
 from xenith import sharding
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from xenith.train_state import abstract_train_state, init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

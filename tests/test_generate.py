@@ -17,7 +17,7 @@ from experiments import memory as memory_experiment
 from xenith import checkpointing
 from xenith import generate
 from xenith.data import pipeline
-from xenith.model import transformer
+from xenith.model import build
 
 
 def _model():
@@ -25,7 +25,7 @@ def _model():
   config.vocab_size = 64
   config.attention.window_sizes = (4, 8)  # Windowed heads: the ring buffers wrap.
   config.attention.num_global_tokens = 2
-  model = transformer.make_model(config)
+  model = build.make_model(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   # Scaled up: at init the logits are so flat that greedy decoding repeats one token
   # whatever the context, which would hide context bugs from these tests.
@@ -168,7 +168,7 @@ def test_greedy_generation_with_memory_equals_the_chunked_pass():
   config.attention.implementation = 'dense'
   config.memory.update(dict(chunk_size=8, summary_tokens=2, summarizer_heads=4,
                             bank_size=4, layers=(1,), short_term_tokens=3))
-  model = transformer.make_model(config)
+  model = build.make_model(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   prompt = jax.random.randint(jax.random.key(1), (2, 11), 0, 64)  # A chunk and 3 tokens.
   out, state = generate.generate(model, params, prompt, jax.random.key(2),
@@ -193,7 +193,7 @@ def _main(*args):
 def _save_fresh_params(config, workdir, length, scale=1.0):
   """Initial params of `config`'s model, times `scale`, as the workdir's checkpoint 0
   (what generate loads)."""
-  model = transformer.make_model(config.model)
+  model = build.make_model(config.model)
   params = model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))['params']
   checkpointing.save_params(str(workdir / 'checkpoints' / '0' / 'state'),
                             jax.tree.map(lambda x: scale * getattr(x, 'value', x), params,
@@ -215,7 +215,7 @@ def _generate_in_process(workdir, text, *, seed=0, **settings):
   config = default.get_config('size=tiny')
   tokenizer = pipeline.create_datasets(config).tokenizer
   prompt = [tokenizer.bos_id] + list(tokenizer.encode(text))
-  model = transformer.make_model(config.model)
+  model = build.make_model(config.model)
   like = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                   jnp.zeros((1, 8), jnp.int32))['params'])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -7,7 +7,7 @@ import pytest
 
 from experiments import default
 from xenith.model import kv_cache
-from xenith.model import transformer
+from xenith.model import build
 
 VOCAB = 64
 SEQ = 24
@@ -52,7 +52,7 @@ def _decode(model, params, tokens, cache_length, steps):
 ])
 def test_token_by_token_equals_one_shot(overrides):
   config = _config(**overrides)
-  model = transformer.make_model(config)
+  model = build.make_model(config)
   tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, VOCAB)
   params = model.init(jax.random.key(0), tokens)['params']
   want = model.apply({'params': params}, tokens)
@@ -65,7 +65,7 @@ def test_token_by_token_equals_one_shot(overrides):
 def test_windowed_layers_keep_a_ring_buffer_no_larger_than_their_window():
   config = _config(**{'attention.window_sizes': (4, 6), 'attention.full_attention_layers': 1,
                       'attention.num_global_tokens': 3})
-  model = transformer.make_model(config)
+  model = build.make_model(config)
   tokens = jax.random.randint(jax.random.key(1), (1, SEQ), 0, VOCAB)
   params = model.init(jax.random.key(0), tokens)['params']
   want = model.apply({'params': params}, tokens)
@@ -110,7 +110,7 @@ def test_writes_go_to_distinct_slots_of_the_positions_kept(start, length, window
 
 
 def test_decoding_rejects_packed_inputs():
-  model = transformer.make_model(_config())
+  model = build.make_model(_config())
   tokens = jnp.zeros((1, 4), jnp.int32)
   params = model.init(jax.random.key(0), tokens)['params']
   cache = kv_cache.init_cache(model, 1, 8)

@@ -24,7 +24,7 @@ from xenith import optimizer
 from xenith.config_validation import ConfigError, validate
 from xenith.model import layers
 from xenith.model import lora
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from xenith.steps import make_loss_fn, make_train_step
 from xenith.train_state import init_train_state
 from helpers import single_device_env

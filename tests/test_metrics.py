@@ -18,7 +18,7 @@ from xenith import metrics
 from xenith import sharding
 from xenith import steps
 from xenith import train
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 
 VOCAB = 64
 

@@ -28,7 +28,7 @@ from xenith import sharding
 from xenith.config_validation import ConfigError, validate
 from xenith.model import moe
 from xenith.model import moe_dispatch
-from xenith.model import transformer
+from xenith.model import build
 from xenith.steps import make_eval_step, make_loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +254,7 @@ def test_layer_pattern_param_names_and_logical_axes():
                                                            True, False]
   cfg = _model_config(first_dense_layers=1, num_shared_experts=1)
   cfg.num_layers = 3
-  boxed = jax.eval_shape(transformer.make_model(cfg).init, _key(0),
+  boxed = jax.eval_shape(build.make_model(cfg).init, _key(0),
                          jnp.zeros((1, 8), jnp.int32))
   flat = flax.traverse_util.flatten_dict(boxed['params'], sep='/')
   assert 'block_0/mlp/gate/kernel' in flat and 'block_0/moe/router/kernel' not in flat
@@ -271,7 +271,7 @@ def test_layer_pattern_param_names_and_logical_axes():
   one = _model_config(num_experts=1, num_experts_per_token=1)
   assert moe.enabled(one) and moe.is_moe_layer(ml_collections.FrozenConfigDict(one), 0)
   flat = flax.traverse_util.flatten_dict(jax.eval_shape(
-      transformer.make_model(one).init, _key(0), jnp.zeros((1, 8), jnp.int32))['params'],
+      build.make_model(one).init, _key(0), jnp.zeros((1, 8), jnp.int32))['params'],
       sep='/')
   assert flat['block_0/moe/experts/gate'].value.shape == (1, 64, 24)
   assert not moe.enabled(_model_config(num_experts=0))
@@ -301,7 +301,7 @@ def test_scan_layout_matches_loop():
   scan_cfg.num_layers, scan_cfg.scan_layers = 3, True
   tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 128)
   segment_ids = jnp.ones((2, 12), jnp.int32).at[1, 9:].set(0)
-  loop, scan = transformer.make_model(loop_cfg), transformer.make_model(scan_cfg)
+  loop, scan = build.make_model(loop_cfg), build.make_model(scan_cfg)
   params = nn.unbox(jax.jit(loop.init)(_key(0), tokens))['params']
   scan_params = {k: v for k, v in params.items() if not k.startswith('block_')}
   scan_params['dense_layers'] = _stack(params, [0])
@@ -350,7 +350,7 @@ def test_aux_loss_and_metrics_names_and_means():
 def test_loss_adds_mean_layer_aux_loss_and_eval_reports_it():
   cfg = _model_config(load_balance_loss_weight=0.5)
   cfg.num_layers = 2
-  model = transformer.make_model(cfg)
+  model = build.make_model(cfg)
   batch = test_sharding._batch(ml_collections.ConfigDict(
       dict(global_batch_size=4, max_seq_len=16, model=dict(vocab_size=128))))
   params = nn.unbox(jax.jit(model.init)(_key(0), batch['inputs']))['params']
@@ -485,7 +485,7 @@ def test_moe_experiment_trains_with_router_metrics_in_tensorboard(tmp_path):
 def test_lora_fine_tuning_of_a_moe_model_trains_only_adapters():
   config = moe_experiment.get_config('size=tiny')
   config.model.lora.rank = 2
-  model = transformer.make_model(config.model)
+  model = build.make_model(config.model)
   batch = test_sharding._batch(ml_collections.ConfigDict(
       dict(global_batch_size=2, max_seq_len=16, model=dict(vocab_size=512))))
   params = nn.unbox(jax.jit(model.init)(_key(0), batch['inputs']))['params']

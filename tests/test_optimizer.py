@@ -16,7 +16,7 @@ import pytest
 
 from experiments import default
 from xenith import optimizer
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 
 LR, WD = 0.5, 0.1
 

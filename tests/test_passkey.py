@@ -15,7 +15,7 @@ from xenith import event_files
 from xenith import passkey
 from xenith.config_validation import ConfigError, validate
 from xenith.data import tokenizer as tokenizer_lib
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from helpers import single_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

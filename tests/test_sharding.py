@@ -11,7 +11,7 @@ from experiments import default
 from xenith import optimizer
 from xenith import sharding
 from xenith.config_validation import ConfigError
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from xenith.steps import make_loss_fn, make_train_step
 from xenith.train_state import abstract_train_state, init_train_state
 

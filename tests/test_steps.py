@@ -18,7 +18,7 @@ import pytest
 from experiments import default
 from xenith import optimizer
 from xenith import steps
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from xenith.train_state import TrainState
 from helpers import two_document_batch
 

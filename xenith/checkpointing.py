@@ -9,12 +9,9 @@ from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
 
+from xenith.errors import CheckpointMismatchError
 from xenith.model import lora
 from xenith.train_state import TrainState
-
-
-class CheckpointMismatchError(ValueError):
-  """The workdir's checkpoint does not fit the config (another model, another workdir?)."""
 
 
 class Checkpointer:

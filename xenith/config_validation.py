@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from xenith.errors import ConfigError
+
 NORMS = ('rmsnorm', 'layernorm')
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
@@ -22,14 +24,6 @@ MOE_DISPATCHES = ('auto', 'dropless_gather', 'dropless_ragged', 'capacity', 'den
 # As xenith.model.attention.IMPLEMENTATIONS.
 ATTENTION_IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
 WINDOW_SPLITS = ('heads', 'layers')
-
-
-class ConfigError(ValueError):
-  """An invalid config; `field` is the dotted path under `config.`."""
-
-  def __init__(self, field: str, message: str):
-    self.field = field
-    super().__init__(f'config.{field}: {message}')
 
 
 def _get(config, field):

@@ -16,7 +16,7 @@ import ml_collections
 from xenith import flops
 from xenith import sharding
 from xenith.model import memory
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 
 GIB = 2.0**30
 

@@ -39,7 +39,7 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
   """Continues `prompt` by `max_new_tokens` tokens.
 
   Args:
-    model: a `Decoder` (`transformer.make_model`).
+    model: a `Decoder` (`build.make_model`).
     params: its params.
     prompt: [batch, prompt_len] int32 token ids, one document per row; rows shorter
       than prompt_len are left-padded (any token id) and give `prompt_lengths`.

@@ -47,6 +47,8 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from xenith.errors import HfFormatError
+
 SUPPORTED_ARCHITECTURES = ('MistralForCausalLM', 'MixtralForCausalLM')
 _MODEL_TYPES = {'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'}
 SAFETENSORS_FILE = 'model.safetensors'
@@ -56,10 +58,6 @@ _ST_DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
               'BF16': np.dtype(ml_dtypes.bfloat16), 'F64': np.dtype(np.float64)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPE_NAMES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16'}
-
-
-class HfFormatError(ValueError):
-  """The directory is not a supported Hugging Face checkpoint, or does not fit the model."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -467,7 +465,7 @@ def from_pretrained(path: str, *, dtype: str = 'float32', scan_layers: bool = Fa
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from xenith.model import transformer  # pylint: disable=g-import-not-at-top
+  from xenith.model import build  # pylint: disable=g-import-not-at-top
 
   if os.path.isfile(os.path.join(path, CONFIG_JSON)):  # An import_hf workdir.
     model, params, hf_config = _load_workdir(path)
@@ -483,7 +481,7 @@ def from_pretrained(path: str, *, dtype: str = 'float32', scan_layers: bool = Fa
   model.dtype = dtype
   if moe_dispatch:
     model.moe.dispatch = moe_dispatch
-  module = transformer.make_model(model)
+  module = build.make_model(model)
   object.__setattr__(module, 'hf_config', hf_config)
   return module, jax.tree.map(jnp.asarray, params)
 
@@ -606,7 +604,7 @@ def _load_workdir(workdir: str, config: ml_collections.ConfigDict | None = None
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from xenith import checkpointing  # pylint: disable=g-import-not-at-top
-  from xenith.model import transformer  # pylint: disable=g-import-not-at-top
+  from xenith.model import build  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(workdir)
   if config is None:
@@ -630,7 +628,7 @@ def _load_workdir(workdir: str, config: ml_collections.ConfigDict | None = None
       break
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = nn.meta.unbox(jax.eval_shape(
-      transformer.make_model(model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+      build.make_model(model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
   )['params'])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)

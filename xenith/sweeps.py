@@ -27,15 +27,13 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from xenith.errors import SweepError
+
 # Metrics shown in the Markdown summary, in this order (the CSV has every final metric).
 SUMMARY_METRICS = ('step', 'train/loss', 'eval/loss', 'eval/perplexity', 'eval/accuracy',
                    'train/tokens_per_sec')
 _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 _MAX_NAME = 200  # Directory names are limited to 255 bytes on most filesystems.
-
-
-class SweepError(ValueError):
-  """An invalid sweep; raised before any point runs."""
 
 
 def product(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

@@ -26,14 +26,11 @@ from xenith import passkey
 from xenith import sharding
 from xenith.checkpointing import Checkpointer
 from xenith.data import pipeline
+from xenith.errors import NonFiniteError
 from xenith.model import lora
-from xenith.model.transformer import make_model
+from xenith.model.build import make_model
 from xenith.steps import make_eval_step, make_train_step
 from xenith.train_state import abstract_train_state, init_train_state
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or gradients became NaN/inf and `config.on_nonfinite` is 'stop'."""
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:

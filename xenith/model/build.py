@@ -1,0 +1,18 @@
+"""`make_model`: the decoder a `config.model` asks for."""
+
+import ml_collections
+
+from xenith.model import lora
+from xenith.model import transformer
+
+
+def make_model(model_config: ml_collections.ConfigDict) -> transformer.Decoder:
+  """A `Decoder` for a (mutable) `config.model`; the config is frozen here.
+
+  With `lora.train_only_adapters` only the LoRA adapters receive gradients.
+  """
+  config = ml_collections.FrozenConfigDict(model_config)
+  decoder = transformer.Decoder
+  if lora.trains_only_adapters(config):
+    decoder = lora.frozen_base(decoder)
+  return decoder(config=config)
