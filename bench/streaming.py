@@ -57,8 +57,10 @@ def child(args) -> dict:
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, chunk), jnp.int32))['params']
   if args.memory:  # The carried state: the summary bank and the short-term keys.
     cache = memory.init_state(config, 1)
-    run = lambda cache, tokens: model.apply({'params': params}, tokens, memory=cache,
-                                            return_memory=True)
+
+    def run(cache, tokens):
+      out = model.apply({'params': params}, tokens, memory=cache, method='forward')
+      return out.logits, out.memory
   else:  # The carried state: the KV cache.
     cache = kv_cache.init_cache(model, 1, length)
 

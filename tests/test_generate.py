@@ -174,12 +174,11 @@ def test_greedy_generation_with_memory_equals_the_chunked_pass():
   out, state = generate.generate(model, params, prompt, jax.random.key(2),
                                  max_new_tokens=13)
   assert out.shape == (2, 24)
-  apply = jax.jit(lambda tokens: model.apply({'params': params}, tokens,
-                                             return_memory=True))
-  logits, full_state = apply(out)
-  np.testing.assert_array_equal(out[:, 11:], jnp.argmax(logits[:, 10:-1], -1))
-  for k in full_state:
-    np.testing.assert_allclose(state[k], full_state[k], atol=2e-5, rtol=2e-5, err_msg=k)
+  full = jax.jit(lambda tokens: model.apply({'params': params}, tokens,
+                                            method='forward'))(out)
+  np.testing.assert_array_equal(out[:, 11:], jnp.argmax(full.logits[:, 10:-1], -1))
+  for k, v in full.memory.arrays().items():
+    np.testing.assert_allclose(getattr(state, k), v, atol=2e-5, rtol=2e-5, err_msg=k)
 
 
 def _main(*args):

@@ -1,4 +1,5 @@
-"""Tests of chunk-summary memory (xenith/model/memory.py and the Decoder's memory mode).
+"""Tests of chunk-summary memory (xenith/model/memory/: the bank, the state and its file, and
+the MemoryDecoder).
 
 Tiny models (2 layers, embed 64, chunks of 8 tokens); applies are jitted once per config.
 """
@@ -47,8 +48,15 @@ def _built(memory_overrides=(), overrides=()):
   decoder = model.make_model(cfg)
   params = nn.unbox(jax.jit(decoder.init)(jax.random.key(0),
                                           jnp.zeros((2, 2 * CHUNK), jnp.int32)))['params']
-  apply = jax.jit(functools.partial(decoder.apply, return_memory=True))
-  return decoder, params, apply
+  return decoder, params, _memory_apply(decoder)
+
+
+def _memory_apply(decoder, **kwargs):
+  """jit(apply(variables, tokens, **kw)) -> (logits, memory state, MoE router stats)."""
+  def run(variables, tokens, **kw):
+    out = decoder.apply(variables, tokens, method='forward', **kwargs, **kw)
+    return out.logits, out.memory, out.moe_stats
+  return jax.jit(run)
 
 
 def _tokens(seed, length, batch=2, low=0, high=VOCAB):
@@ -56,35 +64,38 @@ def _tokens(seed, length, batch=2, low=0, high=VOCAB):
 
 
 def _bank(valid, usage, age, m=4, embed=3):
+  """A state whose bank is given; the fields `write` and `add_usage` do not read are 0."""
   batch = len(valid)
-  return {'summaries': jnp.zeros((batch, m, embed)), 'valid': jnp.array(valid),
-          'usage': jnp.array(usage, jnp.float32), 'age': jnp.array(age, jnp.int32)}
+  unused = {k: jnp.zeros(()) for k in memory.state.FIELDS}
+  return memory.MemoryState(**{
+      **unused, 'summaries': jnp.zeros((batch, m, embed)), 'valid': jnp.array(valid),
+      'usage': jnp.array(usage, jnp.float32), 'age': jnp.array(age, jnp.int32)})
 
 
 def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
   bank = _bank([[True, False, True, False]], [[5.0, 0.0, 1.0, 0.0]], [[3, 0, 1, 0]])
   new = jnp.ones((1, 2, 3)) * jnp.array([1.0, 2.0])[None, :, None]
-  out = memory.write(bank, new)
-  np.testing.assert_array_equal(out['valid'], [[True] * 4])
-  np.testing.assert_array_equal(out['summaries'][0, :, 0], [0, 1, 0, 2])  # Free 1 and 3.
-  np.testing.assert_array_equal(out['age'], [[4, 0, 2, 0]])
-  np.testing.assert_array_equal(out['usage'], [[5, 0, 1, 0]])
+  out = memory.bank.write(bank, new)
+  np.testing.assert_array_equal(out.valid, [[True] * 4])
+  np.testing.assert_array_equal(out.summaries[0, :, 0], [0, 1, 0, 2])  # Free 1 and 3.
+  np.testing.assert_array_equal(out.age, [[4, 0, 2, 0]])
+  np.testing.assert_array_equal(out.usage, [[5, 0, 1, 0]])
   # Full: the least-used (slot 2: 1.0) goes, then the tie at 3.0 goes to the oldest (3).
   bank = _bank([[True] * 4], [[5.0, 3.0, 1.0, 3.0]], [[9, 2, 1, 4]])
-  out = memory.write(bank, new)
-  np.testing.assert_array_equal(out['summaries'][0, :, 0], [0, 0, 1, 2])
-  np.testing.assert_array_equal(out['age'], [[10, 3, 0, 0]])
-  np.testing.assert_array_equal(out['usage'], [[5, 3, 0, 0]])
+  out = memory.bank.write(bank, new)
+  np.testing.assert_array_equal(out.summaries[0, :, 0], [0, 0, 1, 2])
+  np.testing.assert_array_equal(out.age, [[10, 3, 0, 0]])
+  np.testing.assert_array_equal(out.usage, [[5, 3, 0, 0]])
   with pytest.raises(ValueError, match='5 summaries do not fit a bank of 4 slots'):
-    memory.write(bank, jnp.ones((1, 5, 3)))
+    memory.bank.write(bank, jnp.ones((1, 5, 3)))
 
 
 def test_usage_accumulates_with_decay_on_valid_slots():
   bank = _bank([[True, True, False, False]], [[1.0, 2.0, 0.0, 0.0]], [[0] * 4])
-  out = memory.add_usage(bank, jnp.array([[0.5, 0.0, 7.0, 0.0]]), 0.5)
-  np.testing.assert_allclose(out['usage'], [[1.0, 1.0, 0.0, 0.0]])
-  out = memory.add_usage(out, jnp.array([[1.0, 1.0, 0.0, 0.0]]), 1.0)  # decay 1 = sum
-  np.testing.assert_allclose(out['usage'], [[2.0, 2.0, 0.0, 0.0]])
+  out = memory.bank.add_usage(bank, jnp.array([[0.5, 0.0, 7.0, 0.0]]), 0.5)
+  np.testing.assert_allclose(out.usage, [[1.0, 1.0, 0.0, 0.0]])
+  out = memory.bank.add_usage(out, jnp.array([[1.0, 1.0, 0.0, 0.0]]), 1.0)  # decay 1 = sum
+  np.testing.assert_allclose(out.usage, [[2.0, 2.0, 0.0, 0.0]])
 
 
 def test_memory_off_is_the_old_model():
@@ -101,8 +112,8 @@ def test_memory_off_is_the_old_model():
           == jax.tree_util.tree_structure(outs[1][0]))
   assert 'summarizer' not in outs[0][0]['params']
   np.testing.assert_array_equal(outs[0][1], outs[1][1])
-  with pytest.raises(ValueError, match='chunk_size'):
-    model.make_model(off).apply(outs[0][0], tokens, return_memory=True)
+  with pytest.raises(TypeError, match='memory'):  # A plain Decoder has no memory.
+    model.make_model(off).apply(outs[0][0], tokens, memory=None)
 
 
 def test_first_chunk_equals_the_plain_model_on_that_chunk():
@@ -110,23 +121,23 @@ def test_first_chunk_equals_the_plain_model_on_that_chunk():
   plain = model.make_model(_config((('chunk_size', 0),)))
   shared = {k: v for k, v in params.items() if k != 'summarizer'}
   tokens = _tokens(1, 3 * CHUNK)
-  logits, state = apply({'params': params}, tokens)
+  logits, state, _ = apply({'params': params}, tokens)
   first = plain.apply({'params': shared}, tokens[:, :CHUNK])
   np.testing.assert_allclose(logits[:, :CHUNK], first, atol=1e-5, rtol=1e-5)
   assert logits.shape == (2, 3 * CHUNK, VOCAB)
-  assert int(state['position']) == 3 * CHUNK
-  assert bool(state['valid'].all())  # 3 chunks x 2 summaries > 4 slots.
+  assert int(state.position) == 3 * CHUNK
+  assert bool(state.valid.all())  # 3 chunks x 2 summaries > 4 slots.
   # Chunk 3's write replaced the 2 least-used; the 2 kept have received attention mass.
-  np.testing.assert_array_equal((state['usage'] > 0).sum(-1), [2, 2])
-  np.testing.assert_array_equal(state['age'] == 0, state['usage'] == 0)  # The new ones.
+  np.testing.assert_array_equal((state.usage > 0).sum(-1), [2, 2])
+  np.testing.assert_array_equal(state.age == 0, state.usage == 0)  # The new ones.
 
 
 def test_a_later_chunk_never_changes_an_earlier_one():
   _, params, apply = _built((('short_term_tokens', 3),))
   tokens = _tokens(2, 3 * CHUNK)
   changed = tokens.at[:, CHUNK + 2].set((tokens[:, CHUNK + 2] + 1) % VOCAB)
-  a, _ = apply({'params': params}, tokens)
-  b, _ = apply({'params': params}, changed)
+  a, _, _ = apply({'params': params}, tokens)
+  b, _, _ = apply({'params': params}, changed)
   np.testing.assert_array_equal(a[:, :CHUNK + 2], b[:, :CHUNK + 2])
   assert not np.allclose(a[:, CHUNK + 2:], b[:, CHUNK + 2:])
 
@@ -136,13 +147,13 @@ def test_the_bank_carries_chunk_one_into_chunk_three():
   changed = tokens.at[:, 1].set((tokens[:, 1] + 1) % VOCAB)
   third = slice(2 * CHUNK, 3 * CHUNK)
   _, params, apply = _built()  # short_term_tokens 0, full attention within chunks.
-  a, _ = apply({'params': params}, tokens)
-  b, _ = apply({'params': params}, changed)
+  a, _, _ = apply({'params': params}, tokens)
+  b, _, _ = apply({'params': params}, changed)
   assert np.abs(a[:, third] - b[:, third]).max() > 1e-4
   # No memory layers: nothing reaches across chunks (bank written, never read).
   _, params, apply = _built((('layers', ()),))
-  a, _ = apply({'params': params}, tokens)
-  b, _ = apply({'params': params}, changed)
+  a, _, _ = apply({'params': params}, tokens)
+  b, _, _ = apply({'params': params}, changed)
   np.testing.assert_array_equal(a[:, CHUNK:], b[:, CHUNK:])
 
 
@@ -151,17 +162,16 @@ def test_two_calls_through_save_and_load_equal_one_call(windows, tmp_path):
   decoder, params, apply = _built((('short_term_tokens', 3), ('layers', (1,))),
                                   (('window_sizes', windows),))
   tokens = _tokens(4, 4 * CHUNK)
-  whole, whole_state = apply({'params': params}, tokens)
-  first, state = apply({'params': params}, tokens[:, :2 * CHUNK])
+  whole, whole_state, _ = apply({'params': params}, tokens)
+  first, state, _ = apply({'params': params}, tokens[:, :2 * CHUNK])
   path = str(tmp_path / 'bank.npz')
   memory.save_bank(path, state)
   loaded = memory.load_bank(path, like=memory.init_state(decoder.config, 2))
-  second, end_state = jax.jit(functools.partial(decoder.apply, return_memory=True))(
-      {'params': params}, tokens[:, 2 * CHUNK:], memory=loaded)
+  second, end_state, _ = apply({'params': params}, tokens[:, 2 * CHUNK:], memory=loaded)
   np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), whole,
                              atol=1e-5, rtol=1e-5)
-  for k in whole_state:
-    np.testing.assert_allclose(end_state[k], whole_state[k], atol=1e-5, rtol=1e-5)
+  for k, v in whole_state.arrays().items():
+    np.testing.assert_allclose(getattr(end_state, k), v, atol=1e-5, rtol=1e-5, err_msg=k)
 
 
 def test_decoding_one_token_at_a_time_equals_the_chunked_pass(tmp_path):
@@ -172,25 +182,25 @@ def test_decoding_one_token_at_a_time_equals_the_chunked_pass(tmp_path):
   decoder, params, apply = _built((('short_term_tokens', 3), ('layers', (1,))),
                                   (('window_sizes', (6, 12)),))
   tokens = _tokens(4, 4 * CHUNK)
-  whole, whole_state = apply({'params': params}, tokens)
-  decode = jax.jit(functools.partial(decoder.apply, return_memory=True, decode=True))
-  logits, state = apply({'params': params}, tokens[:, :CHUNK])
+  whole, whole_state, _ = apply({'params': params}, tokens)
+  decode = _memory_apply(decoder, decode=True)
+  logits, state, _ = apply({'params': params}, tokens[:, :CHUNK])
   outs = [logits]
-  logits, state = decode({'params': params}, tokens[:, CHUNK:CHUNK + 5], memory=state)
+  logits, state, _ = decode({'params': params}, tokens[:, CHUNK:CHUNK + 5], memory=state)
   outs.append(logits)
   path = str(tmp_path / 'mid_chunk.npz')
   memory.save_bank(path, state)
   state = memory.load_bank(path, like=memory.init_state(decoder.config, 2))
-  assert int(state['position']) == CHUNK + 5
+  assert int(state.position) == CHUNK + 5
   with pytest.raises(ValueError, match='5 tokens into a chunk'):
     decoder.apply({'params': params}, tokens[:, :CHUNK], memory=state)
   for t in range(CHUNK + 5, 4 * CHUNK):
-    logits, state = decode({'params': params}, tokens[:, t:t + 1], memory=state)
+    logits, state, _ = decode({'params': params}, tokens[:, t:t + 1], memory=state)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), whole, atol=2e-5, rtol=2e-5)
-  assert int(whole_state['valid'].sum()) == 8  # The bank is full: it evicted.
-  for k in whole_state:
-    np.testing.assert_allclose(state[k], whole_state[k], atol=2e-5, rtol=2e-5, err_msg=k)
+  assert int(whole_state.valid.sum()) == 8  # The bank is full: it evicted.
+  for k, v in whole_state.arrays().items():
+    np.testing.assert_allclose(getattr(state, k), v, atol=2e-5, rtol=2e-5, err_msg=k)
 
 
 def test_memory_with_moe_layers():
@@ -204,16 +214,16 @@ def test_memory_with_moe_layers():
   tokens = _tokens(7, 3 * CHUNK)
   params = nn.unbox(jax.jit(decoder.init)(jax.random.key(0), tokens))['params']
   assert 'moe' in params['block_1'] and 'mlp' in params['block_0']
-  apply = jax.jit(functools.partial(decoder.apply, return_memory=True,
-                                    return_moe_stats=True))
+  apply = _memory_apply(decoder)
   logits, state, stats = apply({'params': params}, tokens)
   assert set(stats) == {'layer_1'}
   plain_cfg = _config((('chunk_size', 0),))
   plain_cfg.moe.update(cfg.moe)
   plain = model.make_model(plain_cfg)
   shared = {k: v for k, v in params.items() if k != 'summarizer'}
-  plain_apply = jax.jit(functools.partial(plain.apply, return_moe_stats=True))
-  first, first_stats = plain_apply({'params': shared}, tokens[:, :CHUNK])
+  plain_out = jax.jit(functools.partial(plain.apply, method='forward'))(
+      {'params': shared}, tokens[:, :CHUNK])
+  first, first_stats = plain_out.logits, plain_out.moe_stats
   np.testing.assert_allclose(logits[:, :CHUNK], first, atol=1e-5, rtol=1e-5)
   chunk_stats = [apply({'params': params}, tokens[:, :CHUNK])[2]]
   for c in (1, 2):  # Chunks 2 and 3, continuing from the state after the one before.
@@ -225,11 +235,11 @@ def test_memory_with_moe_layers():
   for name in ('aux_loss', 'expert_fraction'):
     mean = np.mean([s['layer_1'][name] for s in chunk_stats], axis=0)
     np.testing.assert_allclose(stats['layer_1'][name], mean, rtol=1e-5, atol=1e-7)
-  decode = jax.jit(functools.partial(decoder.apply, return_memory=True, decode=True))
+  decode = _memory_apply(decoder, decode=True)
   step_state = memory.init_state(decoder.config, 2)
   outs = []
   for t in range(tokens.shape[1]):
-    out, step_state = decode({'params': params}, tokens[:, t:t + 1], memory=step_state)
+    out, step_state, _ = decode({'params': params}, tokens[:, t:t + 1], memory=step_state)
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, atol=2e-5, rtol=2e-5)
 
@@ -325,7 +335,7 @@ def test_train_steps_with_memory():
 def test_remat_gives_the_same_logits_and_dropout_runs():
   _, params, apply = _built((('short_term_tokens', 2),))
   tokens = _tokens(8, 2 * CHUNK)
-  expected, _ = apply({'params': params}, tokens)
+  expected, _, _ = apply({'params': params}, tokens)
   remat = model.make_model(_config((('short_term_tokens', 2),), remat='full',
                                    dropout_rate=0.1))
   logits = jax.jit(remat.apply)({'params': params}, tokens)

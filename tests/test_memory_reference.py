@@ -1,7 +1,8 @@
 """Chunk-summary memory against an independent NumPy reference.
 
 The other memory tests compare two paths of xenith's own code (one call vs two, whole
-chunks vs decoding) that share `memory.close_chunk` and `memory.attention_with_memory`.
+chunks vs decoding) that share `bank.close_chunk` and `attention.attention_with_memory`
+(xenith/model/memory/).
 Here a plain NumPy forward pass, written from the params and the documented semantics
 (it calls nothing of xenith's on the reference side), checks chunk by chunk:
 
@@ -33,6 +34,7 @@ import pytest
 from experiments import default
 from xenith import model
 from xenith.model import memory
+from xenith.model.memory import MemoryState
 
 VOCAB = 64
 CHUNK = 8
@@ -93,8 +95,15 @@ def _built(name: str):
     return noise.astype(np.float32)  # embedding, summarizer queries.
 
   params = jax.tree_util.tree_map_with_path(draw, shapes)
-  apply = jax.jit(functools.partial(decoder.apply, return_memory=True))
-  return cfg, decoder, params, apply
+
+  def run(variables, tokens, memory=None, **kwargs):
+    """-> (logits, the memory state as {field: array}); `memory` a state or such a dict."""
+    if isinstance(memory, dict):
+      memory = MemoryState(**memory)
+    out = decoder.apply(variables, tokens, memory=memory, method='forward', **kwargs)
+    return out.logits, out.memory.arrays()
+
+  return cfg, decoder, params, jax.jit(run)
 
 
 def _inputs():
@@ -338,7 +347,7 @@ def test_summarizer_matches_numpy_and_fills_the_bank():
   got, want = _runs('full')
   cfg, _, params, _ = _built('full')
   _, segments = _inputs()
-  summarize = jax.jit(memory.Summarizer(cfg).apply)
+  summarize = jax.jit(memory.summarizer.Summarizer(cfg).apply)
   for c in (0, NUM_CHUNKS - 1):  # A plain chunk; one with 2 padding tokens in row 1.
     hidden = want[c][3]['hidden']  # [batch, C, embed]
     seg = segments[:, c * CHUNK:(c + 1) * CHUNK]

@@ -308,12 +308,13 @@ def test_scan_layout_matches_loop():
   scan_params['moe_layers'] = _stack(params, [1, 2])
 
   def run(model, p):
-    return jax.jit(functools.partial(model.apply, return_moe_stats=True))(
+    out = jax.jit(functools.partial(model.apply, method='forward'))(
         {'params': p}, tokens, segment_ids=segment_ids)
+    return out.logits, out.moe_stats
 
   (loop_logits, loop_stats), (scan_logits, scan_stats) = run(loop, params), run(scan, scan_params)
   np.testing.assert_allclose(scan_logits, loop_logits, rtol=1e-5, atol=1e-5)
-  # Without return_moe_stats a MoE model returns its logits alone, like a dense one.
+  # Applied plainly a MoE model returns its logits alone, like a dense one.
   plain = jax.jit(loop.apply)({'params': params}, tokens, segment_ids=segment_ids)
   np.testing.assert_array_equal(plain, loop_logits)
   loop_aux, loop_metrics = moe.aux_loss_and_metrics(loop_stats)

@@ -5,7 +5,7 @@
 each new token costs one single-token forward pass. Greedy at temperature 0, else
 sampling from softmax(logits / temperature), optionally restricted to the top k.
 
-A model with chunk-summary memory (`xenith/model/memory.py`) keeps its memory state
+A model with chunk-summary memory (`xenith/model/memory/`) keeps its memory state
 instead of a KV cache: the prompt's whole chunks go through the chunked pass, the rest
 of the prompt and every new token through `decode=True`, so the bank, its usage and
 the short-term keys carry on exactly as in one long forward pass.
@@ -35,7 +35,8 @@ def _sample(logits, key, temperature: float, top_k: int):
                                              'top_k'))
 def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, prompt_lengths: jax.Array | None = None,
-             memory: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
+             memory: memory_lib.MemoryState | None = None
+             ) -> jax.Array | tuple[jax.Array, memory_lib.MemoryState]:
   """Continues `prompt` by `max_new_tokens` tokens.
 
   Args:
@@ -50,8 +51,8 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
     prompt_lengths: [batch] int, each row's prompt length (its last tokens); None = all
       prompt_len. The padding sits at negative positions, so each row continues exactly
       as it would alone. Not for memory models.
-    memory: memory models only: the state to continue from (`memory.load_bank`, or a
-      previous call's); None = an empty memory at stream position 0.
+    memory: memory models only: the `MemoryState` to continue from (`memory.load_bank`,
+      or a previous call's); None = an empty memory at stream position 0.
 
   Returns:
     [batch, prompt_len + max_new_tokens] int32: the prompt and its continuation; for a
@@ -92,7 +93,10 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
 def _generate_with_memory(model, params, prompt, key, state, max_new_tokens, temperature,
                           top_k):
   """`generate` for a chunk-summary memory model; returns (tokens, memory state)."""
-  apply = functools.partial(model.apply, {'params': params}, return_memory=True)
+  def apply(tokens, **kwargs):  # -> (logits, state)
+    out = model.apply({'params': params}, tokens, method='forward', **kwargs)
+    return out.logits, out.memory
+
   chunk = model.config.memory.chunk_size
   rest = prompt
   logits = None

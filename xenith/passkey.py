@@ -157,7 +157,8 @@ def make_predict_fn(model):
   """
 
   def predict(params, tokens, positions):
-    hidden, head = model.apply({'params': params}, tokens, features_only=True)
+    hidden, head = model.apply({'params': params}, tokens, features_only=True,
+                               method='forward').features
     return predict_answers(hidden, head, positions)
 
   return predict

@@ -58,12 +58,12 @@ def loss_chunk_size(model: nn.Module) -> int:
 
 def _apply(model: nn.Module, params, batch: dict, **kwargs):
   """(logits, or (hidden, head) with `features_only`), (MoE aux loss or None, MoE metrics)."""
-  inputs = batch['inputs']
-  if not moe.enabled(model.config):  # A dense model applies exactly as it always did.
-    return model.apply({'params': params}, inputs, **_model_inputs(batch), **kwargs), (None, {})
-  *outputs, stats = model.apply({'params': params}, inputs, **_model_inputs(batch),
-                                return_moe_stats=True, **kwargs)
-  return (outputs[0] if len(outputs) == 1 else tuple(outputs)), moe.aux_loss_and_metrics(stats)
+  out = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
+                    method='forward', **kwargs)
+  outputs = out.features if out.logits is None else out.logits
+  if not moe.enabled(model.config):
+    return outputs, (None, {})
+  return outputs, moe.aux_loss_and_metrics(out.moe_stats)
 
 
 def make_loss_fn(model: nn.Module, with_aux: bool = False):

@@ -19,7 +19,6 @@ from xenith.model import fused_attention
 from xenith.model import kv_cache
 from xenith.model import layers
 from xenith.model import masks
-from xenith.model import memory as memory_lib
 from xenith.model import rope
 
 IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
@@ -28,6 +27,9 @@ IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
 # `masks.make_attention_mask`, but possible with hand-made masks) gives a
 # uniform distribution instead of NaNs.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+_Q_NAMES = ('activation_batch', 'activation_length', 'activation_heads', None)
+_KV_NAMES = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 
 
 def dot_product_attention(
@@ -164,8 +166,7 @@ class Attention(nn.Module):
       segment_ids: jax.Array | None,
       positions: jax.Array,
       cache_length: int = 0,
-      memory_inputs: dict | None = None,
-  ) -> jax.Array | tuple[jax.Array, dict]:
+  ) -> jax.Array:
     """Self-attention over x: [batch, seq, embed] -> [batch, seq, embed].
 
     Args:
@@ -174,97 +175,46 @@ class Attention(nn.Module):
       positions: [batch, seq] positions for RoPE (absolute ones when decoding).
       cache_length: > 0 decodes with the 'cache' collection (`kv_cache.py`): x are
         the next tokens after the cached ones, one document per row.
-      memory_inputs: chunk-summary memory mode (`memory.py`): x is one chunk, which
-        attends to itself, to the short-term keys/values and, if the dict has
-        'summaries', to the bank. Keys: 'stream_positions', 'segments' [batch, C];
-        'short_keys', 'short_values' [batch, R, kv_heads, head_dim], 'short_positions',
-        'short_segments' [batch, R]; optional 'summaries' [batch, M, embed], 'valid'
-        [batch, M]. Returns (out, {'keys', 'values': this chunk's keys (with RoPE) and
-        values, 'mass': [batch, M] attention mass per summary or None}).
     """
-    cfg = self.config
-    q_shape = (cfg.num_heads, cfg.head_dim)
-    kv_shape = (cfg.num_kv_heads, cfg.head_dim)
-    query = layers.dense(
-        q_shape, ('embed', 'heads', 'head_dim'), cfg, name='query')(x)
-    key_proj = layers.dense(
-        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='key')
-    value_proj = layers.dense(
-        kv_shape, ('embed', 'kv_heads', 'head_dim'), cfg, name='value')
-    key = key_proj(x)
-    value = value_proj(x)
-
-    q_names = ('activation_batch', 'activation_length', 'activation_heads', None)
-    kv_names = (
-        'activation_batch', 'activation_length', 'activation_kv_heads', None)
-    query = nn.with_logical_constraint(query, q_names)
-    key = nn.with_logical_constraint(key, kv_names)
-    value = nn.with_logical_constraint(value, kv_names)
-
-    # With YaRN (cfg.rope_scaling) the frequencies are rescaled and q, k both
-    # carry its attention factor; without it the factor is 1.
-    inv_freq = rope.inv_frequencies(cfg)
-    rope_scale = rope.attention_factor(cfg)
-    plain_query = query
-    query = rope.apply_rope(query, positions, inv_freq, rope_scale)
-    key = rope.apply_rope(key, positions, inv_freq, rope_scale)
-
-    aux = None
-    if memory_inputs is not None:
-      out, aux = self._attend_memory(query, key, value, plain_query, memory_inputs,
-                                     key_proj, value_proj)
-    elif cache_length and not self.is_initializing():
+    query, key, value, _ = self.project(x)
+    query, key = self.rotate(query, positions), self.rotate(key, positions)
+    if cache_length and not self.is_initializing():
       out = self._attend_cached(query, key, value, positions, cache_length)
     else:
       if cache_length:  # Creating the cache: its buffers, then plain attention.
         self._attend_cached(query, key, value, positions, cache_length)
       out = self._attend_groups(query, key, value, segment_ids)
-    out = nn.with_logical_constraint(out, q_names)  # [batch, seq, heads, head_dim]
-    out = layers.dense(
-        cfg.embed_dim, ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-        name='out')(out)
-    return out if aux is None else (out, aux)
+    return self.project_out(out)
 
-  def _attend_memory(self, query, key, value, plain_query, inputs, key_proj, value_proj):
-    """One chunk's attention to [bank summaries], short-term keys and itself (dense).
+  def project(self, x: jax.Array):
+    """x: [batch, seq, embed] -> query [batch, seq, heads, head_dim], key, value [batch,
+    seq, kv_heads, head_dim] (no RoPE yet), and the key and value layers themselves
+    (memory attention projects the bank's summaries with them too)."""
+    cfg = self.config
+    query = layers.dense(
+        (cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), cfg, name='query')(x)
+    key_proj, value_proj = (
+        layers.dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'),
+                     cfg, name=name) for name in ('key', 'value'))
+    query = nn.with_logical_constraint(query, _Q_NAMES)
+    key = nn.with_logical_constraint(key_proj(x), _KV_NAMES)
+    value = nn.with_logical_constraint(value_proj(x), _KV_NAMES)
+    return query, key, value, (key_proj, value_proj)
 
-    Memory keys/values are the bank's summaries through this layer's own key and value
-    projections, without RoPE; they are scored against the queries without RoPE (as if
-    each summary sat at the query's own position). Local and short-term keys are masked
-    by stream position (causal, the KV-head group's window) and document.
+  def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """RoPE on x: [batch, seq, heads, head_dim] at positions [batch, seq].
+
+    With YaRN (config.rope_scaling) the frequencies are rescaled and q, k both carry its
+    attention factor; without it the factor is 1.
     """
     cfg = self.config
-    chunk = cfg.memory.chunk_size  # Not query.shape[1]: decoding feeds 1 token at a time.
-    groups = attention_pattern.layer_head_groups(cfg, self.layer, chunk)
-    q_per_kv = cfg.num_heads // cfg.num_kv_heads
-    keys = jnp.concatenate([inputs['short_keys'].astype(key.dtype), key], axis=1)
-    values = jnp.concatenate([inputs['short_values'].astype(value.dtype), value], axis=1)
-    k_pos = jnp.concatenate([inputs['short_positions'], inputs['stream_positions']], axis=1)
-    k_seg = jnp.concatenate([inputs['short_segments'], inputs['segments']], axis=1)
-    q_pos, q_seg = inputs['stream_positions'], inputs['segments']
-    summaries = inputs.get('summaries')
-    mem_key = mem_value = None
-    if summaries is not None:
-      summaries = summaries.astype(layers.compute_dtype(cfg))
-      mem_key, mem_value = key_proj(summaries), value_proj(summaries)
-    masses = []
+    return rope.apply_rope(x, positions, rope.inv_frequencies(cfg), rope.attention_factor(cfg))
 
-    def attend_group(n, g, q, k, v):
-      del n
-      window = g.window if g.window is not None and g.window < 2 * chunk else None
-      mask = memory_lib.local_mask(q_pos, k_pos, q_seg, k_seg, window)[:, None]
-      hs, ks = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv), slice(g.kv_start, g.kv_end)
-      out, m = memory_lib.attention_with_memory(
-          q, k, v, mask, plain_query[:, :, hs],
-          None if mem_key is None else mem_key[:, :, ks],
-          None if mem_value is None else mem_value[:, :, ks], inputs.get('valid'))
-      if m is not None:  # Mean over heads: weight each group by its share of heads.
-        masses.append(m * ((g.kv_end - g.kv_start) / cfg.num_kv_heads))
-      return out
-
-    out = attend_head_groups(attend_group, groups, query, keys, values)
-    mass = sum(masses[1:], masses[0]) if masses else None
-    return out, {'keys': key, 'values': value, 'mass': mass}
+  def project_out(self, out: jax.Array) -> jax.Array:
+    """out: [batch, seq, heads, head_dim] -> [batch, seq, embed]."""
+    out = nn.with_logical_constraint(out, _Q_NAMES)
+    return layers.dense(self.config.embed_dim, ('heads', 'head_dim', 'embed'), self.config,
+                        axis=(-2, -1), name='out')(out)
 
   def _attend_groups(self, query, key, value, segment_ids):
     """The layer's pattern: one kernel call per KV-head group sharing a window."""

@@ -3,16 +3,18 @@
 import ml_collections
 
 from xenith.model import lora
+from xenith.model import memory
 from xenith.model import transformer
 
 
 def make_model(model_config: ml_collections.ConfigDict) -> transformer.Decoder:
-  """A `Decoder` for a (mutable) `config.model`; the config is frozen here.
+  """The decoder for a (mutable) `config.model`; the config is frozen here.
 
+  A `memory.MemoryDecoder` when chunk-summary memory is on, else a `transformer.Decoder`.
   With `lora.train_only_adapters` only the LoRA adapters receive gradients.
   """
   config = ml_collections.FrozenConfigDict(model_config)
-  decoder = transformer.Decoder
+  decoder = memory.MemoryDecoder if memory.enabled(config) else transformer.Decoder
   if lora.trains_only_adapters(config):
     decoder = lora.frozen_base(decoder)
   return decoder(config=config)

@@ -109,8 +109,9 @@ def frozen_base(module_class: type[nn.Module]) -> type[nn.Module]:
   # mutable collections only, so an apply with another mutable collection (the MoE
   # router stats) would lose them. mutable=True lets init create the params; in an
   # apply they stay immutable, as the caller made them.
-  return nn.map_variables(
-      module_class, 'params', trans_in_fn=_stop_base_gradients, mutable=True)
+  # `forward` is the decoders' one compact method (their __call__ goes through it).
+  return nn.map_variables(module_class, 'params', trans_in_fn=_stop_base_gradients,
+                          mutable=True, methods=['forward'])
 
 
 def _low_rank_product(a: jax.Array, b: jax.Array, kernel_shape) -> jax.Array:

@@ -1,8 +1,8 @@
 """Mixture-of-Experts feed-forward layer: router, routed SwiGLU experts, shared expert.
 
 `config.model.moe` (see experiments/default.py) configures it. A `MoeBlock` returns its
-output and a dict of router statistics; the decoder returns those of all MoE layers when
-called with `return_moe_stats=True` (a return value rather than a mutable collection,
+output and a dict of router statistics; the decoder returns those of all MoE layers in
+its output's `moe_stats` (`Decoder.forward`; a return value rather than a mutable collection,
 so the model also applies under LoRA's `nn.map_variables`), and `aux_loss_and_metrics`
 turns them into the auxiliary loss added to the training loss and the metrics written
 to TensorBoard.
@@ -183,7 +183,7 @@ class MoeBlock(nn.Module):
 def aux_loss_and_metrics(
     per_layer: dict[str, dict[str, jax.Array]],
 ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-  """From the decoder's `return_moe_stats` output {'layer_<i>': stats}.
+  """From the decoder's `DecoderOutput.moe_stats` {'layer_<i>': stats}.
 
   Returns (aux_loss: the mean over MoE layers of their weighted router losses, or None
   for a dense model; metrics: layer means under their own names and per-layer values

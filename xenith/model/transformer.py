@@ -1,8 +1,10 @@
 """The decoder-only transformer: `DecoderBlock` and `Decoder`."""
 
 import math
+from typing import Any
 
 from flax import linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,12 +13,11 @@ from xenith.model import attention
 from xenith.model import embed as embed_lib
 from xenith.model import layers
 from xenith.model import lora
-from xenith.model import memory as memory_lib
 from xenith.model import mlp
 from xenith.model import moe
 from xenith.model import norms
 
-_EMBED_NAMES = ('activation_batch', 'activation_length', 'activation_embed')
+EMBED_NAMES = ('activation_batch', 'activation_length', 'activation_embed')
 
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -25,12 +26,25 @@ REMAT_POLICIES = {
 }
 
 
+@struct.dataclass
+class DecoderOutput:
+  """What a decoder's `forward` returns (fields it does not produce are None)."""
+
+  logits: jax.Array | None = None  # [batch, seq, vocab] float32.
+  # With features_only, (hidden [batch, seq, embed], head [embed, vocab]) in the compute
+  # dtype: logits = hidden @ head (the output head applied by the caller).
+  features: tuple[jax.Array, jax.Array] | None = None
+  moe_stats: dict[str, Any] | None = None  # {'layer_<i>': router stats} ({} if dense).
+  memory: Any = None  # A memory model's state after the input (`memory.MemoryState`).
+
+
 class DecoderBlock(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); dropout on branches.
 
   With `use_moe` the MLP is a `moe.MoeBlock` (params under `moe`, not `mlp`).
   `layer` is the block's index (it picks the attention pattern); a scanned stack
-  passes its first layer's, all its layers having one pattern.
+  passes its first layer's, all its layers having one pattern. A subclass changes the
+  attention branch by overriding `attend` (`memory.decoder.MemoryBlock`).
   """
 
   config: ml_collections.FrozenConfigDict
@@ -44,21 +58,17 @@ class DecoderBlock(nn.Module):
       segment_ids: jax.Array | None,
       positions: jax.Array,
       deterministic: bool,
-      cache_length: int = 0,
-      memory_inputs: dict | None = None,
-  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+      *attention_args,
+  ) -> tuple[jax.Array, Any]:
     """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output.
 
-    With `memory_inputs` (memory mode, see `attention.Attention`) the second element
-    is (the attention's memory outputs, MoE router stats or None).
+    `attention_args` go to `attend` (here the KV cache length). When `attend` returns
+    a record (memory attention) the second element is (record, stats).
     """
     cfg = self.config
-    x = nn.with_logical_constraint(x, _EMBED_NAMES)
+    x = nn.with_logical_constraint(x, EMBED_NAMES)
     branch = norms.make_norm(cfg, 'attn_norm')(x)
-    branch = attention.Attention(cfg, layer=self.layer, name='attn')(
-        branch, segment_ids, positions, cache_length, memory_inputs)
-    if memory_inputs is not None:
-      branch, memory_out = branch
+    branch, record = self.attend(branch, segment_ids, positions, *attention_args)
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = x + branch
 
@@ -68,27 +78,32 @@ class DecoderBlock(nn.Module):
     else:
       branch, stats = mlp.Mlp(cfg, name='mlp')(branch), None
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
-    x = x + branch
-    if memory_inputs is not None:
-      stats = (memory_out, stats)
-    return nn.with_logical_constraint(x, _EMBED_NAMES), stats
+    x = nn.with_logical_constraint(x + branch, EMBED_NAMES)
+    return x, (stats if record is None else (record, stats))
+
+  def attend(self, x, segment_ids, positions, cache_length: int = 0):
+    """The attention branch on the normalised x: (out [batch, seq, embed], None)."""
+    attn = attention.Attention(self.config, layer=self.layer, name='attn')
+    return attn(x, segment_ids, positions, cache_length), None
 
 
-def _block_class(config: ml_collections.FrozenConfigDict) -> type[nn.Module]:
-  """`DecoderBlock`, rematerialised per `config.remat`."""
+def block_class(config: ml_collections.FrozenConfigDict, block: type[nn.Module] = DecoderBlock,
+                static_argnums: tuple[int, ...] = (4, 5)) -> type[nn.Module]:
+  """`block` rematerialised per `config.remat`; `static_argnums` are its arguments that
+  are Python values (self is argument 0; here `deterministic`, `cache_length`)."""
   if config.remat == 'none':
-    return DecoderBlock
+    return block
   if config.remat not in REMAT_POLICIES:
     raise ValueError(
         f'Unknown remat {config.remat!r}; choose none or one of '
         f'{sorted(REMAT_POLICIES)}.')
   return nn.remat(
-      DecoderBlock,
+      block,
       policy=REMAT_POLICIES[config.remat],
       # Inside scan the loop already stops XLA from merging the recomputation
       # into the forward pass; elsewhere it must be prevented explicitly.
       prevent_cse=not config.scan_layers,
-      static_argnums=(4, 5),  # `deterministic`, `cache_length` (self is argument 0).
+      static_argnums=static_argnums,
   )
 
 
@@ -100,26 +115,29 @@ class Decoder(nn.Module):
   layer axis (logical name 'layers'); otherwise under `block_0`, `block_1`, ...
   A MoE model (`config.moe.num_experts > 0`) scans its dense prefix under
   `dense_layers` and its MoE layers under `moe_layers`.
+
+  `model.apply(variables, tokens)` gives the logits; `model.apply(variables, tokens,
+  method='forward')` the whole `DecoderOutput` (MoE router stats, features).
   """
 
   config: ml_collections.FrozenConfigDict
 
+  def __call__(self, inputs: jax.Array, **kwargs) -> jax.Array:
+    """Next-token logits [batch, seq, vocab] float32: `forward(inputs, **kwargs).logits`."""
+    return self.forward(inputs, **kwargs).logits
+
   @nn.compact
-  def __call__(
+  def forward(
       self,
       inputs: jax.Array,
       *,
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
       deterministic: bool = True,
-      return_moe_stats: bool = False,
       features_only: bool = False,
       cache_length: int = 0,
-      memory: dict | None = None,
-      return_memory: bool = False,
-      decode: bool = False,
-  ) -> jax.Array | tuple[jax.Array, ...]:
-    """Next-token logits.
+  ) -> DecoderOutput:
+    """The decoder on `inputs`: logits (or features) and MoE router stats.
 
     Args:
       inputs: [batch, seq] int32 token ids.
@@ -128,8 +146,7 @@ class Decoder(nn.Module):
       positions: [batch, seq] int32 positions within each document; None =
         0..seq-1 in every row.
       deterministic: False enables dropout (needs the 'dropout' rng).
-      return_moe_stats: also return the router stats of every MoE layer.
-      features_only: return (hidden, head) instead of logits, for a loss that
+      features_only: give `features` (hidden, head) instead of logits, for a loss that
         applies the head itself (`chunked_loss.py`): hidden [batch, seq, embed] the
         final normalised states and head [embed, vocab] the output matrix (adapters
         and the tied head's scale folded in), both in the compute dtype, so that
@@ -141,32 +158,13 @@ class Decoder(nn.Module):
         positions default to the cache's counter onwards in every row; pass them
         per row to decode prompts of different lengths, left-padded, the padding at
         negative positions (never attended to or cached; see `generate.generate`).
-      memory: with chunk-summary memory on (`config.memory.chunk_size` > 0,
-        `memory.py`): the state a previous call returned (or `memory.load_bank`
-        read); None = an empty bank and short-term memory at stream position 0.
-        seq must be a multiple of the chunk size; positions default to the stream
-        positions (continuing from the state's).
-      return_memory: also return the memory state after the last chunk (memory on).
-      decode: with memory on, feed the tokens one at a time (incremental decoding, any
-        length, continuing the state mid-chunk): the same logits and state as the
-        whole-chunk pass, at one token's cost per step.
 
     Returns:
-      logits: [batch, seq, vocab] float32 (or (hidden, head), see features_only);
-      with `return_memory` also the new memory state, then with `return_moe_stats`
-      {'layer_<i>': stats of MoE layer i} (see `moe.MoeBlock`; {} if dense), as the
-      last elements of a tuple.
+      `DecoderOutput` with logits (or features) and moe_stats {'layer_<i>': stats of
+      MoE layer i} (see `moe.MoeBlock`; {} if dense).
     """
     cfg = self.config
-    dtype = layers.compute_dtype(cfg)
     batch, seq_len = inputs.shape
-    if memory_lib.enabled(cfg):
-      return self._memory_forward(inputs, segment_ids, positions, deterministic,
-                                  return_moe_stats, features_only, cache_length, memory,
-                                  return_memory, decode)
-    if memory is not None or return_memory or decode:
-      raise ValueError('memory / return_memory / decode need config.memory.chunk_size > 0 '
-                       '(without memory, decode with cache_length).')
     if cache_length:
       if segment_ids is not None:
         raise ValueError('Decoding with a cache takes no segment_ids (one document per '
@@ -181,12 +179,9 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(
           jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
 
-    embed = embed_lib.Embed(
-        cfg.vocab_size, cfg.embed_dim, dtype=dtype, name='embed')
-    x = embed(inputs)  # [batch, seq, embed]
-    x = nn.with_logical_constraint(x, _EMBED_NAMES)
-
-    block = _block_class(cfg)
+    embed = self.make_embed()
+    x = nn.with_logical_constraint(embed(inputs), EMBED_NAMES)  # [batch, seq, embed]
+    block = block_class(cfg)
     moe_stats = {}  # 'layer_<i>' -> router stats of MoE layer i.
 
     def scan_stack(x, first_layer, length, use_moe, name):
@@ -222,205 +217,17 @@ class Decoder(nn.Module):
             x, segment_ids, positions, deterministic, cache_length)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
+    return self.output_head(x, embed, features_only).replace(moe_stats=moe_stats)
 
-    outputs = self._head(x, embed, features_only)
-    if return_moe_stats:
-      outputs += (moe_stats,)
-    return outputs[0] if len(outputs) == 1 else outputs
-
-  def _memory_forward(self, inputs, segment_ids, positions, deterministic,
-                      return_moe_stats, features_only, cache_length, state, return_memory,
-                      decode):
-    """Memory mode (`memory.py`): the chunks in order, each reading and writing memory.
-
-    `nn.scan` over the seq / chunk_size chunks (params broadcast: every chunk runs the
-    same blocks, named as without memory) on each chunk's tokens with the short-term
-    keys / values and (in memory layers) the bank, then the summarizer writes the
-    chunk's summaries. After every `tbptt_chunks`-th chunk the carried state gets a
-    stop_gradient. With `decode` the tokens go one at a time (`_memory_decode`).
-    """
+  def make_embed(self) -> embed_lib.Embed:
+    """The token embedding (params 'embed'; also the tied output head)."""
     cfg = self.config
-    mem = cfg.memory
-    dtype = layers.compute_dtype(cfg)
-    batch, seq_len = inputs.shape
-    chunk = mem.chunk_size
-    if cache_length or cfg.scan_layers:
-      raise ValueError('Chunk-summary memory does not combine with cache_length or '
-                       'scan_layers (decode with memory: decode=True).')
-    if state is None:
-      state = memory_lib.init_state(cfg, batch)
-    else:
-      memory_lib.check_state(cfg, state, batch)
-    embed = embed_lib.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name='embed')
-    x_all = nn.with_logical_constraint(embed(inputs), _EMBED_NAMES)
-    block = _block_class(cfg)
-    if decode:
-      if segment_ids is not None or positions is not None:
-        raise ValueError('Decoding with memory takes neither segment_ids nor positions '
-                         '(one document per row; positions come from the state).')
-      state, x = self._memory_decode(x_all, state, block)
-      outputs = self._head(x, embed, features_only)
-      outputs += (state,) if return_memory else ()
-      outputs += ({},) if return_moe_stats else ()
-      return outputs[0] if len(outputs) == 1 else outputs
-    if seq_len % chunk:
-      raise ValueError(f'Input length {seq_len} is not a multiple of '
-                       f'config.memory.chunk_size={chunk} (decode=True takes any length).')
-    try:
-      mid_chunk = int(state['position']) % chunk
-    except jax.errors.ConcretizationTypeError:
-      mid_chunk = 0  # Traced: the caller keeps whole-chunk calls at chunk boundaries.
-    if mid_chunk:
-      raise ValueError(f'The memory state is {mid_chunk} tokens into a chunk (left there '
-                       'by decode=True); continue it with decode=True.')
-    stream = jnp.broadcast_to(state['position'] + jnp.arange(seq_len, dtype=jnp.int32),
-                              (batch, seq_len))
-    if positions is None:
-      positions = stream
-    segments = (jnp.ones((batch, seq_len), jnp.int32) if segment_ids is None
-                else segment_ids.astype(jnp.int32))
-    num_chunks = seq_len // chunk
+    return embed_lib.Embed(cfg.vocab_size, cfg.embed_dim, dtype=layers.compute_dtype(cfg),
+                           name='embed')
 
-    def chunk_step(module, state, chunk_inputs):
-      """One chunk: the blocks with memory, then the bank update; (state, hidden)."""
-      index, x, stream_c, positions_c, segments_c = chunk_inputs
-      x, out = self._memory_blocks(
-          module, block, state, x, None if segment_ids is None else segments_c,
-          positions_c, deterministic, stream_c, segments_c,
-          state['short_positions'], state['short_segments'], 0)
-      summarizer = memory_lib.Summarizer(cfg, name='summarizer', parent=module)
-      new = memory_lib.close_chunk(state, out['mass'], summarizer(x, segments_c),
-                                   out['keys'], out['values'], stream_c, segments_c,
-                                   mem.usage_decay)
-      if mem.tbptt_chunks:  # Truncate after every K-th chunk of this call.
-        cut = (index + 1) % mem.tbptt_chunks == 0
-        new = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), new)
-      return new, (x, out['moe'])
-
-    def by_chunk(a):  # [batch, seq, ...] -> [chunks, batch, chunk, ...]
-      a = a.reshape((batch, num_chunks, chunk) + a.shape[2:])
-      return jnp.swapaxes(a, 0, 1)
-
-    scan = nn.scan(chunk_step, variable_broadcast='params',
-                   split_rngs={'params': False, 'dropout': True}, length=num_chunks)
-    state, (hidden, moe_stats) = scan(
-        self, state, (jnp.arange(num_chunks), by_chunk(x_all), by_chunk(stream),
-                      by_chunk(positions), by_chunk(segments)))
-    x = jnp.swapaxes(hidden, 0, 1).reshape((batch, seq_len) + hidden.shape[3:])
-    outputs = self._head(x, embed, features_only)
-    if return_memory:
-      outputs += (state,)
-    if return_moe_stats:  # Each chunk routes its own tokens: the chunks' mean stats.
-      outputs += (jax.tree.map(lambda a: a.mean(axis=0), moe_stats),)
-    return outputs[0] if len(outputs) == 1 else outputs
-
-  def _memory_blocks(self, module, block, state, x, segment_ids, positions,
-                     deterministic, stream, segments, past_positions, past_segments,
-                     num_chunk_keys):
-    """The blocks on new tokens x [batch, L, embed] with memory; (x, stacked outputs).
-
-    Each layer's new tokens attend to themselves and to its past keys/values: the
-    short-term ones, then (decoding) the first `num_chunk_keys` slots' worth of the
-    state's chunk_* buffers, at stream positions `past_positions` [batch, past] (-1 =
-    empty) in documents `past_segments`; memory layers also attend to the bank.
-    Returns the new x and {'keys', 'values': [layers, batch, L, kv_heads, head_dim],
-    'mass': [batch, M] summed over layers, 'moe': {'layer_<i>': router stats} of the
-    MoE layers}. Blocks are created in `module`'s scope
-    (a remat block closed over from outside a scan would leak tracers) with the names
-    of the plain model's blocks.
-    """
-    cfg = self.config
-    mass = jnp.zeros(state['usage'].shape, jnp.float32)
-    keys, values, moe_stats = [], [], {}
-    for i in range(cfg.num_layers):
-      past_keys, past_values = state['short_keys'][i], state['short_values'][i]
-      if num_chunk_keys:
-        past_keys = jnp.concatenate([past_keys, state['chunk_keys'][i]], axis=1)
-        past_values = jnp.concatenate([past_values, state['chunk_values'][i]], axis=1)
-      memory_inputs = {
-          'stream_positions': stream, 'segments': segments,
-          'short_keys': past_keys, 'short_values': past_values,
-          'short_positions': past_positions, 'short_segments': past_segments}
-      if memory_lib.is_memory_layer(cfg, i):
-        memory_inputs['summaries'] = state['summaries']
-        memory_inputs['valid'] = state['valid']
-      blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
-                  parent=module)
-      x, (out, stats) = blk(x, segment_ids, positions, deterministic, 0, memory_inputs)
-      if out['mass'] is not None:
-        mass = mass + out['mass']
-      keys.append(out['keys'])
-      values.append(out['values'])
-      if stats is not None:
-        moe_stats[f'layer_{i}'] = stats
-    return x, {'keys': jnp.stack(keys), 'values': jnp.stack(values), 'mass': mass,
-               'moe': moe_stats}
-
-  def _memory_decode(self, x_all, state, block):
-    """Memory mode, one token at a time: (state, hidden [batch, seq, embed]).
-
-    Each token attends as in the whole-chunk pass: to the short-term keys, to the
-    current chunk's earlier tokens (the state's chunk_* buffers), to itself and, in
-    memory layers, to the bank, which stays fixed until the chunk is complete. When a
-    token completes its chunk the summarizer runs on the chunk's hidden states and the
-    bank, usage and short-term memory are updated exactly as `close_chunk` does for a
-    whole chunk, so decoding reproduces the whole-chunk pass token for token.
-    """
-    cfg = self.config
-    mem = cfg.memory
-    chunk = mem.chunk_size
-    batch = x_all.shape[0]
-    ones = jnp.ones((batch, 1), jnp.int32)
-
-    def close(module, state, start):
-      chunk_positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32),
-                                         (batch, chunk))
-      segments = jnp.ones((batch, chunk), jnp.int32)
-      summarizer = memory_lib.Summarizer(cfg, name='summarizer', parent=module)
-      state = dict(state, position=start)  # close_chunk advances by a whole chunk.
-      return memory_lib.close_chunk(
-          state, state['chunk_mass'], summarizer(state['chunk_hidden'], segments),
-          state['chunk_keys'], state['chunk_values'], chunk_positions, segments,
-          mem.usage_decay)
-
-    def keep(module, state, start):
-      del module, start
-      return state
-
-    def token_step(module, state, x):
-      """x: [batch, embed] one token per row -> (state, its final hidden state)."""
-      position = state['position']
-      slot = position % chunk
-      start = position - slot
-      filled = jnp.arange(chunk, dtype=jnp.int32) < slot
-      chunk_positions = jnp.where(filled, start + jnp.arange(chunk, dtype=jnp.int32), -1)
-      past_positions = jnp.concatenate(
-          [state['short_positions'], jnp.broadcast_to(chunk_positions, (batch, chunk))],
-          axis=1)
-      past_segments = jnp.concatenate(
-          [state['short_segments'], jnp.ones((batch, chunk), jnp.int32)], axis=1)
-      stream = jnp.full((batch, 1), position, jnp.int32)
-      x, out = self._memory_blocks(module, block, state, x[:, None], None, stream, True,
-                                   stream, ones, past_positions, past_segments, chunk)
-      new = dict(state)
-      for name, value in (('chunk_keys', out['keys']), ('chunk_values', out['values'])):
-        new[name] = jax.lax.dynamic_update_slice_in_dim(
-            state[name], value.astype(jnp.float32), slot, axis=2)
-      new['chunk_hidden'] = jax.lax.dynamic_update_slice_in_dim(
-          state['chunk_hidden'], x.astype(jnp.float32), slot, axis=1)
-      new['chunk_mass'] = state['chunk_mass'] + out['mass']
-      new['position'] = position + 1
-      new = nn.cond(slot == chunk - 1, close, keep, module, new, start)
-      return new, x[:, 0]
-
-    scan = nn.scan(token_step, variable_broadcast='params',
-                   split_rngs={'params': False, 'dropout': False},
-                   length=x_all.shape[1])
-    state, hidden = scan(self, state, jnp.swapaxes(x_all, 0, 1))
-    return state, jnp.swapaxes(hidden, 0, 1)
-
-  def _head(self, x, embed, features_only):
-    """Final norm and output head: (logits,) or (hidden, head) (see `__call__`)."""
+  def output_head(self, x: jax.Array, embed: embed_lib.Embed,
+                  features_only: bool) -> DecoderOutput:
+    """Final norm and output head on x [batch, seq, embed]: logits or features."""
     cfg = self.config
     dtype = layers.compute_dtype(cfg)
     x = norms.make_norm(cfg, 'final_norm')(x)
@@ -435,11 +242,9 @@ class Decoder(nn.Module):
         matrix = (embed.embedding.T / math.sqrt(cfg.embed_dim)).astype(dtype)
       else:
         matrix = head.merged_kernel()
-      outputs = (x.astype(dtype), matrix)
-    else:
-      logits = embed.attend(x) / math.sqrt(cfg.embed_dim) if head is None else head(x)
-      # logits: [batch, seq, vocab] float32
-      outputs = (nn.with_logical_constraint(
-          logits, ('activation_batch', 'activation_length', 'activation_vocab')),)
-    return outputs
+      return DecoderOutput(features=(x.astype(dtype), matrix))
+    logits = embed.attend(x) / math.sqrt(cfg.embed_dim) if head is None else head(x)
+    # logits: [batch, seq, vocab] float32
+    return DecoderOutput(logits=nn.with_logical_constraint(
+        logits, ('activation_batch', 'activation_length', 'activation_vocab')))
 
