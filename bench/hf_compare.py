@@ -92,11 +92,11 @@ def time_steps(step, data, warmup: int, steps: int) -> dict:
 
 
 def xenith_config(overrides=()):
-  """experiments/default.py's config reshaped to SHAPE, OPT and the aux-loss weight,
-  then `overrides` ('model.moe.block_size=128', ...) for what-if runs."""
+  """The library's default config (xenith/config_defaults.py) reshaped to SHAPE, OPT and
+  the aux-loss weight, then `overrides` ('model.moe.block_size=128', ...) for what-if runs."""
   sys.path.insert(0, _REPO_ROOT)
-  from experiments import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config('size=small')
+  from xenith import config_defaults  # pylint: disable=g-import-not-at-top
+  config = config_defaults.get_config()
   config.global_batch_size = SHAPE['batch']
   config.max_seq_len = SHAPE['seq']
   m = config.model

@@ -1,22 +1,32 @@
-"""Hugging Face interop (xenith/hf.py): small random Mixtral / Mistral models built with
+"""Hugging Face interop (xenith/hf/): small random Mixtral / Mistral models built with
 transformers (PyTorch CPU, fp32) import with equal logits and export back exactly."""
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+from flax import linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 
 import torch
 import transformers
 
 from experiments import default
 import xenith
-from xenith import hf
-from xenith.model import make_model
+from xenith import checkpointing
+from xenith.errors import HfFormatError
+from xenith.hf import configs
+from xenith.hf import convert
+from xenith.hf import safetensors_io
+from xenith.hf import workdir as hf_workdir
+from xenith.model import build
 from helpers import single_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +148,7 @@ def test_scan_layers(saved, kind, tmp_path):
 def test_sharded_checkpoint(tmp_path):
   model = _make('mixtral')
   model.save_pretrained(str(tmp_path), max_shard_size='100KB')
-  assert os.path.exists(tmp_path / hf.INDEX_FILE)
+  assert os.path.exists(tmp_path / safetensors_io.INDEX_FILE)
   module, params = xenith.from_pretrained(str(tmp_path))
   tokens = _tokens()
   np.testing.assert_allclose(_xenith_logits(module, params, tokens),
@@ -149,45 +159,73 @@ def test_bfloat16_round_trip(tmp_path):
   model = _make('mistral', torch.bfloat16)
   model.save_pretrained(str(tmp_path / 'in'))
   module, params = xenith.from_pretrained(str(tmp_path / 'in'))
-  xenith.save_pretrained(str(tmp_path / 'out'), module, params)  # Keeps bfloat16.
+  xenith.save_pretrained(str(tmp_path / 'out'), module, params,  # Keeps bfloat16.
+                         hf_config=xenith.load_config(str(tmp_path / 'in')))
   reloaded = transformers.MistralForCausalLM.from_pretrained(
       str(tmp_path / 'out'), dtype=torch.bfloat16)
   _assert_same_state(model, reloaded)
 
 
 def test_errors(saved, tmp_path):
-  with pytest.raises(hf.HfFormatError, match='is not a directory'):
+  with pytest.raises(HfFormatError, match='is not a directory'):
     xenith.from_pretrained(str(tmp_path / 'nowhere'))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(hf.HfFormatError, match='no config.json'):
+  with pytest.raises(HfFormatError, match='no config.json'):
     xenith.from_pretrained(str(tmp_path / 'empty'))
 
   llama = tmp_path / 'llama'
   llama.mkdir()
   (llama / 'config.json').write_text(json.dumps(
       {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama'}))
-  with pytest.raises(hf.HfFormatError, match="Unsupported architecture 'LlamaForCausalLM'"):
+  with pytest.raises(HfFormatError, match="Unsupported architecture 'LlamaForCausalLM'"):
     xenith.from_pretrained(str(llama))
 
   _, path = saved['mistral']
   no_weights = tmp_path / 'no_weights'
   no_weights.mkdir()
   (no_weights / 'config.json').write_text(open(os.path.join(path, 'config.json')).read())
-  with pytest.raises(hf.HfFormatError, match='no \\*.safetensors'):
+  with pytest.raises(HfFormatError, match='no \\*.safetensors'):
     xenith.from_pretrained(str(no_weights))
 
-  tensors = hf.read_safetensors(os.path.join(path, hf.SAFETENSORS_FILE))
+  tensors = safetensors_numpy.load_file(os.path.join(path, safetensors_io.SAFETENSORS_FILE))
   del tensors['model.layers.1.mlp.down_proj.weight']
-  hf.write_safetensors(str(no_weights / hf.SAFETENSORS_FILE), tensors)
-  with pytest.raises(hf.HfFormatError, match='model.layers.1.mlp.down_proj.weight is missing'):
+  safetensors_numpy.save_file(tensors, str(no_weights / safetensors_io.SAFETENSORS_FILE))
+  with pytest.raises(HfFormatError, match='model.layers.1.mlp.down_proj.weight is missing'):
     xenith.from_pretrained(str(no_weights))
 
   # A Xenith model with no HF equivalent.
   module, params = xenith.from_pretrained(path)
   config = module.config.as_configdict()
   config.norm = 'layernorm'
-  with pytest.raises(hf.HfFormatError, match='no Mistral/Mixtral equivalent'):
-    hf.save_hf(str(tmp_path / 'x'), config, params)
+  with pytest.raises(HfFormatError, match='no Mistral/Mixtral equivalent'):
+    convert.save_hf(str(tmp_path / 'x'), config, params)
+
+
+def test_load_config_and_save_pretrained_with_it(saved, tmp_path):
+  """`load_config` gives the checkpoint's config.json; `save_pretrained` keeps the fields
+  of the one it is given (token ids, dtype), and writes one from the model without it."""
+  _, path = saved['mistral']
+  hf_config = xenith.load_config(path)
+  assert hf_config == json.load(open(os.path.join(path, 'config.json')))
+  module, params = xenith.from_pretrained(path)
+  hf_config = {**hf_config, 'bos_token_id': 7, 'dtype': 'float16'}
+  xenith.save_pretrained(str(tmp_path / 'kept'), module, params, hf_config=hf_config)
+  kept = xenith.load_config(str(tmp_path / 'kept'))
+  assert kept['bos_token_id'] == 7 and kept['dtype'] == 'float16'
+  xenith.save_pretrained(str(tmp_path / 'fresh'), module, params)
+  fresh = xenith.load_config(str(tmp_path / 'fresh'))
+  assert 'bos_token_id' not in fresh and fresh['dtype'] == 'float32'
+  assert fresh['hidden_size'] == hf_config['hidden_size']
+  with pytest.raises(HfFormatError, match='is not a directory'):
+    xenith.load_config(str(tmp_path / 'nowhere'))
+
+
+def _config_py(filename):
+  """get_config() of a config file, loaded as main.py --config does."""
+  spec = importlib.util.spec_from_file_location('workdir_config', filename)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _main(*args):
@@ -202,9 +240,12 @@ def test_main_import_export(saved, tmp_path):
   result = _main('--mode=import_hf', f'--hf_dir={path}', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '0', 'state'))
-  overrides = json.load(open(os.path.join(workdir, hf.CONFIG_JSON)))
+  overrides = json.load(open(os.path.join(workdir, hf_workdir.CONFIG_JSON)))
   assert overrides['model.moe.num_experts'] == 4
-  assert os.path.isfile(os.path.join(workdir, hf.CONFIG_PY))
+  assert os.path.isfile(os.path.join(workdir, hf_workdir.CONFIG_PY))
+  assert (_config_py(os.path.join(workdir, hf_workdir.CONFIG_PY)).to_dict()
+          == hf_workdir.read_config(workdir).to_dict())
+  assert xenith.load_config(workdir) == xenith.load_config(path)
 
   # The import's workdir loads directly too.
   tokens = _tokens()
@@ -222,6 +263,48 @@ def test_main_import_export(saved, tmp_path):
                  f'--workdir={tmp_path / "run2"}')
   assert result.returncode != 0
   assert 'HfFormatError' in result.stderr and 'is not a directory' in result.stderr
+
+
+# A workdir written by --mode=import_hf before xenith/config_defaults.py existed: its
+# config.py builds on experiments/default.py (see the fixture's README.txt).
+OLD_IMPORT = os.path.join(REPO, 'tests', 'fixtures', 'old_import_hf')
+
+
+def test_workdir_imported_before_config_defaults_still_loads(tmp_path):
+  """Its config.py and xenith_config.json load; as a fine-tune's init, through
+  from_pretrained and through export_hf, its params give the logits the tiny Mixtral it
+  was imported from gave in transformers."""
+  workdir = str(tmp_path / 'old_import')
+  shutil.copytree(OLD_IMPORT, workdir)
+  expected = np.load(os.path.join(workdir, 'hf_logits.npz'))
+  tokens, logits = expected['tokens'], expected['logits']
+  config_py = os.path.join(workdir, hf_workdir.CONFIG_PY)
+  config = _config_py(config_py)
+  assert config.to_dict() == hf_workdir.read_config(workdir).to_dict()
+  assert config.model.moe.num_experts == 2 and config.model.embed_dim == 8
+
+  # A fine-tune's init (its init_from_checkpoint names where the fixture was made).
+  module = build.make_model(config.model)
+  params = nn.meta.unbox(module.init(jax.random.key(1), jnp.asarray(tokens))['params'])
+  params = checkpointing.load_base_params(
+      os.path.join(workdir, 'checkpoints', '0'), params)
+  np.testing.assert_allclose(_xenith_logits(module, params, tokens), logits,
+                             rtol=0, atol=1e-4)
+
+  module, params = xenith.from_pretrained(workdir)
+  np.testing.assert_allclose(_xenith_logits(module, params, tokens), logits,
+                             rtol=0, atol=1e-4)
+  assert xenith.load_config(workdir)['num_local_experts'] == 2
+
+  out = str(tmp_path / 'export')
+  result = _main('--mode=export_hf', f'--config={config_py}', f'--workdir={workdir}',
+                 f'--hf_dir={out}')
+  assert result.returncode == 0, result.stderr
+  exported = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+  np.testing.assert_allclose(_hf_logits(exported, tokens), logits, rtol=0, atol=1e-5)
+  xenith.hf.export_from_workdir(workdir, str(tmp_path / 'export2'))  # xenith_config.json
+  _assert_same_state(
+      exported, transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / 'export2')))
 
 
 def _exportable_model():
@@ -254,7 +337,7 @@ _UNEXPORTABLE = [
 @pytest.mark.parametrize('fields,message', _UNEXPORTABLE,
                          ids=[next(iter(f)) for f, _ in _UNEXPORTABLE])
 def test_every_setting_without_a_hf_equivalent_is_refused(fields, message):
-  hf.check_exportable(_exportable_model())  # The starting point exports.
+  configs.check_exportable(_exportable_model())  # The starting point exports.
   model = _exportable_model()
   for field, value in fields.items():
     *parents, name = field.split('.')
@@ -262,8 +345,8 @@ def test_every_setting_without_a_hf_equivalent_is_refused(fields, message):
     for p in parents:
       node = node[p]
     node[name] = value
-  with pytest.raises(hf.HfFormatError, match='no Mistral/Mixtral equivalent') as error:
-    hf.check_exportable(model)
+  with pytest.raises(HfFormatError, match='no Mistral/Mixtral equivalent') as error:
+    configs.check_exportable(model)
   assert message in str(error.value)
 
 
@@ -271,8 +354,8 @@ def test_all_problems_are_named_at_once():
   model = _exportable_model()
   model.norm = 'layernorm'
   model.moe.num_shared_experts = 1
-  with pytest.raises(hf.HfFormatError, match="norm='layernorm'.*; shared experts"):
-    hf.check_exportable(model)
+  with pytest.raises(HfFormatError, match="norm='layernorm'.*; shared experts"):
+    configs.check_exportable(model)
 
 
 @pytest.mark.slow
@@ -300,5 +383,5 @@ def test_export_of_a_natively_trained_run(tmp_path):
   params = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, 'checkpoints', '4', 'state'))['params']
   tokens = np.random.RandomState(2).randint(0, model.vocab_size, (2, 40)).astype(np.int32)
-  ours = np.asarray(make_model(model).apply({'params': params}, jnp.asarray(tokens)))
+  ours = np.asarray(build.make_model(model).apply({'params': params}, jnp.asarray(tokens)))
   np.testing.assert_allclose(_hf_logits(exported, tokens), ours, rtol=0, atol=1e-4)

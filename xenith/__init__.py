@@ -1,10 +1,11 @@
 """Xenith: sparse (Mixture-of-Experts), long-context language models in Flax/Linen.
 
   module, params = xenith.from_pretrained(path)   # HF Mixtral/Mistral dir or an export
-  xenith.save_pretrained(path, module, params)    # config.json + model.safetensors
+  hf_config = xenith.load_config(path)            # its config.json, as a dict
+  xenith.save_pretrained(out, module, params, hf_config=hf_config)  # HF format again
 """
 
-__all__ = ['from_pretrained', 'save_pretrained']
+__all__ = ['from_pretrained', 'load_config', 'save_pretrained']
 
 
 def __getattr__(name):

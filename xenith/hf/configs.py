@@ -1,0 +1,171 @@
+"""HF config.json (Mistral / Mixtral) <-> Xenith `config.model`.
+
+Sliding window (`sliding_window`, when `use_sliding_window` is not False): every layer
+gets that window (`attention.window_sizes=(W,)`, no global tokens), the mask HF applies
+(query i sees key j iff i - j < W). Xenith models HF cannot express (several windows,
+global tokens, LoRA adapters, shared experts, ...) are refused on export.
+"""
+
+from typing import Any
+
+import ml_collections
+
+from xenith import config_defaults
+from xenith.errors import HfFormatError
+
+SUPPORTED_ARCHITECTURES = ('MistralForCausalLM', 'MixtralForCausalLM')
+_MODEL_TYPES = {'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'}
+
+
+def architecture(hf_config: dict[str, Any]) -> str:
+  """'MistralForCausalLM' or 'MixtralForCausalLM'; HfFormatError for anything else."""
+  archs = hf_config.get('architectures') or []
+  arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get('model_type'))
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise HfFormatError(
+        f'Unsupported architecture {arch or hf_config.get("model_type")!r}; Xenith imports '
+        f'{" and ".join(SUPPORTED_ARCHITECTURES)}.')
+  return arch
+
+
+def _rope_theta(hf_config: dict[str, Any]) -> float:
+  # transformers 5 writes `rope_parameters`, 4.x `rope_theta` (+ `rope_scaling`).
+  rope = hf_config.get('rope_parameters') or hf_config.get('rope_scaling') or {}
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type != 'default':
+    raise HfFormatError(f'Unsupported RoPE type {rope_type!r}; only plain RoPE is mapped.')
+  return float(rope.get('rope_theta', hf_config.get('rope_theta', 10_000.0)))
+
+
+def model_config_from_hf(hf_config: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A Xenith `config.model` (all fields, defaults elsewhere) equivalent to `hf_config`."""
+  arch = architecture(hf_config)
+  if hf_config.get('hidden_act', 'silu') != 'silu':
+    raise HfFormatError(f'Unsupported hidden_act {hf_config["hidden_act"]!r}; Xenith '
+                        'uses SwiGLU (silu).')
+  hidden, heads = hf_config['hidden_size'], hf_config['num_attention_heads']
+  model = config_defaults.get_config().model
+  model.vocab_size = hf_config['vocab_size']
+  model.embed_dim = hidden
+  model.num_layers = hf_config['num_hidden_layers']
+  model.num_heads = heads
+  model.num_kv_heads = hf_config.get('num_key_value_heads') or heads
+  model.head_dim = hf_config.get('head_dim') or hidden // heads
+  model.mlp_dim = hf_config['intermediate_size']
+  model.norm = 'rmsnorm'
+  model.norm_eps = float(hf_config.get('rms_norm_eps', 1e-6))
+  model.tie_embeddings = bool(hf_config.get('tie_word_embeddings', False))
+  model.rope_theta = _rope_theta(hf_config)
+  model.rope_scaling.type = 'none'
+  model.rope_scaling.original_max_position = int(
+      hf_config.get('max_position_embeddings', model.rope_scaling.original_max_position))
+  model.dropout_rate = 0.0
+  model.lora.rank = 0
+  window = hf_config.get('sliding_window')
+  if window and hf_config.get('use_sliding_window', True):
+    model.attention.window_sizes = (int(window),)
+    model.attention.full_attention_layers = 0
+    model.attention.num_global_tokens = 0
+    model.attention.dynamic_windows = False
+  if arch == 'MixtralForCausalLM':
+    model.moe.num_experts = hf_config['num_local_experts']
+    model.moe.num_experts_per_token = hf_config['num_experts_per_tok']
+    model.moe.expert_mlp_dim = hf_config['intermediate_size']
+    model.moe.num_shared_experts = 0
+    model.moe.first_dense_layers = 0
+    model.moe.moe_every = 1
+    model.moe.normalize_top_k = True  # MixtralTopKRouter renormalises the top-k.
+    model.moe.load_balance_loss_weight = float(hf_config.get('router_aux_loss_coef', 0.02))
+    model.moe.router_z_loss_weight = 0.0  # Mixtral trains without a z-loss.
+  else:
+    model.moe.num_experts = 0
+  return model
+
+
+def check_exportable(model: ml_collections.ConfigDict) -> None:
+  """HfFormatError, naming every reason, unless `model` has a Mistral/Mixtral equivalent."""
+  problems = []
+  if model.norm != 'rmsnorm':
+    problems.append(f'norm={model.norm!r} (HF has rmsnorm)')
+  if model.rope_scaling.type != 'none':
+    problems.append(f'rope_scaling.type={model.rope_scaling.type!r}')
+  if model.get('lora') and model.lora.rank:
+    problems.append('LoRA adapters (merge them first: launch/merge_lora.py)')
+  memory = model.get('memory')
+  if memory and memory.chunk_size:
+    problems.append('chunk-summary memory (memory.chunk_size > 0)')
+  attn = model.get('attention')
+  if attn and attn.window_sizes and (
+      len(set(attn.window_sizes)) > 1 or attn.num_global_tokens or attn.dynamic_windows
+      or attn.full_attention_layers):
+    problems.append('an attention pattern other than one sliding window in every layer')
+  moe = model.moe
+  if moe.num_experts:
+    if moe.num_shared_experts:
+      problems.append('shared experts')
+    if moe.first_dense_layers or moe.moe_every != 1:
+      problems.append('dense layers between MoE layers')
+    if not moe.normalize_top_k:
+      problems.append('moe.normalize_top_k=False (Mixtral renormalises)')
+    if (moe.expert_mlp_dim or model.mlp_dim) != model.mlp_dim:
+      problems.append('moe.expert_mlp_dim != mlp_dim')
+  if problems:
+    raise HfFormatError('This model has no Mistral/Mixtral equivalent: ' + '; '.join(problems))
+
+
+def hf_config_from_model(model: ml_collections.ConfigDict,
+                         base: dict[str, Any] | None = None,
+                         dtype: str = 'float32') -> dict[str, Any]:
+  """The config.json for `model` (a `config.model`) with tensors in `dtype`.
+
+  Fields of `base` (e.g. the imported config.json) that Xenith has no field for are kept:
+  token ids, max_position_embeddings, ...
+  """
+  check_exportable(model)
+  moe = model.moe.num_experts > 0
+  arch = 'MixtralForCausalLM' if moe else 'MistralForCausalLM'
+  out = dict(base or {})
+  if out and out.get('architectures', [arch])[0] != arch:
+    out = {}  # The base describes another architecture: start afresh.
+  out.update({
+      'architectures': [arch],
+      'model_type': 'mixtral' if moe else 'mistral',
+      'vocab_size': model.vocab_size,
+      'hidden_size': model.embed_dim,
+      'num_hidden_layers': model.num_layers,
+      'num_attention_heads': model.num_heads,
+      'num_key_value_heads': model.num_kv_heads,
+      'head_dim': model.head_dim,
+      'intermediate_size': model.mlp_dim,
+      'hidden_act': 'silu',
+      'rms_norm_eps': model.norm_eps,
+      'tie_word_embeddings': bool(model.tie_embeddings),
+      'rope_parameters': {'rope_theta': model.rope_theta, 'rope_type': 'default'},
+      'attention_dropout': 0.0,
+      'dtype': dtype,
+  })
+  # Older spellings of what `rope_parameters` and `dtype` now say.
+  out.pop('rope_theta', None)
+  out.pop('rope_scaling', None)
+  out.pop('torch_dtype', None)
+  out.setdefault('max_position_embeddings', model.rope_scaling.original_max_position)
+  attn = model.get('attention')
+  if attn and attn.window_sizes:
+    out['sliding_window'] = int(attn.window_sizes[0])
+    out['use_sliding_window'] = True
+  elif out.get('use_sliding_window', True):
+    out['sliding_window'] = None
+  if moe:
+    out.update({'num_local_experts': model.moe.num_experts,
+                'num_experts_per_tok': model.moe.num_experts_per_token})
+    out.setdefault('router_aux_loss_coef', model.moe.load_balance_loss_weight)
+  return out
+
+
+def tensor_dtype(hf_config: dict[str, Any]) -> str:
+  """The dtype config.json gives its tensors: 'float32', 'bfloat16' or 'float16'.
+
+  float32 for anything else, so an export of an unusual checkpoint loses no precision.
+  """
+  dtype = hf_config.get('dtype') or hf_config.get('torch_dtype') or 'float32'
+  return dtype if dtype in ('float32', 'bfloat16', 'float16') else 'float32'

@@ -1,0 +1,32 @@
+"""A HF checkpoint directory <-> (Xenith `config.model`, params as NumPy arrays)."""
+
+from typing import Any
+
+import ml_collections
+
+from xenith.hf import configs
+from xenith.hf import safetensors_io
+from xenith.hf import weights
+
+
+def load_hf(path: str, *, scan_layers: bool = False
+            ) -> tuple[ml_collections.ConfigDict, dict, dict[str, Any]]:
+  """(Xenith `config.model`, float32 params, HF config dict) of the HF directory `path`."""
+  hf_config = safetensors_io.read_config(path)
+  # Translated first, so that an unsupported architecture fails before any weight is read.
+  model = configs.model_config_from_hf(hf_config)
+  model.scan_layers = scan_layers
+  return model, weights.hf_to_params(safetensors_io.read_tensors(path), model), hf_config
+
+
+def save_hf(path: str, model: ml_collections.ConfigDict, params: dict,
+            hf_config: dict[str, Any] | None = None, dtype: str | None = None) -> None:
+  """Writes `model` with `params` to `path` as config.json + model.safetensors.
+
+  hf_config: config.json fields to keep (see `configs.hf_config_from_model`). dtype: of
+  the tensors; default the one `hf_config` names, else float32. HfFormatError if `model`
+  has no Mistral/Mixtral equivalent.
+  """
+  dtype = dtype or (configs.tensor_dtype(hf_config) if hf_config else 'float32')
+  config = configs.hf_config_from_model(model, hf_config, dtype)  # Checks exportability.
+  safetensors_io.write(path, config, weights.params_to_hf(params, model, dtype))

@@ -1,0 +1,201 @@
+"""HF Mistral / Mixtral tensors <-> Xenith `Decoder` params.
+
+HF Linear weights are [out, in]; Xenith kernels [in, out], with the heads kept apart:
+  model.embed_tokens.weight [V, H]           -> embed/embedding [V, H]
+  layers.i.self_attn.q_proj.weight [N*D, H]  -> block_i/attn/query/kernel [H, N, D]
+  layers.i.self_attn.{k,v}_proj [K*D, H]     -> block_i/attn/{key,value}/kernel [H, K, D]
+  layers.i.self_attn.o_proj.weight [H, N*D]  -> block_i/attn/out/kernel [N, D, H]
+  layers.i.input_layernorm / post_attention_layernorm -> block_i/attn_norm, mlp_norm /scale
+  Mistral  layers.i.mlp.{gate,up,down}_proj  -> block_i/mlp/{gate,up,down}/kernel (transposed)
+  Mixtral  layers.i.block_sparse_moe.gate    -> block_i/moe/router/kernel [H, E]
+           ...experts.e.{w1,w3,w2}           -> block_i/moe/experts/{gate,up,down}[e] (transposed)
+           (also read: transformers' fused mlp.experts.gate_up_proj / down_proj layout)
+  model.norm.weight                          -> final_norm/scale
+  lm_head.weight [V, H]                      -> head/kernel [H, V]
+With `scan_layers` the blocks are stacked on a leading axis under `layers` (dense) or
+`moe_layers` (MoE).
+
+RoPE: Xenith pairs features i and i + D/2, as HF's `rotate_half` does, so q/k kernels need
+no permutation. RMSNorm: both compute x * rsqrt(mean(x^2) + eps) in float32, then scale.
+Tied embeddings: Xenith's tied head divides the logits by sqrt(H) (its table is unit
+scale); HF's does not. The factor is folded into final_norm/scale on import and taken out
+again on export, so that the HF value round-trips bit-exactly when sqrt(H) is a power of
+two, else within one float32 ulp.
+"""
+
+from collections.abc import Mapping
+import math
+
+from flax import traverse_util
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from xenith.errors import HfFormatError
+
+_NUMPY_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
+                 'float16': np.float16}
+
+
+def _fold_norm_scale(w: np.ndarray, factor: float) -> np.ndarray:
+  """float32 w * factor, nudged per element so that `_unfold_norm_scale` gives w back."""
+  w = np.asarray(w, np.float32)
+  y = (w.astype(np.float64) * factor).astype(np.float32)
+  for _ in range(4):
+    back = _unfold_norm_scale(y, factor)
+    wrong = back != w
+    if not wrong.any():
+      return y
+    direction = np.where(back < w, np.inf, -np.inf).astype(np.float32)
+    y = np.where(wrong, np.nextafter(y, direction), y)
+  # Where sqrt(H) is not a power of two, some values have no exact preimage; those
+  # round-trip within one ulp.
+  return y
+
+
+def _unfold_norm_scale(y: np.ndarray, factor: float) -> np.ndarray:
+  return (np.asarray(y, np.float32).astype(np.float64) / factor).astype(np.float32)
+
+
+def _f32(x) -> np.ndarray:
+  return np.asarray(x, dtype=np.float32)
+
+
+def hf_to_params(tensors: Mapping[str, np.ndarray], model: ml_collections.ConfigDict
+                 ) -> dict:
+  """Xenith params (nested dict of float32 NumPy arrays) from HF tensors.
+
+  HfFormatError if a tensor `model` needs is missing or one is left over.
+  """
+  H, N, K, D = model.embed_dim, model.num_heads, model.num_kv_heads, model.head_dim
+  used = set()
+
+  def get(name):
+    if name not in tensors:
+      raise HfFormatError(f'Tensor {name} is missing from the checkpoint.')
+    used.add(name)
+    return _f32(tensors[name])
+
+  def linear(name):  # HF [out, in] -> [in, out]
+    return get(name + '.weight').T
+
+  flat = {('embed', 'embedding'): get('model.embed_tokens.weight')}
+  blocks = []
+  for i in range(model.num_layers):
+    p = f'model.layers.{i}.'
+    b = {
+        ('attn', 'query', 'kernel'): linear(p + 'self_attn.q_proj').reshape(H, N, D),
+        ('attn', 'key', 'kernel'): linear(p + 'self_attn.k_proj').reshape(H, K, D),
+        ('attn', 'value', 'kernel'): linear(p + 'self_attn.v_proj').reshape(H, K, D),
+        ('attn', 'out', 'kernel'): linear(p + 'self_attn.o_proj').reshape(N, D, H),
+        ('attn_norm', 'scale'): get(p + 'input_layernorm.weight'),
+        ('mlp_norm', 'scale'): get(p + 'post_attention_layernorm.weight'),
+    }
+    if model.moe.num_experts:
+      E = model.moe.num_experts
+      if p + 'mlp.experts.gate_up_proj' in tensors:  # transformers' in-memory fused layout.
+        gate_up = get(p + 'mlp.experts.gate_up_proj')  # [E, 2I, H]
+        gate, up = np.split(gate_up, 2, axis=1)
+        b[('moe', 'router', 'kernel')] = linear(p + 'mlp.gate')
+        b[('moe', 'experts', 'gate')] = gate.transpose(0, 2, 1)
+        b[('moe', 'experts', 'up')] = up.transpose(0, 2, 1)
+        b[('moe', 'experts', 'down')] = get(p + 'mlp.experts.down_proj').transpose(0, 2, 1)
+      else:
+        q = p + 'block_sparse_moe.'
+        b[('moe', 'router', 'kernel')] = linear(q + 'gate')
+        for ours, theirs in (('gate', 'w1'), ('up', 'w3'), ('down', 'w2')):
+          b[('moe', 'experts', ours)] = np.stack(
+              [linear(f'{q}experts.{e}.{theirs}') for e in range(E)])
+    else:
+      for ours in ('gate', 'up', 'down'):
+        b[('mlp', ours, 'kernel')] = linear(f'{p}mlp.{ours}_proj')
+    blocks.append(b)
+
+  norm = get('model.norm.weight')
+  if model.tie_embeddings:
+    norm = _fold_norm_scale(norm, math.sqrt(H))
+    used.add('lm_head.weight')  # Some tied checkpoints store a copy; it is not needed.
+  else:
+    flat[('head', 'kernel')] = linear('lm_head')
+  flat[('final_norm', 'scale')] = norm
+
+  unused = sorted(set(tensors) - used)
+  unused = [n for n in unused if not n.endswith('rotary_emb.inv_freq')]
+  if unused:
+    raise HfFormatError(f'{len(unused)} tensors do not fit the config, e.g. {unused[:3]}.')
+  _place_blocks(flat, blocks, model, model.scan_layers)
+  return traverse_util.unflatten_dict(flat)
+
+
+def _stack_name(model: ml_collections.ConfigDict) -> str:
+  return 'moe_layers' if model.moe.num_experts else 'layers'
+
+
+def _place_blocks(flat: dict, blocks: list[dict], model: ml_collections.ConfigDict,
+                  scan_layers: bool) -> None:
+  """Adds `blocks` (one flat dict per layer) to `flat`, stacked if `scan_layers`."""
+  if not scan_layers:
+    for i, b in enumerate(blocks):
+      flat.update({(f'block_{i}',) + k: v for k, v in b.items()})
+    return
+  for key in blocks[0]:
+    flat[(_stack_name(model),) + key] = np.stack([b[key] for b in blocks])
+
+
+def _blocks(flat: dict, model: ml_collections.ConfigDict) -> list[dict]:
+  """One flat dict per layer from flat params laid out as `model.scan_layers` says."""
+  if not model.scan_layers:
+    return [{k[1:]: v for k, v in flat.items() if k[0] == f'block_{i}'}
+            for i in range(model.num_layers)]
+  stacked = {k[1:]: v for k, v in flat.items() if k[0] == _stack_name(model)}
+  return [{k: v[i] for k, v in stacked.items()} for i in range(model.num_layers)]
+
+
+def restack(params: dict, model: ml_collections.ConfigDict, scan_layers: bool) -> dict:
+  """`params`, laid out as `model.scan_layers` says, in the layout of `scan_layers`."""
+  if scan_layers == model.scan_layers:
+    return params
+  flat = traverse_util.flatten_dict(params)
+  blocks = _blocks(flat, model)
+  flat = {k: v for k, v in flat.items() if k[0] in ('embed', 'final_norm', 'head')}
+  _place_blocks(flat, blocks, model, scan_layers)
+  return traverse_util.unflatten_dict(flat)
+
+
+def params_to_hf(params: dict, model: ml_collections.ConfigDict,
+                 dtype: str = 'float32') -> dict[str, np.ndarray]:
+  """HF tensors (name -> array in `dtype`: 'float32', 'bfloat16' or 'float16') from
+  Xenith params laid out as `model` says; `model` must pass `configs.check_exportable`."""
+  np_dtype = _NUMPY_DTYPES[dtype]
+  flat = {k: _f32(v) for k, v in traverse_util.flatten_dict(params).items()}
+  H, N, D = model.embed_dim, model.num_heads, model.head_dim
+  out = {}
+
+  def put(name, value):
+    out[name] = np.ascontiguousarray(value).astype(np_dtype)
+
+  put('model.embed_tokens.weight', flat[('embed', 'embedding')])
+  for i, b in enumerate(_blocks(flat, model)):
+    p = f'model.layers.{i}.'
+    put(p + 'self_attn.q_proj.weight', b[('attn', 'query', 'kernel')].reshape(H, -1).T)
+    put(p + 'self_attn.k_proj.weight', b[('attn', 'key', 'kernel')].reshape(H, -1).T)
+    put(p + 'self_attn.v_proj.weight', b[('attn', 'value', 'kernel')].reshape(H, -1).T)
+    put(p + 'self_attn.o_proj.weight', b[('attn', 'out', 'kernel')].reshape(N * D, H).T)
+    put(p + 'input_layernorm.weight', b[('attn_norm', 'scale')])
+    put(p + 'post_attention_layernorm.weight', b[('mlp_norm', 'scale')])
+    if model.moe.num_experts:
+      q = p + 'block_sparse_moe.'
+      put(q + 'gate.weight', b[('moe', 'router', 'kernel')].T)
+      for ours, theirs in (('gate', 'w1'), ('up', 'w3'), ('down', 'w2')):
+        for e, w in enumerate(b[('moe', 'experts', ours)]):
+          put(f'{q}experts.{e}.{theirs}.weight', w.T)
+    else:
+      for ours in ('gate', 'up', 'down'):
+        put(f'{p}mlp.{ours}_proj.weight', b[('mlp', ours, 'kernel')].T)
+  norm = flat[('final_norm', 'scale')]
+  if model.tie_embeddings:
+    norm = _unfold_norm_scale(norm, math.sqrt(H))
+  else:
+    put('lm_head.weight', flat[('head', 'kernel')].T)
+  put('model.norm.weight', norm)
+  return out

@@ -1,0 +1,165 @@
+"""Workdirs: `main.py --mode=import_hf` and `--mode=export_hf`.
+
+An import writes into a new workdir:
+  checkpoints/0/state  the params (Orbax); a fine-tune's `config.init_from_checkpoint`
+  xenith_config.json   the config, flattened: the fields that differ from the defaults
+  config.py            the same config as a `main.py --config` file
+  hf_config.json       the imported config.json, whose other fields an export keeps
+The defaults are xenith/config_defaults.py's; the config.py of workdirs imported before it
+existed builds on experiments/default.py, whose default size is the same config.
+"""
+
+import json
+import os
+from typing import Any
+
+from flax import traverse_util
+import ml_collections
+import numpy as np
+
+from xenith import config_defaults
+from xenith.errors import HfFormatError
+from xenith.hf import configs
+from xenith.hf import convert
+
+CONFIG_JSON = 'xenith_config.json'
+CONFIG_PY = 'config.py'
+HF_CONFIG_JSON = 'hf_config.json'
+IMPORT_STEP = 0
+
+_CONFIG_PY_TEMPLATE = '''"""Xenith config of the Hugging Face checkpoint {source}.
+
+Written by main.py --mode=import_hf. Fine-tune the imported weights in a new workdir:
+
+  python main.py --config={config_py} --workdir=<new run dir>
+
+config.init_from_checkpoint loads them; the data's tokenizer must match the model's
+vocabulary (config.data.tokenizer).
+"""
+
+import json
+
+from xenith import config_defaults
+
+OVERRIDES = json.loads(r\'\'\'{overrides}\'\'\')
+
+
+def get_config():
+  config = config_defaults.get_config()
+  config.update_from_flattened_dict(OVERRIDES)
+  return config
+'''
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {'.'.join(k): v for k, v in traverse_util.flatten_dict(config.to_dict()).items()}
+
+
+def config_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The fields of `config` that differ from the defaults, flattened ('model.num_layers')."""
+  base = _flat_config(config_defaults.get_config())
+  return {k: v for k, v in _flat_config(config).items() if base.get(k) != v}
+
+
+def config_from_overrides(overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The defaults with `overrides` (as `config_overrides` returns them) applied."""
+  config = config_defaults.get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _write_json(filename: str, value: dict[str, Any]) -> None:
+  with open(filename, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+
+
+def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
+  """HF checkpoint -> `workdir`/checkpoints/0 (Orbax params) + config files; the config."""
+  from xenith import checkpointing  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.abspath(workdir)
+  model, params, hf_config = convert.load_hf(hf_dir)
+  config = config_defaults.get_config()
+  config.model = model
+  if model.vocab_size == 32000:  # Mistral-7B v0.1 / Mixtral-8x7B's SentencePiece model.
+    config.data.tokenizer = 'mixtral'
+  step_dir = os.path.join(workdir, 'checkpoints', str(IMPORT_STEP))
+  if os.path.exists(step_dir):
+    raise HfFormatError(f'{step_dir} exists already; import into a new --workdir.')
+  config.init_from_checkpoint = step_dir
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.save_params(os.path.join(step_dir, 'state'), params)
+  overrides = config_overrides(config)
+  _write_json(os.path.join(workdir, CONFIG_JSON), overrides)
+  _write_json(os.path.join(workdir, HF_CONFIG_JSON), hf_config)
+  config_py = os.path.join(workdir, CONFIG_PY)
+  with open(config_py, 'w') as f:
+    f.write(_CONFIG_PY_TEMPLATE.format(
+        source=f'imported from {os.path.abspath(hf_dir)}', config_py=config_py,
+        overrides=json.dumps(overrides, indent=2, sort_keys=True)))
+  return config
+
+
+def is_import(path: str) -> bool:
+  """Whether `path` is a workdir written by `import_to_workdir`."""
+  return os.path.isfile(os.path.join(path, CONFIG_JSON))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the import in `workdir` (from its xenith_config.json)."""
+  config_json = os.path.join(workdir, CONFIG_JSON)
+  if not os.path.isfile(config_json):
+    raise HfFormatError(f'{workdir} has no {CONFIG_JSON} (not an import); pass the '
+                        "run's --config.")
+  with open(config_json) as f:
+    return config_from_overrides(json.load(f))
+
+
+def find_hf_config(workdir: str, config: ml_collections.ConfigDict
+                   ) -> dict[str, Any] | None:
+  """The imported config.json behind `workdir`; None for a run that started afresh.
+
+  That of an import, or, for a fine-tune of an import, that of the import it started from
+  (`init_from_checkpoint` = <import>/checkpoints/0).
+  """
+  init = config.get('init_from_checkpoint')
+  started_from = os.path.dirname(os.path.dirname(os.path.abspath(init))) if init else workdir
+  for d in (workdir, started_from):
+    name = os.path.join(d, HF_CONFIG_JSON)
+    if os.path.isfile(name):
+      with open(name) as f:
+        return json.load(f)
+  return None
+
+
+def load_params(workdir: str, model: ml_collections.ConfigDict) -> dict:
+  """The newest params in `workdir` (NumPy arrays), laid out as `model` says."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from xenith import checkpointing  # pylint: disable=g-import-not-at-top
+  from xenith.model import build  # pylint: disable=g-import-not-at-top
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = nn.meta.unbox(jax.eval_shape(
+      build.make_model(model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+  )['params'])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+  return jax.tree.map(np.asarray, checkpointing.load_params(workdir, abstract))
+
+
+def export_from_workdir(workdir: str, hf_dir: str,
+                        config: ml_collections.ConfigDict | None = None,
+                        dtype: str | None = None) -> None:
+  """The newest params in `workdir` (a train run or an import) -> HF checkpoint `hf_dir`.
+
+  config: the run's config; default `workdir`/xenith_config.json (written by the import).
+  dtype: of the tensors; default that of the imported checkpoint, else float32.
+  """
+  workdir = os.path.abspath(workdir)
+  if config is None:
+    config = read_config(workdir)
+  configs.check_exportable(config.model)  # Before the params are read.
+  convert.save_hf(hf_dir, config.model, load_params(workdir, config.model),
+                  find_hf_config(workdir, config), dtype)
