@@ -27,9 +27,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import Tenso
 from absl import app
 from absl import flags
 from absl import logging
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
 from xenith import errors
@@ -103,96 +101,82 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  modes = {'train': _train, 'describe': _describe, 'generate': _generate,
+           'import_hf': _import_hf, 'export_hf': _export_hf}
   try:
-    _run(_MODE.value)
+    modes[_MODE.value]()
   except errors.XenithError as e:  # Bad input: one line, no traceback.
     label = 'Invalid config' if isinstance(e, errors.ConfigError) else type(e).__name__
     sys.exit(f'{label}: {e}')
 
 
-def _run(mode):
-  """Runs --mode=`mode`."""
-  if mode in ('import_hf', 'export_hf'):
-    return _hf_mode(mode)
-  config = _CONFIG.value
-  if config is None:
+def _config(num_devices=None):
+  """--config, checked for `num_devices` (default: the devices present)."""
+  if _CONFIG.value is None:
     raise app.UsageError(f'--config is required for --mode={_MODE.value}.')
-  num_devices = _NUM_DEVICES.value or jax.device_count()
-  validate(config, num_devices, jax.process_count())
+  validate(_CONFIG.value, num_devices or jax.device_count(), jax.process_count())
+  return _CONFIG.value
 
-  if _MODE.value == 'describe':
-    from xenith import describe  # pylint: disable=g-import-not-at-top
-    print(describe.format_description(
-        flags.FLAGS['config'].config_filename, describe.describe(config, num_devices)))
-    return
 
+def _workdir():
   if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required for --mode=train.')
+    raise app.UsageError(f'--workdir is required for --mode={_MODE.value}.')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   logging.info('JAX devices: %s', jax.devices())
-  logging.info('Config:\n%s', config)
-
-  if _MODE.value == 'generate':
-    print(_generate(config, _WORKDIR.value))
-    return
-
-  if _MODE.value == 'train':
-    from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
-    train.train_and_evaluate(config, _WORKDIR.value)
+  logging.info('Config:\n%s', _CONFIG.value)
+  return _WORKDIR.value
 
 
-def _generate(config, workdir) -> str:
-  """--mode=generate: the prompt and its continuation by the newest params in `workdir`."""
-  # pylint: disable=g-import-not-at-top
-  from xenith import checkpointing
-  from xenith import generate
-  from xenith.data import pipeline
-  from xenith.model import memory
-  from xenith.model import build
-  path = checkpointing.params_dir(workdir)  # Fails early when there is no checkpoint.
-  with_memory = memory.enabled(config.model)
+def _train():
+  config = _config()
+  from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
+  train.train_and_evaluate(config, _workdir())
+
+
+def _describe():
+  from xenith import describe  # pylint: disable=g-import-not-at-top
+  num_devices = _NUM_DEVICES.value or jax.device_count()
+  print(describe.format_description(flags.FLAGS['config'].config_filename,
+                                    describe.describe(_config(num_devices), num_devices)))
+
+
+def _generate():
+  config = _config()
+  from xenith import generate  # pylint: disable=g-import-not-at-top
+  from xenith.model import memory  # pylint: disable=g-import-not-at-top
   bank = _MEMORY_BANK.value
-  if bank and not with_memory:
-    raise app.UsageError('--memory_bank needs a memory model (config.model.memory.chunk_size '
-                     '> 0).')
-  state = None
-  if bank and os.path.exists(bank):
-    state = memory.load_bank(bank, like=memory.init_state(config.model, 1))
-  tokenizer = pipeline.create_datasets(config).tokenizer  # The run's (cached) tokenizer.
-  bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.
-  prompt = bos + list(tokenizer.encode(_PROMPT.value))
-  if not prompt:
+  if bank and not memory.enabled(config.model):
+    raise app.UsageError('--memory_bank needs a memory model (config.model.memory.'
+                         'chunk_size > 0).')
+  if not _PROMPT.value and bank and os.path.exists(bank):
     raise app.UsageError('--prompt is empty; a continued document needs some text.')
-  model = build.make_model(config.model)
-  init_length = config.model.memory.chunk_size if with_memory else len(prompt)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, init_length), jnp.int32))
-  params = checkpointing.load_params(path, nn.unbox(params)['params'])
-  tokens = generate.generate(
-      model, params, jnp.asarray([prompt], jnp.int32), jax.random.key(config.seed),
-      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value, **({'memory': state} if with_memory else {}))
-  if with_memory:
-    tokens, state = tokens
-    if bank:
-      memory.save_bank(bank, state)
-  return tokenizer.decode([int(t) for t in tokens[0, len(bos):]])
+  print(generate.generate_text(
+      config, _workdir(), _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, memory_bank=bank))
 
 
-def _hf_mode(mode):
-  """--mode=import_hf / export_hf (see xenith/hf.py)."""
+def _hf_dirs():
   if not _HF_DIR.value or not _WORKDIR.value:
-    raise app.UsageError(f'--mode={mode} needs --hf_dir and --workdir.')
+    raise app.UsageError(f'--mode={_MODE.value} needs --hf_dir and --workdir.')
+  return _HF_DIR.value, _WORKDIR.value
+
+
+def _import_hf():
   from xenith import hf  # pylint: disable=g-import-not-at-top
-  if mode == 'import_hf':
-    config = hf.import_to_workdir(_HF_DIR.value, _WORKDIR.value)
-    print(f'Imported {_HF_DIR.value} into {_WORKDIR.value}: '
-          f'{config.model.num_layers} layers, embed {config.model.embed_dim}, '
-          f'{config.model.moe.num_experts or "no"} experts. Fine-tune with '
-          f'--config={os.path.join(os.path.abspath(_WORKDIR.value), hf.CONFIG_PY)} '
-          '--workdir=<new dir>.')
-  else:
-    hf.export_from_workdir(_WORKDIR.value, _HF_DIR.value, _CONFIG.value)
-    print(f'Exported {_WORKDIR.value} to {_HF_DIR.value}.')
+  hf_dir, workdir = _hf_dirs()
+  config = hf.import_to_workdir(hf_dir, workdir)
+  print(f'Imported {hf_dir} into {workdir}: {config.model.num_layers} layers, embed '
+        f'{config.model.embed_dim}, {config.model.moe.num_experts or "no"} experts. '
+        f'Fine-tune with --config={os.path.join(os.path.abspath(workdir), hf.CONFIG_PY)} '
+        '--workdir=<new dir>.')
+
+
+def _export_hf():
+  from xenith import hf  # pylint: disable=g-import-not-at-top
+  hf_dir, workdir = _hf_dirs()
+  hf.export_from_workdir(workdir, hf_dir, _CONFIG.value)
+  print(f'Exported {workdir} to {hf_dir}.')
+
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

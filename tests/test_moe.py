@@ -22,7 +22,7 @@ import pytest
 from experiments import default
 from experiments import moe as moe_experiment
 from tests import test_sharding
-from xenith import event_files
+import event_files
 from xenith import metrics as metrics_lib
 from xenith import sharding
 from xenith.config_validation import ConfigError, validate

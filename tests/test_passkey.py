@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from experiments import default
-from xenith import event_files
-from xenith import passkey
+import event_files
+from xenith.data import passkey_examples
+from xenith.eval import passkey
 from xenith.config_validation import ConfigError, validate
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.model.build import make_model
@@ -42,13 +43,13 @@ def _count(haystack, needle):
 
 @pytest.mark.parametrize('length', [120, 300, 1025])
 def test_examples_have_the_length_one_passkey_and_its_answer(tokenizer, length):
-  examples = passkey.make_examples(tokenizer, length, 6, seed=3, digits=5)
+  examples = passkey_examples.make_examples(tokenizer, length, 6, seed=3, digits=5)
   assert len(examples) == 6
   for e in examples:
     assert e.tokens.shape == (length,) and e.tokens.dtype == np.int32
     assert e.tokens[0] == tokenizer.bos_id
     assert len(e.passkey) == 5 and e.passkey.isdigit() and e.passkey[0] != '0'
-    line = tokenizer.encode(passkey.passkey_line(e.passkey))
+    line = tokenizer.encode(passkey_examples.passkey_line(e.passkey))
     assert _count(e.tokens, line) == 1
     assert list(e.tokens[e.passkey_start:e.passkey_start + len(line)]) == line
     assert 0 <= e.depth < 1
@@ -57,32 +58,32 @@ def test_examples_have_the_length_one_passkey_and_its_answer(tokenizer, length):
     assert list(e.answer) == [i for i in tokenizer.encode(e.passkey)
                               if tokenizer.decode([i]).strip()]
     # ... and the text ends with the question and the answer.
-    assert tokenizer.decode(e.tokens).endswith(f'{passkey.QUESTION} {e.passkey}')
+    assert tokenizer.decode(e.tokens).endswith(f'{passkey_examples.QUESTION} {e.passkey}')
     assert _count(e.tokens, e.answer) == 3  # Twice in the passkey line, then the answer.
 
 
 def test_depths_vary_and_examples_are_deterministic(tokenizer):
-  examples = passkey.make_examples(tokenizer, 1024, 16, seed=0)
+  examples = passkey_examples.make_examples(tokenizer, 1024, 16, seed=0)
   depths = [e.depth for e in examples]
   assert len(set(depths)) >= 8 and min(depths) < 0.3 and max(depths) > 0.7
   assert len({e.passkey for e in examples}) == 16
-  again = passkey.make_examples(tokenizer, 1024, 16, seed=0)
+  again = passkey_examples.make_examples(tokenizer, 1024, 16, seed=0)
   assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(examples, again))
-  other = passkey.make_examples(tokenizer, 1024, 16, seed=1)
+  other = passkey_examples.make_examples(tokenizer, 1024, 16, seed=1)
   assert [e.passkey for e in other] != [e.passkey for e in examples]
-  eval_set = passkey.make_eval_set(tokenizer, (150, 300), 2, seed=0, digits=3)
+  eval_set = passkey_examples.make_eval_set(tokenizer, (150, 300), 2, seed=0, digits=3)
   assert sorted(eval_set) == [150, 300]
   assert all(len(e.tokens) == n and len(e.passkey) == 3
              for n, xs in eval_set.items() for e in xs)
 
 
 def test_too_short_length_raises(tokenizer):
-  needed = 1 + len(tokenizer.encode(passkey.passkey_line('12345'))) + len(
-      tokenizer.encode(passkey.QUESTION)) + len(tokenizer.encode('12345'))
-  assert len(passkey.make_examples(tokenizer, needed, 1)[0].tokens) == needed
+  needed = 1 + len(tokenizer.encode(passkey_examples.passkey_line('12345'))) + len(
+      tokenizer.encode(passkey_examples.QUESTION)) + len(tokenizer.encode('12345'))
+  assert len(passkey_examples.make_examples(tokenizer, needed, 1)[0].tokens) == needed
   with pytest.raises(ConfigError, match=rf'config.passkey.lengths: {needed - 1} is shorter '
                                         rf'than the {needed} tokens'):
-    passkey.make_examples(tokenizer, needed - 1, 1)
+    passkey_examples.make_examples(tokenizer, needed - 1, 1)
 
 
 def test_score_counts_exact_matches_and_digits():
@@ -118,7 +119,7 @@ def _wrong(tokens, positions):
 
 
 def test_oracle_scores_one_wrong_scores_zero_one_digit_off_is_partial(tokenizer):
-  eval_set = passkey.make_eval_set(tokenizer, (120, 240), 5, seed=0)
+  eval_set = passkey_examples.make_eval_set(tokenizer, (120, 240), 5, seed=0)
   # 5 examples, 2 rows per call padded to a multiple of 3: padding rows are dropped.
   oracle = passkey.evaluate(_fake_predict(None), eval_set, batch_size=2, row_multiple=3)
   assert oracle == {'passkey/accuracy_120': 1.0, 'passkey/digit_accuracy_120': 1.0,
@@ -137,7 +138,7 @@ def test_model_predictions_are_the_argmax_of_full_logits(tokenizer):
   config = default.get_config('size=tiny')
   model = make_model(config.model)
   params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))['params']
-  examples = passkey.make_examples(tokenizer, 150, 2, seed=0)
+  examples = passkey_examples.make_examples(tokenizer, 150, 2, seed=0)
   tokens = np.stack([e.tokens for e in examples])
   positions = np.stack([np.arange(e.answer_start - 1, 149) for e in examples])
   got = jax.jit(passkey.make_predict_fn(model))(params, tokens, positions)
@@ -248,7 +249,7 @@ def test_in_loop_passkey_scores_equal_a_hand_evaluation_of_the_saved_params(runs
     params = ocp.StandardCheckpointer().restore(
         os.path.join(workdir, 'checkpoints', str(step), 'state'))['params']
     for length in (64, 96):
-      examples = passkey.make_examples(tokenizer, length, 8, seed=config.passkey.seed,
+      examples = passkey_examples.make_examples(tokenizer, length, 8, seed=config.passkey.seed,
                                        digits=config.passkey.digits)
       accuracy, digit_accuracy = _hand_scores(model, params, examples)
       assert dict(scalars[f'passkey/accuracy_{length}'])[step] == pytest.approx(accuracy)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import passkey_memory
-from xenith import passkey
+from xenith.data import passkey_examples
 from xenith.data import passkey_source
 from xenith.data import pipeline
 
@@ -49,9 +49,9 @@ def test_rows_hold_exactly_one_passkey_each(cache):
       assert row[0] == tok.bos_id and tok.bos_id not in row[1:] and tok.eos_id not in row
       text, answer = _passkeys(tok, row)
       assert len(answer) == 5 and answer.isdigit()
-      assert text.count(passkey.passkey_line(answer)) == 1
+      assert text.count(passkey_examples.passkey_line(answer)) == 1
       assert text.count('pass key is') == 2  # The passkey line and the question.
-      assert text.endswith(f'{passkey.QUESTION} {answer}')
+      assert text.endswith(f'{passkey_examples.QUESTION} {answer}')
   assert it.get_state() == {'step': 3}
 
 
@@ -91,7 +91,7 @@ def test_eval_is_disjoint_from_train_and_repeatable(cache):
   # The seed ranges cannot meet each other nor the in-loop passkey eval's small seeds.
   assert passkey_source.TRAIN_SEED_BASE > 2**32 * 100
   assert passkey_source.VALIDATION_SEED_BASE - passkey_source.TRAIN_SEED_BASE >= 2**40
-  in_loop = passkey.make_examples(tok, 128, 4, seed=0)
+  in_loop = passkey_examples.make_examples(tok, 128, 4, seed=0)
   assert not {e.tokens.tobytes() for e in in_loop} & (train_rows | {
       r.tobytes() for r in eval_rows})
   assert np.isfinite(data.unigram_loss) and data.unigram_loss > 0

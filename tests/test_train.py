@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from xenith import event_files
+import event_files
 from helpers import single_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

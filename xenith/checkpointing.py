@@ -6,11 +6,15 @@ from typing import Any
 from absl import logging
 from etils import epath
 from flax import traverse_util
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from xenith.errors import CheckpointMismatchError
+from xenith.model import build
 from xenith.model import lora
+from xenith.model import memory
 from xenith.train_state import TrainState
 
 
@@ -154,6 +158,16 @@ def load_params(path: str, params_like: dict[str, Any]) -> dict[str, Any]:
   if reason:
     raise CheckpointMismatchError(f'{item} does not match this config ({reason}).')
   return traverse_util.unflatten_dict(_restore(item, flat))
+
+
+def load_model(model_config, path: str) -> tuple[nn.Module, dict[str, Any]]:
+  """(`build.make_model(model_config)`, the params saved at `path` (see `params_dir`)),
+  for generating from or evaluating a trained run."""
+  item = params_dir(path)  # Fails before the model is built when there is no checkpoint.
+  model = build.make_model(model_config)
+  length = model_config.memory.chunk_size if memory.enabled(model_config) else 8
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, length), jnp.int32))
+  return model, load_params(item, nn.unbox(params)['params'])
 
 
 def load_base_params(path: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -8,21 +8,20 @@ import os
 
 import ml_collections
 
+from xenith import sharding
 from xenith.errors import ConfigError
+from xenith.model import attention_pattern
+from xenith.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from xenith.model.lora import TARGETS as LORA_TARGETS
+from xenith.model.moe_dispatch import DISPATCHES as MOE_DISPATCHES
+from xenith.model.norms import NORMS
+from xenith.model.rope import ROPE_SCALING_TYPES
+from xenith.model.transformer import REMAT_POLICIES
 
-NORMS = ('rmsnorm', 'layernorm')
 DTYPES = ('float32', 'bfloat16')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 ON_NONFINITE = ('stop', 'skip')
 DATA_SOURCES = ('shakespeare', 'folder', 'passkey')
 NAMED_TOKENIZERS = ('train', 'mixtral')
-# As xenith.model.lora.TARGETS (layers that can get LoRA adapters).
-LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head', 'experts')
-ROPE_SCALING_TYPES = ('none', 'yarn')  # As xenith.model.rope.ROPE_SCALING_TYPES.
-# As xenith.model.moe_dispatch.DISPATCHES.
-MOE_DISPATCHES = ('auto', 'dropless_gather', 'dropless_ragged', 'capacity', 'dense')
-# As xenith.model.attention.IMPLEMENTATIONS.
-ATTENTION_IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'splash')
 WINDOW_SPLITS = ('heads', 'layers')
 
 
@@ -128,8 +127,6 @@ def _validate_attention(config) -> None:
     raise ConfigError(f + 'implementation', "'cudnn' cannot express global tokens "
                       f"(config.{f}num_global_tokens={attn.num_global_tokens}); use "
                       "'auto' or 'blockwise'")
-  # Imported here: the model package imports jax, which validation avoids at import.
-  from xenith.model import attention_pattern  # pylint: disable=g-import-not-at-top
   if m.scan_layers and not attention_pattern.uniform_across_layers(m):
     raise ConfigError(f + 'window_sizes', 'differ between layers (full_attention_layers='
                       f"{attn.full_attention_layers}, window_split='{attn.window_split}'), "
@@ -240,8 +237,6 @@ def _validate_passkey(config) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`."""
-  # Imported here: sharding imports ConfigError from this module.
-  from xenith import sharding
 
   _positive(config, 'num_train_steps', 'log_every_steps', 'eval_every_steps',
             'checkpoint_every_steps', 'keep_checkpoints', 'global_batch_size', 'max_seq_len')
@@ -266,9 +261,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   if m.head_dim % 2:
     raise ConfigError('model.head_dim', f'{m.head_dim} must be even (RoPE rotates pairs)')
   _validate_rope(config)
-  _one_of(config, 'model.norm', NORMS)
+  _one_of(config, 'model.norm', tuple(NORMS))
   _one_of(config, 'model.dtype', DTYPES)
-  _one_of(config, 'model.remat', REMAT_POLICIES)
+  _one_of(config, 'model.remat', ('none',) + tuple(REMAT_POLICIES))
   _require(config, 'model.dropout_rate', lambda v: 0 <= v < 1, 'must be in [0, 1)')
   if 'loss_chunk_size' in m:
     _require(config, 'model.loss_chunk_size', lambda v: isinstance(v, int) and v >= 0,

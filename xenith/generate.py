@@ -1,6 +1,7 @@
 """Text generation with the KV cache: prefill the prompt, then one token per step.
 
-`generate` runs entirely under one `jax.jit`: the prompt fills the cache in one call
+`generate_text` is `main.py --mode=generate`: a run's tokenizer and newest params, the
+prompt in, the text out. `generate` runs entirely under one `jax.jit`: the prompt fills the cache in one call
 (`xenith/model/kv_cache.py`), then a `lax.scan` appends one sampled token at a time, so
 each new token costs one single-token forward pass. Greedy at temperature 0, else
 sampling from softmax(logits / temperature), optionally restricted to the top k.
@@ -12,10 +13,14 @@ the short-term keys carry on exactly as in one long forward pass.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from xenith import checkpointing
+from xenith.data import pipeline
 from xenith.model import kv_cache
 from xenith.model import memory as memory_lib
 
@@ -118,3 +123,35 @@ def _generate_with_memory(model, params, prompt, key, state, max_new_tokens, tem
   keys = jax.random.split(key, max_new_tokens)
   (state, _), tokens = jax.lax.scan(step, (state, logits[:, -1]), keys)
   return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1), state
+
+
+def generate_text(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
+                  max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                  memory_bank: str | None = None) -> str:
+  """The prompt and its continuation by the newest params in `workdir`.
+
+  With a memory model and `memory_bank` (.npz), continues the document saved there (if
+  the file exists; the prompt then gets no BOS) and saves the state after the output
+  there, so the next call continues the same document.
+  """
+  with_memory = memory_lib.enabled(config.model)
+  if memory_bank and not with_memory:
+    raise ValueError('--memory_bank needs a memory model (config.model.memory.chunk_size '
+                     '> 0).')
+  model, params = checkpointing.load_model(config.model, workdir)
+  state = None
+  if memory_bank and os.path.exists(memory_bank):
+    state = memory_lib.load_bank(memory_bank, like=memory_lib.init_state(config.model, 1))
+  tokenizer = pipeline.load_tokenizer(config)
+  bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.
+  tokens = bos + list(tokenizer.encode(prompt))
+  if not tokens:
+    raise ValueError('--prompt is empty; a continued document needs some text.')
+  out = generate(model, params, jnp.asarray([tokens], jnp.int32), jax.random.key(config.seed),
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 **({'memory': state} if with_memory else {}))
+  if with_memory:
+    out, state = out
+    if memory_bank:
+      memory_lib.save_bank(memory_bank, state)
+  return tokenizer.decode([int(t) for t in out[0, len(bos):]])

@@ -15,7 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from xenith.config_validation import ConfigError
+from xenith.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]

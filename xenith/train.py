@@ -22,7 +22,8 @@ from xenith import checkpointing
 from xenith import flops
 from xenith import metrics as metrics_lib
 from xenith import optimizer
-from xenith import passkey
+from xenith.data import passkey_examples
+from xenith.eval import passkey
 from xenith import sharding
 from xenith.checkpointing import Checkpointer
 from xenith.data import pipeline
@@ -99,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   passkey_config = config.get('passkey')
   passkey_set = None  # {length: examples}, built now so a too-short length fails early.
   if passkey_config is not None and passkey_config.lengths:
-    passkey_set = passkey.make_eval_set(
+    passkey_set = passkey_examples.make_eval_set(
         datasets.tokenizer, passkey_config.lengths, passkey_config.num_examples,
         seed=passkey_config.seed, digits=passkey_config.digits)
     passkey_every = passkey_config.every_steps or config.eval_every_steps

@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from xenith import passkey
-from xenith.config_validation import ConfigError
+from xenith.data import passkey_examples as passkey
+from xenith.errors import ConfigError
 from xenith.data import cache as cache_lib
 from xenith.data import tokenizer as tokenizer_lib
 

@@ -170,11 +170,8 @@ def create_datasets(config, *, process_index: int = 0,
     return passkey_source.create_datasets(config, Datasets, process_index=process_index,
                                           process_count=process_count)
   cache = cache_lib.cache_dir(config.data)
-  source = sources.make_source(config.data, cache)
-  data = text_dataset.prepare(source, config.data.validation_fraction, cache)
-  tokenizer = tokenizer_lib.load_tokenizer(
-      config.data.tokenizer, vocab_size=config.model.vocab_size, cache=cache,
-      train_split=data.train, fingerprint=data.fingerprint)
+  data = _prepare(config, cache)
+  tokenizer = _text_tokenizer(config, cache, data)
   token_stats = unigram.token_stats(data.train, data.validation, tokenizer,
                                     cache, data.fingerprint)
   batch_size = config.global_batch_size // process_count
@@ -196,3 +193,33 @@ def create_datasets(config, *, process_index: int = 0,
       _process_index=process_index,
       _process_count=process_count,
   )
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer (`config.data.tokenizer`), without building any batches.
+
+  'mixtral' and a .model file load directly; 'train' is the one trained on the prepared
+  data (the cached model, the data prepared first if it is not cached yet); the passkey
+  source has its own. For generation, export and evaluation of a run.
+  """
+  _check_settings(config, 0, 1)
+  cache = cache_lib.cache_dir(config.data)
+  if config.data.source == 'passkey':
+    from xenith.data import passkey_source  # pylint: disable=g-import-not-at-top
+    return passkey_source.load_tokenizer(config, cache)
+  data = _prepare(config, cache) if config.data.tokenizer == 'train' else None
+  return _text_tokenizer(config, cache, data)
+
+
+def _prepare(config, cache) -> text_dataset.PreparedData:
+  """The text source's train/validation splits (prepared once, then cached)."""
+  source = sources.make_source(config.data, cache)
+  return text_dataset.prepare(source, config.data.validation_fraction, cache)
+
+
+def _text_tokenizer(config, cache, data) -> tokenizer_lib.Tokenizer:
+  """The tokenizer of a text source; `data` (its prepared splits) only for 'train'."""
+  return tokenizer_lib.load_tokenizer(
+      config.data.tokenizer, vocab_size=config.model.vocab_size, cache=cache,
+      train_split=None if data is None else data.train,
+      fingerprint=None if data is None else data.fingerprint)

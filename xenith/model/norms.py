@@ -58,16 +58,16 @@ class LayerNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-_NORMS = {'rmsnorm': RMSNorm, 'layernorm': LayerNorm}
+NORMS = {'rmsnorm': RMSNorm, 'layernorm': LayerNorm}
 
 
 def make_norm(config: ml_collections.FrozenConfigDict, name: str) -> nn.Module:
   """The norm named by `config.norm`, with `config.norm_eps` and the compute dtype."""
   try:
-    cls = _NORMS[config.norm]
+    cls = NORMS[config.norm]
   except KeyError:
     raise ValueError(
-        f'Unknown norm {config.norm!r}; choose one of {sorted(_NORMS)}.'
+        f'Unknown norm {config.norm!r}; choose one of {sorted(NORMS)}.'
     ) from None
   return cls(
       epsilon=config.norm_eps, dtype=layers.compute_dtype(config), name=name

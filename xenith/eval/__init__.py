@@ -1,0 +1,1 @@
+"""Evaluations beyond the validation loss: passkey retrieval."""
