@@ -129,12 +129,12 @@ def _workdir():
 
 def _train():
   config = _config()
-  from xenith import train  # Heavy imports (TensorFlow via CLU) only when training.
+  from xenith.train import loop as train  # Heavy imports (TensorFlow via CLU) only when training.
   train.train_and_evaluate(config, _workdir())
 
 
 def _describe():
-  from xenith import describe  # pylint: disable=g-import-not-at-top
+  from xenith.sizing import describe  # pylint: disable=g-import-not-at-top
   num_devices = _NUM_DEVICES.value or jax.device_count()
   print(describe.format_description(flags.FLAGS['config'].config_filename,
                                     describe.describe(_config(num_devices), num_devices)))

@@ -10,7 +10,7 @@ random tokens from one numpy seed, one document per row), fp32, AdamW (lr 3e-4, 
 load-balance aux loss at weight 0.02 (HF's `router_aux_loss_coef`; Xenith's
 `load_balance_loss_weight`, router z-loss and entropy weights 0).
 
-- Xenith: the real train step, built as `xenith/train.py` builds it (mesh,
+- Xenith: the real train step, built as `xenith/train/loop.py` builds it (mesh,
   `abstract_train_state` / `init_train_state` into the shardings, `jax.jit(make_train_step)`
   with the loop's shardings and state donation); dispatch 'auto', remat 'none'.
 - Hugging Face: `MixtralForCausalLM` (PyTorch, CPU) with `experts_implementation` and
@@ -139,12 +139,12 @@ def xenith_child(args) -> dict:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax
   sys.path.insert(0, _REPO_ROOT)
-  from xenith import optimizer
+  from xenith.train import optimizer
   from xenith import sharding
   from xenith.model import moe_dispatch
   from xenith.model.build import make_model
-  from xenith.steps import make_train_step
-  from xenith.train_state import abstract_train_state, init_train_state
+  from xenith.train.steps import make_train_step
+  from xenith.train.train_state import abstract_train_state, init_train_state
 
   config = xenith_config(args.xenith_set)
   m = config.model

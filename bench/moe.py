@@ -5,7 +5,7 @@
 Each dispatch method runs the same layer (same params, router and tokens) under
 `jax.jit(jax.grad(...))` with respect to the params and the input. The methods are
 timed in interleaved rounds, each round followed by a float32 matmul measurement
-(`xenith.flops.measure_matmul_flops`), so a slow spell of the shared machine hits all
+(`xenith.sizing.flops.measure_matmul_flops`), so a slow spell of the shared machine hits all
 of them. Useful FLOPs count only the routed work: tokens x top-k x 3 matmuls x 2 x
 embed x mlp, times 3 for forward + backward. Results: a Markdown table on stdout and
 JSON in bench/results/moe.json. Run with XLA_FLAGS unset (one CPU device).
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # pylint: disable=g-import-not-at-top
 
 from experiments import default  # pylint: disable=g-import-not-at-top
-from xenith import flops
+from xenith.sizing import flops
 from xenith.model import moe
 from xenith.model import moe_dispatch
 

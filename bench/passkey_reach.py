@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import passkey_memory  # pylint: disable=wrong-import-position
-from xenith import checkpointing  # pylint: disable=wrong-import-position
+from xenith.train import checkpointing  # pylint: disable=wrong-import-position
 from xenith.data import passkey_examples  # pylint: disable=wrong-import-position
 from xenith.data import pipeline  # pylint: disable=wrong-import-position
 from xenith.eval import passkey  # pylint: disable=wrong-import-position

@@ -10,7 +10,7 @@ tokens at a time through one jitted decode call, keeping only the cache and a ru
 next-token loss between calls. Each length runs in its own child process, so its peak
 resident memory (VmHWM) is its own; the target is peak RSS at the longest length within
 1.2x of its value at the shortest (16k). With `--memory` the model instead reads the
-stream with chunk-summary memory (`xenith/model/memory.py`, chunk = `--chunk`): each call
+stream with chunk-summary memory (`xenith/model/memory/`, chunk = `--chunk`): each call
 takes one chunk and the memory state (summary bank + short-term keys) of the previous
 one, and returns the new state; global tokens are off (memory mode has none). Results: a
 Markdown table on stdout and JSON in bench/results/streaming[_memory].json.

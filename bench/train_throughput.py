@@ -9,7 +9,7 @@ The train step is built as `xenith.train.train_and_evaluate` builds it: the mesh
 It runs on synthetic random batches of the config's shape (no data pipeline: the
 step's cost does not depend on the token values).
 
-MFU = model FLOPs (PaLM appendix B, `xenith.flops.train_flops_per_token`) per second
+MFU = model FLOPs (PaLM appendix B, `xenith.sizing.flops.train_flops_per_token`) per second
 over the float32 matmul peak measured in this process: the best [n, n] @ [n, n] rate
 seen before, during and after the train steps. Shared machines swing in speed, so the
 sizes are timed in interleaved rounds, each followed by a matmul measurement; "MFU per
@@ -40,12 +40,12 @@ import benchlib  # pylint: disable=g-import-not-at-top
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import default
-from xenith import flops
-from xenith import optimizer
+from xenith.sizing import flops
+from xenith.train import optimizer
 from xenith import sharding
 from xenith.model.build import make_model
-from xenith.steps import make_train_step
-from xenith.train_state import abstract_train_state, init_train_state
+from xenith.train.steps import make_train_step
+from xenith.train.train_state import abstract_train_state, init_train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _SIZES = flags.DEFINE_list(

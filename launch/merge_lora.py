@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from xenith import checkpointing
+from xenith.train import checkpointing
 from xenith import sharding
 from xenith.model import lora
 from xenith.model.build import make_model

@@ -1,9 +1,9 @@
 r"""Mutation testing of one module on a seeded sample of mutants, with cosmic-ray.
 
-  ./launch/mutation.sh xenith/steps.py                      # 40 mutants, seed 0
-  ./launch/mutation.sh xenith/model/memory.py --sample=20 --budget_minutes=60
-  ./launch/mutation.sh xenith/optimizer.py --since=origin/main  # lines a change touched
-  ./launch/mutation.sh xenith/steps.py --rev=HEAD~3         # the module and tests of a commit
+  ./launch/mutation.sh xenith/train/steps.py                      # 40 mutants, seed 0
+  ./launch/mutation.sh xenith/model/memory/bank.py --sample=20 --budget_minutes=60
+  ./launch/mutation.sh xenith/train/optimizer.py --since=origin/main  # lines a change touched
+  ./launch/mutation.sh xenith/train/steps.py --rev=HEAD~3         # the module and tests of a commit
 
 cosmic-ray lists every mutant of the module (an operator flipped, a number or a
 comparison changed, a `break` turned into `continue`, ...); this script takes a seeded
@@ -43,18 +43,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Module -> the test files that cover it, fastest and most direct first (the tests stop
 # at the first failure, so a mutant caught early costs little).
 COVERING_TESTS = {
-    'xenith/steps.py': [
+    'xenith/train/steps.py': [
         'tests/test_steps.py', 'tests/test_chunked_loss.py', 'tests/test_metrics.py',
         'tests/test_moe.py::test_loss_adds_mean_layer_aux_loss_and_eval_reports_it',
         'tests/test_lora.py::test_lora_train_steps_change_only_adapters',
         'tests/test_train.py::test_nonfinite_steps_can_be_skipped', 'tests/test_sharding.py'],
-    'xenith/optimizer.py': [
+    'xenith/train/optimizer.py': [
         'tests/test_optimizer.py',
         'tests/test_lora.py::test_lora_train_steps_change_only_adapters',
         'tests/test_lora.py::test_train_only_adapters_off_trains_everything',
         'tests/test_train.py::test_nonfinite_steps_can_be_skipped'],
     'xenith/model/chunked_loss.py': ['tests/test_chunked_loss.py'],
-    'xenith/model/memory.py': ['tests/test_memory_reference.py', 'tests/test_memory.py'],
+    **{f'xenith/model/memory/{name}.py': ['tests/test_memory_reference.py',
+                                           'tests/test_memory.py']
+       for name in ('attention', 'bank', 'decoder', 'state', 'summarizer')},
     'xenith/model/moe.py': [
         'tests/test_moe_reference.py', 'tests/test_moe.py',
         'tests/test_lora.py::test_expert_adapters_have_an_expert_axis',
@@ -80,7 +82,7 @@ EXCLUDED_OPERATORS = re.compile(
 def _parse_args(argv):
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[1], formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument('module', help='The module to mutate, e.g. xenith/steps.py.')
+  parser.add_argument('module', help='The module to mutate, e.g. xenith/train/steps.py.')
   parser.add_argument('--sample', type=int, default=40,
                       help='Mutants to run, drawn at random (0 = all). Default 40.')
   parser.add_argument('--seed', type=int, default=0, help='Seed of the sample.')

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import default
-from xenith import steps
+from xenith.train import steps
 from xenith.model import chunked_loss
 from xenith.model import build
 from helpers import two_document_batch

@@ -13,12 +13,12 @@ from experiments import default
 from experiments import memory as memory_experiment
 from experiments import xenith_beast
 from experiments import xenith_mini
-from xenith import describe
-from xenith import flops
-from xenith import optimizer
+from xenith.sizing import describe
+from xenith.sizing import flops
+from xenith.train import optimizer
 from xenith import sharding
 from xenith.model.build import make_model
-from xenith.train_state import abstract_train_state, init_train_state
+from xenith.train.train_state import abstract_train_state, init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ import pytest
 
 from experiments import default
 from experiments import memory as memory_experiment
-from xenith import checkpointing
+from xenith.train import checkpointing
 from xenith import generate
 from xenith.data import pipeline
 from xenith.model import build

@@ -20,7 +20,7 @@ import transformers
 
 from experiments import default
 import xenith
-from xenith import checkpointing
+from xenith.train import checkpointing
 from xenith.errors import HfFormatError
 from xenith.hf import configs
 from xenith.hf import convert

@@ -18,15 +18,15 @@ import pytest
 from experiments import default
 from experiments import lora_finetune
 from experiments import moe as moe_experiment
-from xenith import checkpointing
+from xenith.train import checkpointing
 from xenith import config_validation
-from xenith import optimizer
+from xenith.train import optimizer
 from xenith.config_validation import ConfigError, validate
 from xenith.model import layers
 from xenith.model import lora
 from xenith.model.build import make_model
-from xenith.steps import make_loss_fn, make_train_step
-from xenith.train_state import init_train_state
+from xenith.train.steps import make_loss_fn, make_train_step
+from xenith.train.train_state import init_train_state
 from helpers import single_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

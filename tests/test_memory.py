@@ -18,9 +18,9 @@ from experiments import default
 from experiments import memory as memory_experiment
 from xenith import config_validation
 from xenith import model
-from xenith import steps
+from xenith.train import steps
 from xenith.model import memory
-from xenith.train_state import TrainState
+from xenith.train.train_state import TrainState
 
 VOCAB = 128
 CHUNK = 8

@@ -1,4 +1,4 @@
-"""Metric aggregation (xenith/metrics.py and the loop's evaluation) against hand sums.
+"""Metric aggregation (xenith/train/metrics.py and the loop's evaluation) against hand sums.
 
 - Evaluation over several batches is one token-weighted mean of all their predicted
   tokens (not a mean of batch means), as `train._evaluate` merges it.
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from experiments import default
-from xenith import metrics
+from xenith.train import metrics
 from xenith import sharding
-from xenith import steps
-from xenith import train
+from xenith.train import steps
+from xenith.train import loop as train
 from xenith.model.build import make_model
 
 VOCAB = 64

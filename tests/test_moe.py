@@ -23,13 +23,13 @@ from experiments import default
 from experiments import moe as moe_experiment
 from tests import test_sharding
 import event_files
-from xenith import metrics as metrics_lib
+from xenith.train import metrics as metrics_lib
 from xenith import sharding
 from xenith.config_validation import ConfigError, validate
 from xenith.model import moe
 from xenith.model import moe_dispatch
 from xenith.model import build
-from xenith.steps import make_eval_step, make_loss_fn
+from xenith.train.steps import make_eval_step, make_loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DROPLESS = ('dropless_gather', 'dropless_ragged')

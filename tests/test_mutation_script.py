@@ -102,10 +102,10 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
   assert result.returncode != 0 and 'not a Python file of this checkout' in result.stderr
   result = _run('README.md', f'--workdir={tmp_path / "w"}')
   assert result.returncode != 0 and 'not a Python file of this checkout' in result.stderr
-  result = _run('xenith/flops.py', f'--workdir={tmp_path / "w"}')
+  result = _run('xenith/sizing/flops.py', f'--workdir={tmp_path / "w"}')
   assert result.returncode != 0 and 'No covering tests are listed' in result.stderr
   (tmp_path / 'exists').mkdir()
-  result = _run('xenith/steps.py', f'--workdir={tmp_path / "exists"}')
+  result = _run('xenith/train/steps.py', f'--workdir={tmp_path / "exists"}')
   assert result.returncode != 0 and 'exists: remove it' in result.stderr
   assert not os.listdir(tmp_path / 'exists')
 

@@ -1,4 +1,4 @@
-"""The optimizer (xenith/optimizer.py) against hand-written expectations and NumPy.
+"""The optimizer (xenith/train/optimizer.py) against hand-written expectations and NumPy.
 
 - Which params decay, listed by name for dense, MoE, LoRA and memory models, scanned
   and not: norm scales and biases never decay, whatever their rank.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import default
-from xenith import optimizer
+from xenith.train import optimizer
 from xenith.model.build import make_model
 
 LR, WD = 0.5, 0.1

@@ -115,7 +115,7 @@ def test_experiment_configs_validate(memory):
 
 @pytest.mark.parametrize('memory', ['0', '1'])
 def test_two_training_steps(tmp_path, memory):
-  from xenith import train  # pylint: disable=g-import-not-at-top
+  from xenith.train import loop as train  # pylint: disable=g-import-not-at-top
   config = passkey_memory.get_config(f'memory={memory}')
   config.data.cache_dir = str(tmp_path / 'cache')
   config.max_seq_len = 128

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from experiments import default
-from xenith import optimizer
+from xenith.train import optimizer
 from xenith import sharding
 from xenith.config_validation import ConfigError
 from xenith.model.build import make_model
-from xenith.steps import make_loss_fn, make_train_step
-from xenith.train_state import abstract_train_state, init_train_state
+from xenith.train.steps import make_loss_fn, make_train_step
+from xenith.train.train_state import abstract_train_state, init_train_state
 
 
 def _config(**mesh):

@@ -1,4 +1,4 @@
-"""The jitted train step (xenith/steps.py) against one optax update done by hand.
+"""The jitted train step (xenith/train/steps.py) against one optax update done by hand.
 
 A step computes the loss and its gradient, applies the optimizer's update, advances the
 step counter and reports the loss, the gradient norm before clipping and the new params'
@@ -16,10 +16,10 @@ import optax
 import pytest
 
 from experiments import default
-from xenith import optimizer
-from xenith import steps
+from xenith.train import optimizer
+from xenith.train import steps
 from xenith.model.build import make_model
-from xenith.train_state import TrainState
+from xenith.train.train_state import TrainState
 from helpers import two_document_batch
 
 

@@ -177,7 +177,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.
   config.data.cache_dir = ''  # Downloads, prepared datasets, tokenizers; '' = ~/.cache/xenith.
 
-  # Passkey retrieval (xenith/passkey.py): a number hidden at a random depth in filler
+  # Passkey retrieval (xenith/eval/passkey.py): a number hidden at a random depth in filler
   # text, asked for at the end; exact-match and per-digit accuracy per length.
   config.passkey = ml_collections.ConfigDict()
   config.passkey.lengths = ()  # Lengths in tokens, increasing, e.g. (1024, 2048); () = off.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xenith import checkpointing
+from xenith.train import checkpointing
 from xenith.data import pipeline
 from xenith.model import kv_cache
 from xenith.model import memory as memory_lib

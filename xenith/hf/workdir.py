@@ -75,7 +75,7 @@ def _write_json(filename: str, value: dict[str, Any]) -> None:
 
 def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   """HF checkpoint -> `workdir`/checkpoints/0 (Orbax params) + config files; the config."""
-  from xenith import checkpointing  # pylint: disable=g-import-not-at-top
+  from xenith.train import checkpointing  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(workdir)
   model, params, hf_config = convert.load_hf(hf_dir)
@@ -137,7 +137,7 @@ def load_params(workdir: str, model: ml_collections.ConfigDict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from xenith import checkpointing  # pylint: disable=g-import-not-at-top
+  from xenith.train import checkpointing  # pylint: disable=g-import-not-at-top
   from xenith.model import build  # pylint: disable=g-import-not-at-top
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

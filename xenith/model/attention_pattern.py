@@ -1,6 +1,6 @@
 """Which keys each layer's attention sees: full causal, sliding windows, global tokens.
 
-`config.model.attention` (see experiments/default.py) describes the pattern:
+`config.model.attention` (see xenith/config_defaults.py) describes the pattern:
 
 - The first `full_attention_layers` layers attend to every earlier token.
 - The other ("sparse") layers use sliding windows at the scales in `window_sizes`:

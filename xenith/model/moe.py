@@ -1,6 +1,6 @@
 """Mixture-of-Experts feed-forward layer: router, routed SwiGLU experts, shared expert.
 
-`config.model.moe` (see experiments/default.py) configures it. A `MoeBlock` returns its
+`config.model.moe` (see xenith/config_defaults.py) configures it. A `MoeBlock` returns its
 output and a dict of router statistics; the decoder returns those of all MoE layers in
 its output's `moe_stats` (`Decoder.forward`; a return value rather than a mutable collection,
 so the model also applies under LoRA's `nn.map_variables`), and `aux_loss_and_metrics`

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xenith import flops
+from xenith.sizing import flops
 from xenith import sharding
 from xenith.model import memory
 from xenith.model.build import make_model

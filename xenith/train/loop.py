@@ -18,20 +18,20 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from xenith import checkpointing
-from xenith import flops
-from xenith import metrics as metrics_lib
-from xenith import optimizer
+from xenith.train import checkpointing
+from xenith.sizing import flops
+from xenith.train import metrics as metrics_lib
+from xenith.train import optimizer
 from xenith.data import passkey_examples
 from xenith.eval import passkey
 from xenith import sharding
-from xenith.checkpointing import Checkpointer
+from xenith.train.checkpointing import Checkpointer
 from xenith.data import pipeline
 from xenith.errors import NonFiniteError
 from xenith.model import lora
 from xenith.model.build import make_model
-from xenith.steps import make_eval_step, make_train_step
-from xenith.train_state import abstract_train_state, init_train_state
+from xenith.train.steps import make_eval_step, make_train_step
+from xenith.train.train_state import abstract_train_state, init_train_state
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xenith.metrics import EvalMetrics, TrainMetrics
+from xenith.train.metrics import EvalMetrics, TrainMetrics
 from xenith.model import chunked_loss
 from xenith.model import lora
 from xenith.model import moe
-from xenith.train_state import TrainState
+from xenith.train.train_state import TrainState
 
 
 def next_token_targets(inputs: jax.Array, segment_ids: jax.Array):

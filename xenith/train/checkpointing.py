@@ -15,7 +15,7 @@ from xenith.errors import CheckpointMismatchError
 from xenith.model import build
 from xenith.model import lora
 from xenith.model import memory
-from xenith.train_state import TrainState
+from xenith.train.train_state import TrainState
 
 
 class Checkpointer:
