@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) beside the repo and installs requirement files into it
-# (default: requirements.txt). Idempotent: reinstalls only when those files change.
+# Creates .venv (Python 3.11) beside the repo, installs requirement files into it
+# (default: requirements.txt) and Xenith itself, editable (pyproject.toml), so that
+# `import xenith` works from any directory. Idempotent: reinstalls only when those
+# files change.
 #   ./launch/setup.sh [requirements-test.txt ...]  -> prints the venv's python on its last line.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +17,7 @@ files=("$root/requirements.txt")
 for extra in "$@"; do files+=("$root/$extra"); done
 set_name="$(printf '%s' "$*" | tr -c 'A-Za-z0-9._-' '_')"
 stamp="$venv/.requirements${set_name:+-$set_name}.sha256"
-want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
+want="$(cat "${files[@]}" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
@@ -23,6 +25,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing requirements into $venv ..." >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/python" -m pip install -q $(printf -- '-r %q ' "${files[@]}") >&2
+  "$venv/bin/python" -m pip install -q --no-deps -e "$root" >&2
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"
