@@ -38,28 +38,21 @@ class MemoryDecoder(transformer.Decoder):
   """
 
   @nn.compact
-  def forward(
-      self,
-      inputs: jax.Array,
-      *,
-      segment_ids: jax.Array | None = None,
-      positions: jax.Array | None = None,
-      deterministic: bool = True,
-      features_only: bool = False,
-      memory: MemoryState | None = None,
-      decode: bool = False,
-  ) -> transformer.DecoderOutput:
+  def forward(self, inputs: jax.Array, *, memory: MemoryState | None = None,
+              decode: bool = False, segment_ids: jax.Array | None = None,
+              positions: jax.Array | None = None, deterministic: bool = True,
+              features_only: bool = False) -> transformer.DecoderOutput:
     """The chunks in order, each reading and writing memory.
 
     Args:
-      inputs, segment_ids, positions, deterministic, features_only: as in
-        `Decoder.forward`; seq must be a multiple of the chunk size, and positions
-        default to the stream positions (continuing from the state's).
+      inputs: [batch, seq] int32 token ids, seq a multiple of the chunk size.
       memory: the state a previous call returned (or `load_bank` read); None = an empty
         bank and short-term memory at stream position 0.
       decode: feed the tokens one at a time (incremental decoding, any length,
         continuing the state mid-chunk): the same logits and state as the whole-chunk
         pass, at one token's cost per step.
+      segment_ids, positions, deterministic, features_only: as in `Decoder.forward`;
+        positions default to the stream positions (continuing from the state's).
 
     Returns:
       `DecoderOutput` with the logits (or features), the MoE router stats (mean over
