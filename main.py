@@ -129,8 +129,8 @@ def _workdir():
 
 def _train():
   config = _config()
-  from xenith.train import loop as train  # Heavy imports (TensorFlow via CLU) only when training.
-  train.train_and_evaluate(config, _workdir())
+  from xenith.train import loop  # Heavy imports (TensorFlow via CLU) only when training.
+  loop.train_and_evaluate(config, _workdir())
 
 
 def _describe():

@@ -1,5 +1,5 @@
-"""Tests of chunk-summary memory (xenith/model/memory/: the bank, the state and its file, and
-the MemoryDecoder).
+"""Tests of chunk-summary memory (xenith/model/memory/: the bank, the state and its
+file, and the MemoryDecoder).
 
 Tiny models (2 layers, embed 64, chunks of 8 tokens); applies are jitted once per config.
 """
