@@ -1,8 +1,8 @@
 """Text generation with the KV cache: prefill the prompt, then one token per step.
 
 `generate_text` is `main.py --mode=generate`: a run's tokenizer and newest params, the
-prompt in, the text out. `generate` runs entirely under one `jax.jit`: the prompt fills the cache in one call
-(`xenith/model/kv_cache.py`), then a `lax.scan` appends one sampled token at a time, so
+prompt in, the text out. `generate` runs entirely under one `jax.jit`: the prompt fills
+the cache in one call (`xenith/model/kv_cache.py`), then a `lax.scan` appends one sampled token at a time, so
 each new token costs one single-token forward pass. Greedy at temperature 0, else
 sampling from softmax(logits / temperature), optionally restricted to the top k.
 
@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xenith.train import checkpointing
 from xenith.data import pipeline
 from xenith.model import kv_cache
 from xenith.model import memory as memory_lib
+from xenith.train import checkpointing
 
 
 def _sample(logits, key, temperature: float, top_k: int):
