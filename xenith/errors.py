@@ -41,3 +41,11 @@ class SweepError(XenithError, ValueError):
 
 class NonFiniteError(XenithError, RuntimeError):
   """The loss or gradients became NaN/inf and `config.on_nonfinite` is 'stop'."""
+
+
+class MemoryBankError(XenithError, ValueError):
+  """A memory bank file (`--memory_bank`, `memory.load_bank`) that cannot be used."""
+
+
+class WorkdirError(XenithError, RuntimeError):
+  """The workdir cannot be used: held by another run, not a folder, or from another run."""
