@@ -5,17 +5,23 @@ the state is a jit-friendly pytree. The chunk_* fields hold a partly decoded chu
 (`MemoryDecoder` with `decode=True` feeds tokens one at a time, from any stream
 position); whole-chunk calls leave them empty. `save_bank` / `load_bank` write and read
 the state as a NumPy .npz with one array per field, so a later process continues where a
-call stopped, mid-chunk included.
+call stopped, mid-chunk included. The file is written atomically (a kill leaves the old
+bank or none, never a partial one), and `load_bank` refuses a damaged or foreign file with
+one `MemoryBankError` naming the path and the problem.
 """
 
 import dataclasses
 import os
+import zipfile
 
 from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from xenith import atomic_files
+from xenith.errors import MemoryBankError
 
 
 @struct.dataclass
@@ -93,28 +99,61 @@ def check_state(config: ml_collections.FrozenConfigDict, state: MemoryState,
 
 
 def save_bank(path: str, state: MemoryState) -> None:
-  """Writes a memory state (bank + short-term + position) to `path` (.npz)."""
+  """Writes a memory state (bank + short-term + position) to `path` (.npz), atomically.
+
+  Written through an open file, so the name is `path` as given (np.savez would append
+  .npz to a path without that suffix).
+  """
   arrays = {k: np.asarray(jax.device_get(v)) for k, v in state.arrays().items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
+  with atomic_files.replacing(path) as tmp, open(tmp, 'wb') as f:
     np.savez(f, **arrays)
+
+
+def _read_arrays(path: str) -> dict[str, np.ndarray]:
+  """The arrays of the .npz at `path`; MemoryBankError if it is not a readable one."""
+  if os.path.isdir(path):
+    raise MemoryBankError(f'{path}: is a folder, not a memory bank file (.npz)')
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(4)
+  except OSError as e:
+    raise MemoryBankError(f'{path}: cannot read the memory bank file ({e.strerror})') from None
+  if not head:
+    raise MemoryBankError(f'{path}: the memory bank file is empty')
+  if not head.startswith(b'PK'):  # Every .npz is a zip archive.
+    raise MemoryBankError(f'{path}: not a memory bank file (a NumPy .npz archive written by '
+                          f'save_bank; this one starts with {head!r})')
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: np.asarray(data[k]) for k in data.files}
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    raise MemoryBankError(f'{path}: the memory bank file is truncated or damaged '
+                          f'({type(e).__name__}: {e})') from None
 
 
 def load_bank(path: str, like: MemoryState | None = None) -> MemoryState:
   """Reads a state written by `save_bank`; with `like` (e.g. `init_state(...)`) checks it.
 
-  Raises ValueError naming the field when a field is missing, extra, or (with `like`) of
-  another shape or dtype.
+  Raises MemoryBankError (a ValueError) naming the path and the problem: a missing,
+  empty, truncated or non-.npz file, a folder, a field missing or extra, non-finite
+  values in a float field, or (with `like`) a field of another shape or dtype.
   """
-  with np.load(path) as data:
-    arrays = {k: jnp.asarray(data[k]) for k in data.files}
+  arrays = _read_arrays(path)
   if set(arrays) != set(FIELDS):
-    raise ValueError(f'{path}: memory fields {sorted(arrays)} differ from the expected '
-                     f'{sorted(FIELDS)}.')
+    raise MemoryBankError(f'{path}: memory fields {sorted(arrays)} differ from the expected '
+                          f'{sorted(FIELDS)}.')
+  for k, v in arrays.items():
+    if v.dtype.kind not in 'biuf':
+      raise MemoryBankError(f'{path}: memory field {k!r} holds {v.dtype} data, not numbers.')
+    if v.dtype.kind == 'f' and not np.isfinite(v).all():
+      raise MemoryBankError(f'{path}: memory field {k!r} holds {np.isnan(v).sum()} NaN and '
+                            f'{np.isinf(v).sum()} infinite values; the bank is damaged.')
+  arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
   if like is not None:
     for k, v in like.arrays().items():
       if tuple(arrays[k].shape) != tuple(v.shape) or arrays[k].dtype != v.dtype:
-        raise ValueError(f'{path}: memory field {k!r} is {arrays[k].dtype}'
-                         f'{tuple(arrays[k].shape)}, expected {v.dtype}{tuple(v.shape)} '
-                         '(another config.model.memory or batch size?).')
+        raise MemoryBankError(f'{path}: memory field {k!r} is {arrays[k].dtype}'
+                              f'{tuple(arrays[k].shape)}, expected {v.dtype}'
+                              f'{tuple(v.shape)} (another config.model.memory or batch '
+                              'size?).')
   return MemoryState(**arrays)
