@@ -28,6 +28,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
+from xenith import atomic_files
 from xenith import sweeps
 
 _CONFIG = flags.DEFINE_string(
@@ -96,11 +97,13 @@ def _run_config(command):
 
 
 def _marker(run_dir):
+  """The run's marker dict; None when it is absent, empty or unreadable."""
   try:
-    with open(os.path.join(run_dir, _MARKER)) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+    with open(os.path.join(run_dir, _MARKER), encoding='utf-8') as f:
+      marker = json.load(f)
+  except (OSError, ValueError):  # ValueError: bad JSON or bytes that are not UTF-8.
     return None
+  return marker if isinstance(marker, dict) else None
 
 
 def _finished(run_dir, num_train_steps):
@@ -177,8 +180,8 @@ def run_sweep(workdir, names, commands, todo, parallel):
       for i, code, seconds in runner.poll():
         run_dir = os.path.join(workdir, names[i])
         codes[i] = None if runner.stopping else code
-        with open(os.path.join(run_dir, _MARKER), 'w') as f:
-          json.dump({'command': commands[i], 'exit_code': codes[i]}, f, indent=2)
+        atomic_files.write_json(os.path.join(run_dir, _MARKER),
+                                {'command': commands[i], 'exit_code': codes[i]}, indent=2)
         status = ('stopped' if runner.stopping else 'ok' if code == 0 else
                   f'FAILED (exit {code})')
         print(f'{status:<7} {names[i]} ({seconds:.0f} s)', flush=True)

@@ -2,6 +2,7 @@
 
 import csv
 import glob
+import logging
 import math
 import os
 import subprocess
@@ -183,6 +184,49 @@ def test_summary_tables(tmp_path):
   assert rows[0]['opt.learning_rate'] == '0.001' and rows[0]['train/mfu'] == '0.2'
   assert [(r['status'], r['exit_code']) for r in rows] == [
       ('ok', '0'), ('failed', '1'), ('unfinished', '')]
+
+
+@pytest.mark.parametrize('content', [b'', b'{"step": 6, "train/lo', b'\xff\xfe{}', b'[6]',
+                                     b'{"step": "six"}', None],
+                         ids=['empty', 'truncated', 'not_utf8', 'not_a_dict', 'bad_step',
+                              'folder'])
+def test_an_empty_or_unreadable_final_metrics_is_an_unfinished_run(tmp_path, caplog, content):
+  """Not a crash: {} (the point runs again), a warning naming the file, and summaries
+  written atomically (no temporary file left beside them)."""
+  points = [{'opt.learning_rate': 0.001}, {'opt.learning_rate': 0.003}]
+  names = sweeps.point_names(points)
+  for name in names:
+    (tmp_path / name).mkdir()
+  (tmp_path / names[0] / 'final_metrics.json').write_text('{"step": 6, "eval/loss": 6.5}')
+  bad = tmp_path / names[1] / 'final_metrics.json'
+  if content is None:
+    bad.mkdir()
+  else:
+    bad.write_bytes(content)
+  with caplog.at_level(logging.WARNING):
+    assert sweeps.read_final_metrics(str(tmp_path / names[1])) == {}
+    table = sweeps.write_summary(str(tmp_path), points, names, ['ok', 'unfinished'],
+                                 [0, 0])
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warnings and all(str(bad) in w and 'treating the run as not finished' in w
+                          for w in warnings)
+  assert table.splitlines()[2:] == ['| 0.001 | ok | 6 | 6.5 |', '| 0.003 | unfinished |  |  |']
+  assert sorted(os.listdir(tmp_path)) == sorted([*names, 'summary.csv', 'summary.md'])
+
+
+def test_dry_run_reruns_a_point_whose_final_metrics_is_empty(tmp_path):
+  workdir = tmp_path / 'sweep'
+  for name, text in [('learning_rate=0.001,embed_dim=128', ''),
+                     ('learning_rate=0.003,embed_dim=128', '{"step": 6}')]:
+    (workdir / name).mkdir(parents=True)
+    (workdir / name / 'final_metrics.json').write_text(text)
+  result = _launch('--config=experiments/default.py:size=tiny', f'--workdir={workdir}',
+                   '--dry_run', '--points=1,3', '--config.num_train_steps=6')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == '[1] learning_rate=0.001,embed_dim=128'  # To run (again).
+  assert lines[2] == '[3] learning_rate=0.003,embed_dim=128 (finished)'
+  assert 'final_metrics.json is unreadable' in result.stderr
 
 
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path):

@@ -10,7 +10,8 @@ A sweep is a list of points; a point is a dict of config overrides such as
             + [{'model.norm': 'layernorm'}])
 
 Each point runs as its own run under `<workdir>/<point name>`; `write_summary` then
-tabulates every point's final metrics.
+tabulates every point's final metrics. Summaries are written atomically, and a point
+whose `final_metrics.json` is empty or unreadable counts as not finished (with a warning).
 """
 
 import collections
@@ -18,6 +19,7 @@ import copy
 import csv
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -25,8 +27,10 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import ml_collections
 
+from xenith import atomic_files
 from xenith.errors import SweepError
 
 # Metrics shown in the Markdown summary, in this order (the CSV has every final metric).
@@ -171,12 +175,25 @@ def load_sweep(config_spec: str) -> list[dict[str, Any]]:
 
 
 def read_final_metrics(run_dir: str) -> dict[str, float]:
-  """The run's `final_metrics.json`, or {} when the run has not finished."""
+  """The run's `final_metrics.json`, or {} when the run has not finished.
+
+  An empty or unreadable file (e.g. a run killed while writing it) also counts as not
+  finished, with a warning: the point runs again, and its run writes the file anew.
+  """
+  path = os.path.join(run_dir, 'final_metrics.json')
   try:
-    with open(os.path.join(run_dir, 'final_metrics.json')) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+    with open(path, encoding='utf-8') as f:
+      metrics = json.load(f)
+  except FileNotFoundError:
     return {}
+  except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8.
+    logging.warning('%s is unreadable (%s); treating the run as not finished.', path, e)
+    return {}
+  if not isinstance(metrics, dict) or not isinstance(metrics.get('step', 0), (int, float)):
+    logging.warning('%s holds no metrics dict with a numeric step; treating the run as not '
+                    'finished.', path)
+    return {}
+  return metrics
 
 
 def _table_value(value: Any) -> str:
@@ -187,7 +204,8 @@ def _table_value(value: Any) -> str:
 
 def write_summary(workdir: str, points: Sequence[Mapping[str, Any]], names: Sequence[str],
                   statuses: Sequence[str], exit_codes: Sequence[int | None]) -> str:
-  """Writes `summary.csv` and `summary.md` to `workdir`; returns the Markdown table.
+  """Writes `summary.csv` and `summary.md` to `workdir` (atomically); returns the Markdown
+  table.
 
   One row per point: its swept fields, status (`ok`; `failed`, with the run's exit code;
   `unfinished` or `not run`) and the final metrics read from the point's run directory.
@@ -198,13 +216,14 @@ def write_summary(workdir: str, points: Sequence[Mapping[str, Any]], names: Sequ
   ordered = [key for key in SUMMARY_METRICS if key in present]
   all_metrics = ordered + sorted(present - set(ordered))
 
-  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['point', *fields, 'status', 'exit_code', *all_metrics])
-    for name, point, status, code, m in zip(names, points, statuses, exit_codes, metrics):
-      writer.writerow([name, *(format_value(point[k]) if k in point else '' for k in fields),
-                       status, '' if code is None else code,
-                       *(repr(m[k]) if k in m else '' for k in all_metrics)])
+  rows = io.StringIO()
+  writer = csv.writer(rows)
+  writer.writerow(['point', *fields, 'status', 'exit_code', *all_metrics])
+  for name, point, status, code, m in zip(names, points, statuses, exit_codes, metrics):
+    writer.writerow([name, *(format_value(point[k]) if k in point else '' for k in fields),
+                     status, '' if code is None else code,
+                     *(repr(m[k]) if k in m else '' for k in all_metrics)])
+  atomic_files.write_text(os.path.join(workdir, 'summary.csv'), rows.getvalue())
 
   labels = field_labels(fields)
   header = [labels[k] for k in fields] + ['status'] + ordered
@@ -217,6 +236,5 @@ def write_summary(workdir: str, points: Sequence[Mapping[str, Any]], names: Sequ
     cells += [_table_value(m.get(k)) for k in ordered]
     lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
   table = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(table)
+  atomic_files.write_text(os.path.join(workdir, 'summary.md'), table)
   return table
