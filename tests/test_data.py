@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import default
+from tests.helpers import single_device_env
 from xenith.data import documents
 from xenith.data import passages
 from xenith.data import pipeline
@@ -407,10 +408,17 @@ def test_empty_documents_are_counted_and_logged(ds, config, caplog):
 
 @pytest.mark.parametrize('name,content,message', [
     ('bad.txt', b'good text\n\xff\xfe more', r'bad.txt: not valid UTF-8 at byte offset 10'),
+    ('latin1.txt', 'à bientôt\n'.encode('latin-1'), r'latin1.txt: not valid UTF-8 at byte'),
+    ('zeros.txt', b'\0' * 64, r'zeros.txt: a binary file, not text \(NUL byte at offset 0\)'),
+    ('noise.jsonl', b'{"text": "ok"}\n\x00\x01', r'noise.jsonl: a binary file, not text '
+                                                  r'\(NUL byte at offset 15\)'),
+    ('noise.txt', random.Random(0).randbytes(4096).replace(b'\0', b'\1'),
+     r'noise.txt: a binary file, not text \(\d+ of its first \d+ characters are not text\)'),
     ('bad.jsonl', b'{"text": "ok"}\n{"text": "broken\n', r'bad.jsonl:2: malformed JSON'),
     ('bad.jsonl', b'{"text": "ok"}\n\n{"body": "x"}\n', r'bad.jsonl:3: .*"text" field'),
     ('bad.jsonl', b'{"text": 7}\n', r'bad.jsonl:1: field "text" must be a string'),
-])
+], ids=['not_utf8', 'latin1', 'nul_bytes', 'nul_in_jsonl', 'random_bytes', 'malformed_json',
+        'no_text_field', 'text_not_a_string'])
 def test_bad_files_raise_data_error(tmp_path, name, content, message):
   folder = write_corpus(tmp_path / 'corpus')
   (folder / name).write_bytes(content)
@@ -418,6 +426,24 @@ def test_bad_files_raise_data_error(tmp_path, name, content, message):
     pipeline.create_datasets(make_config(tmp_path / 'cache', folder))
   assert not (tmp_path / 'cache' / 'tfds').exists() or not any(
       (tmp_path / 'cache' / 'tfds').rglob('*.array_record*'))
+
+
+def test_main_rejects_a_binary_file_in_one_line(tmp_path):
+  """A .txt of NUL bytes in a folder source: main.py stops before any preparation with one
+  DataError line naming the file as binary."""
+  folder = write_corpus(tmp_path / 'corpus')
+  (folder / 'sub' / 'zeros.txt').write_bytes(b'\0' * 4096)
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=experiments/default.py:size=tiny',
+       f'--workdir={tmp_path / "run"}', '--config.data.source=folder',
+       f'--config.data.path={folder}', f'--config.data.cache_dir={tmp_path / "cache"}'],
+      cwd=REPO, capture_output=True, text=True, env=single_device_env(), timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'DataError: {folder / "sub" / "zeros.txt"}: a binary file, not text (NUL byte at '
+      'offset 0); remove it from the data folder (config.data.path).')
+  assert not any((tmp_path / 'cache').rglob('*.array_record*'))
 
 
 def test_bad_folders_and_settings_raise_data_error(tmp_path, corpus):

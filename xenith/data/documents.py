@@ -3,8 +3,9 @@
 A `.txt` file is one document; a `.jsonl` file holds one document per line, a JSON
 object with a string field "text". Folders are searched recursively, in sorted
 order of relative path; hidden files and folders (names starting with '.') are
-ignored. Bad input raises `DataError` naming the file (and byte offset or line);
-empty documents are skipped, counted and logged.
+ignored. Bad input (a binary file, bytes that are not UTF-8, a malformed JSON line)
+raises `DataError` naming the file (and byte offset or line); empty documents are
+skipped, counted and logged.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ from absl import logging
 from xenith.errors import DataError
 
 SUFFIXES = ('.txt', '.jsonl')
+_BINARY_SAMPLE = 4096  # Bytes read to tell a binary file from text in another encoding.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,26 @@ def folder_fingerprint(folder: str | pathlib.Path) -> str:
   return h.hexdigest()
 
 
+def _binary(data: bytes) -> str | None:
+  """Why `data` is binary rather than text (None if it is not): a NUL byte anywhere, or
+  control bytes among mostly non-text bytes (random bytes, an image, an archive). Text
+  in another encoding (Latin-1) has no control bytes: it gets the UTF-8 error instead."""
+  nul = data.find(b'\0')
+  if nul >= 0:
+    return f'NUL byte at offset {nul}'
+  sample = data[:_BINARY_SAMPLE].decode('utf-8', errors='replace')
+  controls = sum(c < ' ' and c not in '\t\n\r\f\v\b\x1b' for c in sample)
+  odd = controls + sample.count('\ufffd')
+  if controls and odd > 0.3 * len(sample):
+    return f'{odd} of its first {len(sample)} characters are not text'
+  return None
+
+
 def _decode(path: pathlib.Path, data: bytes) -> str:
+  binary = _binary(data)
+  if binary:
+    raise DataError(f'{path}: a binary file, not text ({binary}); remove it from the data '
+                    'folder (config.data.path).')
   try:
     text = data.decode('utf-8')
   except UnicodeDecodeError as e:
@@ -103,7 +124,8 @@ def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
   `log_skips=False` keeps later passes over an already checked folder quiet.
 
   Raises:
-    DataError: missing or empty folder, undecodable bytes, malformed JSON lines.
+    DataError: missing or empty folder, binary files, undecodable bytes, malformed JSON
+      lines.
   """
   root = pathlib.Path(folder).expanduser()
   stats = stats if stats is not None else DocumentStats()
