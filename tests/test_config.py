@@ -48,6 +48,36 @@ def test_invalid_field_is_named(field, value, message):
     validate(config, num_devices=8)
 
 
+@pytest.mark.parametrize('field', [
+    'optimizer.learning_rate', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
+    'optimizer.b1', 'optimizer.b2', 'optimizer.eps', 'model.dropout_rate',
+    'model.moe.load_balance_loss_weight', 'model.moe.router_z_loss_weight',
+    'model.rope_theta', 'peak_flops_per_device'])
+@pytest.mark.parametrize('value', [float('inf'), float('-inf'), float('nan')])
+def test_non_finite_float_fields_are_refused(field, value):
+  config = _tiny()
+  node = config
+  *parents, leaf = field.split('.')
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=rf'^config\.{field}: {value!r} must be a finite '
+                                        r'number$'):
+    validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('optimizer.b1', 1.0, r'config.optimizer.b1: 1.0 must be in \[0, 1\)'),
+    ('optimizer.b2', -0.5, r'config.optimizer.b2: -0.5 must be in \[0, 1\)'),
+    ('optimizer.eps', -1e-8, r'config.optimizer.eps: -1e-08 must be >= 0'),
+])
+def test_adam_settings_are_checked(field, value, message):
+  config = _tiny()
+  config.optimizer[field.split('.')[1]] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config, num_devices=8)
+
+
 def test_folder_source_needs_a_folder(tmp_path):
   config = _tiny()
   config.data.source = 'folder'
@@ -73,6 +103,8 @@ def _main(*args):
     ('--config.model.num_kv_heads=3', 'Invalid config: config.model.num_heads: 4 must be '
                                       'divisible by config.model.num_kv_heads=3'),
     ('--config.mesh.data=16', 'Invalid config: config.mesh:'),
+    ('--config.optimizer.learning_rate=inf', 'Invalid config: config.optimizer.learning_rate: '
+                                             'inf must be a finite number'),
 ])
 def test_main_rejects_bad_config_in_one_line(tmp_path, override, message):
   result = _main('--config=experiments/default.py:size=tiny', f'--workdir={tmp_path}', override)

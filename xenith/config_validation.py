@@ -4,6 +4,7 @@ Every contradiction raises `ConfigError`, whose message is one line naming the f
 e.g. `config.model.num_heads=6 must be divisible by config.model.num_kv_heads=4`.
 """
 
+import math
 import os
 
 import ml_collections
@@ -35,6 +36,18 @@ def _get(config, field):
 def _require(config, field, ok, message):
   if not ok(_get(config, field)):
     raise ConfigError(field, f'{_get(config, field)!r} {message}')
+
+
+def _finite(config, prefix=''):
+  """Every float field, and every float in a tuple field, is finite: `inf` or `nan` (e.g.
+  `--config.optimizer.learning_rate=inf`) would pass the range checks below or turn the
+  first step's loss into NaN."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _finite(value, f'{prefix}{key}.')
+    elif any(isinstance(v, float) and not math.isfinite(v)
+             for v in (value if isinstance(value, (tuple, list)) else (value,))):
+      raise ConfigError(prefix + key, f'{value!r} must be a finite number')
 
 
 def _positive(config, *fields):
@@ -238,6 +251,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`."""
 
+  _finite(config)
   _positive(config, 'num_train_steps', 'log_every_steps', 'eval_every_steps',
             'checkpoint_every_steps', 'keep_checkpoints', 'global_batch_size', 'max_seq_len')
   _require(config, 'num_eval_batches', lambda v: v == -1 or v > 0, 'must be -1 (all) or > 0')
@@ -251,6 +265,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _require(config, opt + 'end_lr_fraction', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   _require(config, opt + 'grad_clip_norm', lambda v: v >= 0, 'must be >= 0 (0 = off)')
   _require(config, opt + 'weight_decay', lambda v: v >= 0, 'must be >= 0')
+  for field in ('b1', 'b2'):
+    _require(config, opt + field, lambda v: 0 <= v < 1, 'must be in [0, 1)')
+  _require(config, opt + 'eps', lambda v: v >= 0, 'must be >= 0')
 
   m = config.model
   _positive(config, 'model.vocab_size', 'model.embed_dim', 'model.num_layers',
