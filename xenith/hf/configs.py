@@ -20,6 +20,7 @@ _MODEL_TYPES = {'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'
 def architecture(hf_config: dict[str, Any]) -> str:
   """'MistralForCausalLM' or 'MixtralForCausalLM'; HfFormatError for anything else."""
   archs = hf_config.get('architectures') or []
+  archs = [archs] if isinstance(archs, str) else archs
   arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get('model_type'))
   if arch not in SUPPORTED_ARCHITECTURES:
     raise HfFormatError(
@@ -28,54 +29,95 @@ def architecture(hf_config: dict[str, Any]) -> str:
   return arch
 
 
+def _number(hf_config: dict[str, Any], key: str, default: float) -> float:
+  """hf_config[key], a number >= 0, or `default` if it is absent."""
+  value = hf_config.get(key)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    raise HfFormatError(f'{key} must be a number >= 0, found {value!r}.')
+  return float(value)
+
+
+def _count(hf_config: dict[str, Any], key: str, default: int | None = None) -> int:
+  """hf_config[key], a positive integer; without a default the key is required."""
+  value = hf_config.get(key)
+  if value is None and default is not None:
+    return default
+  if value is None:
+    raise HfFormatError(f'missing the required key {key!r}.')
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise HfFormatError(f'{key} must be a positive integer, found {value!r}.')
+  return value
+
+
 def _rope_theta(hf_config: dict[str, Any]) -> float:
   # transformers 5 writes `rope_parameters`, 4.x `rope_theta` (+ `rope_scaling`).
   rope = hf_config.get('rope_parameters') or hf_config.get('rope_scaling') or {}
+  if not isinstance(rope, dict):
+    raise HfFormatError(f'rope_parameters / rope_scaling must be an object, found {rope!r}.')
   rope_type = rope.get('rope_type', rope.get('type', 'default'))
   if rope_type != 'default':
     raise HfFormatError(f'Unsupported RoPE type {rope_type!r}; only plain RoPE is mapped.')
-  return float(rope.get('rope_theta', hf_config.get('rope_theta', 10_000.0)))
+  return _number({**hf_config, **rope}, 'rope_theta', 10_000.0)
+
+
+def _head_counts(hf_config: dict[str, Any]) -> tuple[int, int, int]:
+  """(num_attention_heads, num_key_value_heads, head_dim), checked to fit together."""
+  hidden, heads = _count(hf_config, 'hidden_size'), _count(hf_config, 'num_attention_heads')
+  kv_heads = _count(hf_config, 'num_key_value_heads', heads)
+  if heads % kv_heads:
+    raise HfFormatError(f'num_attention_heads={heads} is not divisible by '
+                        f'num_key_value_heads={kv_heads}.')
+  if hf_config.get('head_dim') is None and hidden % heads:
+    raise HfFormatError(f'hidden_size={hidden} is not divisible by num_attention_heads='
+                        f'{heads}, and there is no head_dim.')
+  return heads, kv_heads, _count(hf_config, 'head_dim', hidden // heads)
 
 
 def model_config_from_hf(hf_config: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A Xenith `config.model` (all fields, defaults elsewhere) equivalent to `hf_config`."""
+  """A Xenith `config.model` (all fields, defaults elsewhere) equivalent to `hf_config`.
+
+  HfFormatError if a required key is missing, a size is no positive integer or the head
+  counts do not divide.
+  """
   arch = architecture(hf_config)
   if hf_config.get('hidden_act', 'silu') != 'silu':
     raise HfFormatError(f'Unsupported hidden_act {hf_config["hidden_act"]!r}; Xenith '
                         'uses SwiGLU (silu).')
-  hidden, heads = hf_config['hidden_size'], hf_config['num_attention_heads']
+  heads, kv_heads, head_dim = _head_counts(hf_config)
   model = config_defaults.get_config().model
-  model.vocab_size = hf_config['vocab_size']
-  model.embed_dim = hidden
-  model.num_layers = hf_config['num_hidden_layers']
-  model.num_heads = heads
-  model.num_kv_heads = hf_config.get('num_key_value_heads') or heads
-  model.head_dim = hf_config.get('head_dim') or hidden // heads
-  model.mlp_dim = hf_config['intermediate_size']
+  model.vocab_size = _count(hf_config, 'vocab_size')
+  model.embed_dim = hf_config['hidden_size']
+  model.num_layers = _count(hf_config, 'num_hidden_layers')
+  model.num_heads, model.num_kv_heads, model.head_dim = heads, kv_heads, head_dim
+  model.mlp_dim = _count(hf_config, 'intermediate_size')
   model.norm = 'rmsnorm'
-  model.norm_eps = float(hf_config.get('rms_norm_eps', 1e-6))
+  model.norm_eps = _number(hf_config, 'rms_norm_eps', 1e-6)
   model.tie_embeddings = bool(hf_config.get('tie_word_embeddings', False))
   model.rope_theta = _rope_theta(hf_config)
   model.rope_scaling.type = 'none'
-  model.rope_scaling.original_max_position = int(
-      hf_config.get('max_position_embeddings', model.rope_scaling.original_max_position))
+  model.rope_scaling.original_max_position = _count(
+      hf_config, 'max_position_embeddings', model.rope_scaling.original_max_position)
   model.dropout_rate = 0.0
   model.lora.rank = 0
-  window = hf_config.get('sliding_window')
-  if window and hf_config.get('use_sliding_window', True):
-    model.attention.window_sizes = (int(window),)
+  if hf_config.get('sliding_window') and hf_config.get('use_sliding_window', True):
+    model.attention.window_sizes = (_count(hf_config, 'sliding_window'),)
     model.attention.full_attention_layers = 0
     model.attention.num_global_tokens = 0
     model.attention.dynamic_windows = False
   if arch == 'MixtralForCausalLM':
-    model.moe.num_experts = hf_config['num_local_experts']
-    model.moe.num_experts_per_token = hf_config['num_experts_per_tok']
-    model.moe.expert_mlp_dim = hf_config['intermediate_size']
+    model.moe.num_experts = _count(hf_config, 'num_local_experts')
+    model.moe.num_experts_per_token = _count(hf_config, 'num_experts_per_tok')
+    if model.moe.num_experts_per_token > model.moe.num_experts:
+      raise HfFormatError(f'num_experts_per_tok={model.moe.num_experts_per_token} exceeds '
+                          f'num_local_experts={model.moe.num_experts}.')
+    model.moe.expert_mlp_dim = model.mlp_dim
     model.moe.num_shared_experts = 0
     model.moe.first_dense_layers = 0
     model.moe.moe_every = 1
     model.moe.normalize_top_k = True  # MixtralTopKRouter renormalises the top-k.
-    model.moe.load_balance_loss_weight = float(hf_config.get('router_aux_loss_coef', 0.02))
+    model.moe.load_balance_loss_weight = _number(hf_config, 'router_aux_loss_coef', 0.02)
     model.moe.router_z_loss_weight = 0.0  # Mixtral trains without a z-loss.
   else:
     model.moe.num_experts = 0

@@ -1,9 +1,11 @@
 """A HF checkpoint directory <-> (Xenith `config.model`, params as NumPy arrays)."""
 
+import os
 from typing import Any
 
 import ml_collections
 
+from xenith.errors import HfFormatError
 from xenith.hf import configs
 from xenith.hf import safetensors_io
 from xenith.hf import weights
@@ -11,10 +13,18 @@ from xenith.hf import weights
 
 def load_hf(path: str, *, scan_layers: bool = False
             ) -> tuple[ml_collections.ConfigDict, dict, dict[str, Any]]:
-  """(Xenith `config.model`, float32 params, HF config dict) of the HF directory `path`."""
+  """(Xenith `config.model`, float32 params, HF config dict) of the HF directory `path`.
+
+  HfFormatError naming the file for a damaged or unsupported config.json, a damaged
+  safetensors file or index, or a tensor that does not fit the config; all are checked
+  before the first tensor is read.
+  """
   hf_config = safetensors_io.read_config(path)
   # Translated first, so that an unsupported architecture fails before any weight is read.
-  model = configs.model_config_from_hf(hf_config)
+  try:
+    model = configs.model_config_from_hf(hf_config)
+  except HfFormatError as e:
+    raise HfFormatError(f'{os.path.join(path, safetensors_io.CONFIG_FILE)}: {e}') from None
   model.scan_layers = scan_layers
   return model, weights.hf_to_params(safetensors_io.read_tensors(path), model), hf_config
 

@@ -23,7 +23,6 @@ again on export, so that the HF value round-trips bit-exactly when sqrt(H) is a 
 two, else within one float32 ulp.
 """
 
-from collections.abc import Mapping
 import math
 
 from flax import traverse_util
@@ -61,19 +60,84 @@ def _f32(x) -> np.ndarray:
   return np.asarray(x, dtype=np.float32)
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], model: ml_collections.ConfigDict
-                 ) -> dict:
+def _dims(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """The size of each HF tensor dimension, by the config.json keys that set it."""
+  return {'vocab_size': model.vocab_size, 'hidden_size': model.embed_dim,
+          'intermediate_size': model.mlp_dim, '2*intermediate_size': 2 * model.mlp_dim,
+          'num_local_experts': model.moe.num_experts,
+          'num_attention_heads*head_dim': model.num_heads * model.head_dim,
+          'num_key_value_heads*head_dim': model.num_kv_heads * model.head_dim}
+
+
+def hf_layout(model: ml_collections.ConfigDict, names) -> dict[str, tuple[str, ...]]:
+  """name -> dimensions (as `_dims` names them) of each tensor a HF checkpoint of `model`
+  holds. names: the checkpoint's tensor names, which tell transformers' fused expert
+  layout and whether a tied model stores its lm_head."""
+  V, H, I, E = 'vocab_size', 'hidden_size', 'intermediate_size', 'num_local_experts'
+  Q, KV = 'num_attention_heads*head_dim', 'num_key_value_heads*head_dim'
+  out = {'model.embed_tokens.weight': (V, H), 'model.norm.weight': (H,)}
+  if not model.tie_embeddings or 'lm_head.weight' in names:
+    out['lm_head.weight'] = (V, H)
+  for i in range(model.num_layers):
+    p = f'model.layers.{i}.'
+    out.update({p + 'self_attn.q_proj.weight': (Q, H), p + 'self_attn.k_proj.weight': (KV, H),
+                p + 'self_attn.v_proj.weight': (KV, H), p + 'self_attn.o_proj.weight': (H, Q),
+                p + 'input_layernorm.weight': (H,), p + 'post_attention_layernorm.weight': (H,)})
+    if not model.moe.num_experts:
+      out.update({p + 'mlp.gate_proj.weight': (I, H), p + 'mlp.up_proj.weight': (I, H),
+                  p + 'mlp.down_proj.weight': (H, I)})
+    elif p + 'mlp.experts.gate_up_proj' in names:
+      out.update({p + 'mlp.gate.weight': (E, H), p + 'mlp.experts.down_proj': (E, H, I),
+                  p + 'mlp.experts.gate_up_proj': (E, '2*intermediate_size', H)})
+    else:
+      q = p + 'block_sparse_moe.'
+      out[q + 'gate.weight'] = (E, H)
+      for e in range(model.moe.num_experts):
+        out.update({f'{q}experts.{e}.w1.weight': (I, H), f'{q}experts.{e}.w3.weight': (I, H),
+                    f'{q}experts.{e}.w2.weight': (H, I)})
+  return out
+
+
+def _shape(shape) -> str:
+  return '[' + ', '.join(map(str, shape)) + ']'
+
+
+def check_tensors(tensors, model: ml_collections.ConfigDict) -> None:
+  """HfFormatError naming the file, the tensor and expected vs found shape of the first
+  tensor that does not fit `model`: missing, of another shape, or not in `hf_layout`
+  (extras are refused, so that no weight is dropped unnoticed; RoPE `inv_freq` buffers
+  are ignored). tensors: a `safetensors_io.Tensors` (its headers; no tensor is read)."""
+  dims, shapes = _dims(model), tensors.shapes
+  layout = hf_layout(model, shapes)
+  problems = []
+  for name, labels in layout.items():
+    expected = tuple(dims[d] for d in labels)
+    implied = f'config.json implies {_shape(expected)} = [{", ".join(labels)}]'
+    if name not in shapes:
+      problems.append(f'{tensors.source}: tensor {name} is missing; {implied}.')
+    elif shapes[name] != expected:
+      problems.append(f'{tensors.filename(name)}: tensor {name} has shape '
+                      f'{_shape(shapes[name])}; {implied}.')
+  for name, shape in shapes.items():
+    if name not in layout and not name.endswith('rotary_emb.inv_freq'):
+      problems.append(f'{tensors.filename(name)}: unexpected tensor {name} {_shape(shape)}; '
+                      'config.json implies no such tensor.')
+  if problems:
+    n = len(problems) - 1
+    more = f' ({n} more {"tensor does" if n == 1 else "tensors do"} not fit.)' if n else ''
+    raise HfFormatError(problems[0] + more)
+
+
+def hf_to_params(tensors, model: ml_collections.ConfigDict) -> dict:
   """Xenith params (nested dict of float32 NumPy arrays) from HF tensors.
 
-  HfFormatError if a tensor `model` needs is missing or one is left over.
+  tensors: a `safetensors_io.Tensors`. HfFormatError, before any tensor is read, unless
+  every tensor fits `model` (`check_tensors`).
   """
+  check_tensors(tensors, model)
   H, N, K, D = model.embed_dim, model.num_heads, model.num_kv_heads, model.head_dim
-  used = set()
 
   def get(name):
-    if name not in tensors:
-      raise HfFormatError(f'Tensor {name} is missing from the checkpoint.')
-    used.add(name)
     return _f32(tensors[name])
 
   def linear(name):  # HF [out, in] -> [in, out]
@@ -112,17 +176,11 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], model: ml_collections.Config
     blocks.append(b)
 
   norm = get('model.norm.weight')
-  if model.tie_embeddings:
+  if model.tie_embeddings:  # Some tied checkpoints store a copy of lm_head; not needed.
     norm = _fold_norm_scale(norm, math.sqrt(H))
-    used.add('lm_head.weight')  # Some tied checkpoints store a copy; it is not needed.
   else:
     flat[('head', 'kernel')] = linear('lm_head')
   flat[('final_norm', 'scale')] = norm
-
-  unused = sorted(set(tensors) - used)
-  unused = [n for n in unused if not n.endswith('rotary_emb.inv_freq')]
-  if unused:
-    raise HfFormatError(f'{len(unused)} tensors do not fit the config, e.g. {unused[:3]}.')
   _place_blocks(flat, blocks, model, model.scan_layers)
   return traverse_util.unflatten_dict(flat)
 

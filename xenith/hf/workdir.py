@@ -17,10 +17,12 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
+from xenith import atomic_files
 from xenith import config_defaults
 from xenith.errors import HfFormatError
 from xenith.hf import configs
 from xenith.hf import convert
+from xenith.hf import safetensors_io
 
 CONFIG_JSON = 'xenith_config.json'
 CONFIG_PY = 'config.py'
@@ -68,35 +70,35 @@ def config_from_overrides(overrides: dict[str, Any]) -> ml_collections.ConfigDic
   return config
 
 
-def _write_json(filename: str, value: dict[str, Any]) -> None:
-  with open(filename, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-
-
 def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
-  """HF checkpoint -> `workdir`/checkpoints/0 (Orbax params) + config files; the config."""
+  """HF checkpoint -> `workdir`/checkpoints/0 (Orbax params) + config files; the config.
+
+  Nothing is written unless the whole checkpoint is read (HfFormatError otherwise). The
+  config files are written atomically, xenith_config.json (which marks an import) last.
+  """
   from xenith.train import checkpointing  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(workdir)
+  step_dir = os.path.join(workdir, 'checkpoints', str(IMPORT_STEP))
+  if os.path.exists(step_dir):
+    raise HfFormatError(f'{step_dir} exists already; import into a new --workdir.')
   model, params, hf_config = convert.load_hf(hf_dir)
   config = config_defaults.get_config()
   config.model = model
   if model.vocab_size == 32000:  # Mistral-7B v0.1 / Mixtral-8x7B's SentencePiece model.
     config.data.tokenizer = 'mixtral'
-  step_dir = os.path.join(workdir, 'checkpoints', str(IMPORT_STEP))
-  if os.path.exists(step_dir):
-    raise HfFormatError(f'{step_dir} exists already; import into a new --workdir.')
   config.init_from_checkpoint = step_dir
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_params(os.path.join(step_dir, 'state'), params)
   overrides = config_overrides(config)
-  _write_json(os.path.join(workdir, CONFIG_JSON), overrides)
-  _write_json(os.path.join(workdir, HF_CONFIG_JSON), hf_config)
+  atomic_files.write_json(os.path.join(workdir, HF_CONFIG_JSON), hf_config, indent=2,
+                          sort_keys=True)
   config_py = os.path.join(workdir, CONFIG_PY)
-  with open(config_py, 'w') as f:
-    f.write(_CONFIG_PY_TEMPLATE.format(
-        source=f'imported from {os.path.abspath(hf_dir)}', config_py=config_py,
-        overrides=json.dumps(overrides, indent=2, sort_keys=True)))
+  atomic_files.write_text(config_py, _CONFIG_PY_TEMPLATE.format(
+      source=f'imported from {os.path.abspath(hf_dir)}', config_py=config_py,
+      overrides=json.dumps(overrides, indent=2, sort_keys=True)))
+  atomic_files.write_json(os.path.join(workdir, CONFIG_JSON), overrides, indent=2,
+                          sort_keys=True)
   return config
 
 
@@ -111,8 +113,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(config_json):
     raise HfFormatError(f'{workdir} has no {CONFIG_JSON} (not an import); pass the '
                         "run's --config.")
-  with open(config_json) as f:
-    return config_from_overrides(json.load(f))
+  return config_from_overrides(safetensors_io.read_json_object(config_json))
 
 
 def find_hf_config(workdir: str, config: ml_collections.ConfigDict
@@ -127,8 +128,7 @@ def find_hf_config(workdir: str, config: ml_collections.ConfigDict
   for d in (workdir, started_from):
     name = os.path.join(d, HF_CONFIG_JSON)
     if os.path.isfile(name):
-      with open(name) as f:
-        return json.load(f)
+      return safetensors_io.read_json_object(name)
   return None
 
 
