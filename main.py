@@ -121,6 +121,8 @@ def _config(num_devices=None):
 def _workdir():
   if not _WORKDIR.value:
     raise app.UsageError(f'--workdir is required for --mode={_MODE.value}.')
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    raise errors.WorkdirError(f'--workdir={_WORKDIR.value} is a file, not a folder.')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   logging.info('JAX devices: %s', jax.devices())
   logging.info('Config:\n%s', _CONFIG.value)

@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.global_batch_size = 32  # Sequences per step, all devices.
   config.max_seq_len = 128  # Tokens per packed training sequence.
   config.on_nonfinite = 'stop'  # Non-finite loss/grads: 'stop' the run or 'skip' the update.
+  # With on_nonfinite='skip': stop after this many skipped updates in a row (>= 1).
+  config.max_consecutive_nonfinite = 20
   config.peak_flops_per_device = 0.0  # For train/mfu; 0 = look up the accelerator (CPU: measure).
   # A workdir (or its checkpoints/, a step or a merged-params dir) whose params seed a new
   # run, e.g. the base model of a LoRA fine-tune; new params (adapters) are initialised

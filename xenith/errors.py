@@ -49,3 +49,7 @@ class MemoryBankError(XenithError, ValueError):
 
 class WorkdirError(XenithError, RuntimeError):
   """The workdir cannot be used: held by another run, not a folder, or from another run."""
+
+
+class CheckpointSaveError(XenithError, RuntimeError):
+  """A checkpoint could not be written (a full disk...); the older ones are intact."""

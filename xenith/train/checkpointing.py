@@ -1,6 +1,9 @@
 """Orbax checkpoints of the train state plus the data iterator's position."""
 
+import errno
+import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -12,34 +15,101 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from xenith.errors import CheckpointMismatchError
+from xenith.errors import CheckpointSaveError
+from xenith.errors import WorkdirError
 from xenith.model import build
 from xenith.model import lora
 from xenith.model import memory
+from xenith.train import checksum
 from xenith.train.train_state import TrainState
 
 
+class _KeepSteps:
+  """Orbax preservation policy: keep the steps in `steps` (a set the owner updates)."""
+
+  def __init__(self, steps: set[int]):
+    self._steps = steps
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [c.step in self._steps for c in checkpoints]
+
+
 class Checkpointer:
-  """Saves asynchronously, keeps the newest `keep`, restores state and iterator together."""
+  """Saves asynchronously, keeps the newest `keep`, restores state and iterator together.
+
+  Each step holds three items: `state` (the `TrainState`), `data` (the iterator's
+  position) and `extra` (JSON: the state's checksums, whether the step is `clean`, i.e.
+  no update was skipped since the previous save, and the train metrics accumulated
+  since the last log). The newest clean step is never deleted, however many steps are
+  saved after it. Restore takes the newest step that reads back whole (its checksums
+  match); a damaged one is moved to `<workdir>/damaged_checkpoints/`, with a warning.
+  """
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self._protected: set[int] = set()
+    self._in_flight: int | None = None  # The step of the async save not yet waited for.
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(keep), _KeepSteps(self._protected)])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        create=True, enable_async_checkpointing=True, preservation_policy=policy,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._committed))
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()})
+                       'data': ocp.JsonCheckpointHandler(),
+                       'extra': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: TrainState, data_iterator) -> None:
-    """Starts an async save; returns once the arrays are copied off the devices."""
+  def save(self, step: int, state: TrainState, data_iterator, *, clean: bool = True,
+           notes: dict[str, Any] | None = None) -> None:
+    """Starts an async save; returns once the arrays are copied off the devices.
+
+    clean: no update was skipped since the previous save. notes: JSON-able values
+    restored with the step (the loop's metrics accumulated since the last log). Raises
+    CheckpointSaveError when this save, or the previous one, cannot be written.
+    """
+    self.wait()  # A failure of the previous save surfaces here, named by its step.
     # The iterator position is taken now, synchronously, so it matches `state` exactly.
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_iterator.get_state())), force=True)
+    extra = {**(notes or {}), 'checksums': checksum.checksums(state), 'clean': clean}
+    self._in_flight = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_iterator.get_state()),
+          extra=ocp.args.JsonSave(extra)), force=True)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._save_error(e) from e
+    if clean:
+      self._protected.clear()
+      self._protected.add(step)
     logging.info('Saving checkpoint for step %d to %s', step, self.directory)
+
+  def _committed(self) -> None:
+    logging.info('Checkpoint for step %s committed.', self._in_flight)
+
+  def _save_error(self, error: Exception) -> CheckpointSaveError:
+    """`error` of the save in flight as one line: the step, the reason, the path."""
+    cause, path = error, self.directory
+    while cause is not None:
+      if isinstance(cause, OSError):
+        path = cause.filename or path
+        break
+      cause = cause.__cause__ or cause.__context__
+    text = str(cause or error)
+    if (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or (
+        'No space left on device' in str(error)):
+      reason = 'no space left on device'
+    else:
+      reason = (text.strip().splitlines() or [type(error).__name__])[0]
+    step, self._in_flight = self._in_flight, None
+    return CheckpointSaveError(
+        f'checkpoint save of step {step} failed: {reason} ({path}). The older '
+        'checkpoints are intact; run the same command again to resume from the newest.')
 
   def _check_fits(self, step: int, abstract_state: TrainState) -> None:
     """Compares saved and expected param shapes from metadata, before reading any array."""
@@ -61,37 +131,120 @@ class Checkpointer:
         f'({reason}). Use a new --workdir for a different model; the checkpoint was left '
         'untouched.')
 
-  def restore(self, step: int, abstract_state: TrainState, data_iterator) -> TrainState:
-    """Restores `step` into `abstract_state`'s shardings and rewinds `data_iterator`."""
+  def restore_latest(self, abstract_state: TrainState,
+                     data_iterator) -> tuple[TrainState, dict[str, Any]] | None:
+    """The newest step that reads back whole, into `abstract_state`'s shardings, with its
+    `extra` item ({} for steps saved before it existed); rewinds `data_iterator`.
+
+    None when there is no checkpoint. A step that cannot be read is moved aside with a
+    warning and the next older one is tried; WorkdirError when none is left.
+    CheckpointMismatchError (a checkpoint of another model) is raised as it is.
+    """
+    moved = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, extra = self._restore(step, abstract_state, data_iterator)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = self._move_aside(step)
+        logging.warning('Checkpoint step %d cannot be read (%s: %s); moved it to %s and '
+                        'trying the next older step.', step, type(e).__name__, reason, where)
+        moved.append(f'step {step} ({reason})')
+        continue
+      if moved:
+        self._manager.reload()
+      self._protect_newest_clean(step, extra)
+      return state, extra
+    if moved:
+      raise WorkdirError(
+          f'No readable checkpoint in {self.directory}: {"; ".join(moved)}. The damaged '
+          f'steps are in {os.path.join(self.workdir, "damaged_checkpoints")}; use a new '
+          '--workdir to start over.')
+    return None
+
+  def _restore(self, step, abstract_state, data_iterator):
+    """One step's state and extra item; raises on anything unreadable or changed."""
     self._check_fits(step, abstract_state)
+    has_extra = os.path.isdir(os.path.join(self.directory, str(step), 'extra'))
+    args = {'state': ocp.args.StandardRestore(abstract_state),
+            'data': ocp.args.JsonRestore()}
+    if has_extra:
+      args['extra'] = ocp.args.JsonRestore()
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore()))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except ValueError as e:  # Orbax: shapes or tree structure differ from the config's.
-      reason = str(e).splitlines()[0]
+      if 'shape' not in str(e) and 'structure' not in str(e):
+        raise
       raise CheckpointMismatchError(
           f'The checkpoint at step {step} in {self.directory} does not match this '
-          f'config ({reason}). Use a new --workdir for a different model; the '
-          'checkpoint was left untouched.') from e
+          f'config ({str(e).splitlines()[0]}). Use a new --workdir for a different '
+          'model; the checkpoint was left untouched.') from e
+    extra = restored['extra'] if has_extra else {}
+    saved = extra.get('checksums')
+    if saved is not None:
+      difference = checksum.first_difference(saved, checksum.checksums(restored['state']))
+      if difference:
+        raise ValueError(f'checksum mismatch: {difference}')
     data_iterator.set_state(restored['data'])
     logging.info('Restored checkpoint for step %d from %s', step, self.directory)
-    return restored['state']
+    return restored['state'], extra
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of `checkpoints/` (never deletes it); its new path."""
+    target = os.path.join(self.workdir, 'damaged_checkpoints', str(step))
+    if os.path.exists(target):
+      target += f'-{int(time.time())}'
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(self.directory, str(step)), target)
+    return target
+
+  def _protect_newest_clean(self, restored: int, extra: dict[str, Any]) -> None:
+    """After a restore: keep the newest clean step (the restored one, or an older one
+    when the restored step was saved while updates were being skipped)."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      if step > restored:
+        continue
+      info = extra if step == restored else _read_extra(self.directory, step)
+      if info.get('clean', True):
+        self._protected.clear()
+        self._protected.add(step)
+        return
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointSaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._save_error(e) from e
 
   def close(self) -> None:
     """Waits for the save in flight (never abandon one), then releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> 'Checkpointer':
     return self
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    try:
+      self.close()
+    except CheckpointSaveError:
+      if exc_type is None:
+        raise
+      logging.exception('The checkpoint save in flight failed too.')  # Keep the first.
 
+
+def _read_extra(directory: str, step: int) -> dict[str, Any]:
+  """A step's `extra` item read directly ({} if it has none or it cannot be read)."""
+  try:
+    with open(os.path.join(directory, str(step), 'extra', 'metadata')) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def params_dir(path: str) -> str:

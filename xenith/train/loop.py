@@ -3,6 +3,7 @@
 Read `train_and_evaluate` top to bottom; the jitted steps it runs are in `steps.py`.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -18,20 +19,22 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from xenith.train import checkpointing
-from xenith.sizing import flops
-from xenith.train import metrics as metrics_lib
-from xenith.train import optimizer
-from xenith.data import passkey_examples
-from xenith.eval import passkey
+from xenith import atomic_files
 from xenith import sharding
-from xenith.train.checkpointing import Checkpointer
+from xenith.data import passkey_examples
 from xenith.data import pipeline
 from xenith.errors import NonFiniteError
+from xenith.eval import passkey
 from xenith.model import lora
 from xenith.model.build import make_model
+from xenith.sizing import flops
+from xenith.train import checkpointing
+from xenith.train import metrics as metrics_lib
+from xenith.train import optimizer
+from xenith.train.checkpointing import Checkpointer
 from xenith.train.steps import make_eval_step, make_train_step
 from xenith.train.train_state import abstract_train_state, init_train_state
+from xenith.train.workdir_lock import WorkdirLock
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -85,11 +88,34 @@ def _passkey_evaluate(predict_step, params, eval_set, passkey_config, batch_shar
   return passkey.evaluate(predict, eval_set, passkey_config.batch_size, row_multiple)
 
 
+def _read_final(path: str) -> dict[str, Any] | None:
+  """A finished run's final_metrics.json; None if absent, empty or unreadable (the run's
+  end is then redone: evaluated and written again)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    logging.warning('%s is unreadable (%s); writing it again.', path, e)
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Returns the final train and eval metrics (also written to workdir/final_metrics.json).
+  Holds the workdir's lock (`workdir_lock.py`) throughout. Returns the final train and
+  eval metrics (also written to workdir/final_metrics.json); {} when a SIGTERM came
+  before the first step.
   """
+  sigterm = _SigtermFlag()  # From the start: a SIGTERM during set-up ends the run too.
+  holds_lock = jax.process_index() == 0
+  with WorkdirLock(workdir) if holds_lock else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, sigterm)
+
+
+def _train_and_evaluate(config, workdir, sigterm) -> dict[str, float]:
+  """`train_and_evaluate` under the workdir lock."""
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
@@ -128,24 +154,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_iter = iter(datasets.train)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    latest = checkpointer.latest_step()
-    if latest is None:
+    restored = checkpointer.restore_latest(abstract_state, train_iter)
+    extra = {}  # The restored step's notes (see `Checkpointer.save`).
+    if restored is None:
       state = init_train_state(model, tx, config.max_seq_len, init_key, state_shardings)
       if config.get('init_from_checkpoint'):  # E.g. the base model of a LoRA fine-tune.
         state = state.replace(params=checkpointing.load_base_params(
             config.init_from_checkpoint, state.params))
     else:
-      state = checkpointer.restore(latest, abstract_state, train_iter)
+      state, extra = restored
+    saved_metrics = extra.get('metrics')  # Accumulated since the last log before the save.
     initial_step = int(state.step)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
     if lora.enabled(config.model):
       logging.info('LoRA adapters: %d params', lora.num_adapter_params(state.params))
     final_path = os.path.join(workdir, 'final_metrics.json')
-    if initial_step >= config.num_train_steps and os.path.exists(final_path):
-      logging.info('Already trained to step %d; nothing to do.', initial_step)
-      with open(final_path) as f:
-        return json.load(f)
+    if initial_step >= config.num_train_steps:
+      final = _read_final(final_path)
+      if final is not None:
+        logging.info('Already trained to step %d; nothing to do.', initial_step)
+        return final
+    if sigterm.received:
+      logging.warning('SIGTERM before the first step: nothing new to save; exiting.')
+      return {}
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
@@ -161,10 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model_flops_per_step = flops.train_flops_per_token(
         config.model, config.max_seq_len) * tokens_per_step
     peak_flops = flops.peak_flops(config.peak_flops_per_device)
-    sigterm = _SigtermFlag()
     pending = None  # TrainMetrics accumulated since the last log.
     train_summary, eval_summary, passkey_summary = {}, {}, {}
     interval_start, interval_steps = None, 0
+    skips = _SkipCounter(config, checkpointer)
 
     def check_finite(step):
       if pending is not None and config.on_nonfinite == 'stop':
@@ -175,10 +207,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f'saving; the last checkpoint (step {last}) is intact. Lower the learning '
               f'rate, or set --config.on_nonfinite=skip to skip such steps.')
 
+    if initial_step >= config.num_train_steps:  # Trained, but final_metrics.json is lost.
+      eval_summary = _evaluate(eval_step, state.params, datasets, config.num_eval_batches,
+                               batch_sharding)
+      train_summary = extra.get('summary') or {}
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding.global_batch(next(train_iter), batch_sharding)
         state, metrics = train_step(state, batch, dropout_key)
+      skips.add(metrics, step)
+      if saved_metrics is not None:  # Resumed mid-interval: log what a non-stop run logs.
+        pending, saved_metrics = metrics_lib.from_json(metrics, saved_metrics), None
       pending = metrics if pending is None else pending.merge(metrics)
       if interval_start is None:  # Time from the end of the first (compiling) step.
         jax.block_until_ready(state.step)
@@ -225,7 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if step % config.checkpoint_every_steps == 0 or last_step or sigterm.received:
         check_finite(step)
-        checkpointer.save(step, state, train_iter)
+        notes = {'summary': train_summary,
+                 'metrics': None if pending is None else metrics_lib.to_json(pending)}
+        checkpointer.save(step, state, train_iter, clean=skips.clean_since_save(),
+                          notes=notes)
       if sigterm.received:
         logging.warning('Stopping at step %d after SIGTERM; the checkpoint is saved.', step)
         break
@@ -234,7 +276,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   final = {'step': int(state.step), **train_summary, **eval_summary, **passkey_summary}
   if jax.process_index() == 0:
-    with open(final_path, 'w') as f:
-      json.dump(final, f, indent=2)
+    atomic_files.write_json(final_path, final, indent=2)
   return final
+
+
+class _SkipCounter:
+  """Skipped (non-finite) updates with on_nonfinite='skip': stops the run after
+  `config.max_consecutive_nonfinite` in a row, and tells saves whether any update since
+  the previous save was skipped (`Checkpointer` never deletes the newest clean save).
+
+  Each step's flag is read one step late, so the host does not wait for the device.
+  """
+
+  def __init__(self, config, checkpointer):
+    self._active = config.on_nonfinite == 'skip'
+    self._limit = config.get('max_consecutive_nonfinite', 20)
+    self._checkpointer = checkpointer
+    self._unread = None  # (step, metrics) whose flag is not read yet.
+    self._in_a_row = 0
+    self._since_save = False
+
+  def add(self, metrics, step: int) -> None:
+    if not self._active:
+      return
+    self._read()
+    self._unread = (step, metrics)
+
+  def _read(self) -> None:
+    if self._unread is None:
+      return
+    step, metrics = self._unread
+    self._unread = None
+    if float(jax.device_get(metrics.nonfinite_steps.total)) == 0:
+      self._in_a_row = 0
+      return
+    self._in_a_row += 1
+    self._since_save = True
+    if self._in_a_row >= self._limit:
+      raise NonFiniteError(
+          f'{self._in_a_row} updates in a row up to step {step} were non-finite and '
+          f'skipped (config.max_consecutive_nonfinite={self._limit}); the run is '
+          'diverging. Stopped without saving; the newest checkpoint saved before the '
+          f'skipping is kept in {self._checkpointer.directory}. Lower the learning rate.')
+
+  def clean_since_save(self) -> bool:
+    """Whether no update since the previous save was skipped (resets the record)."""
+    self._read()
+    clean = not self._since_save
+    self._since_save = False
+    return clean
 

@@ -85,3 +85,18 @@ class EvalMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Average.from_output('correct')
   moe: MoeAverage  # Router losses and expert loads of a MoE model (per batch).
+
+
+def to_json(collection: metrics.Collection) -> dict[str, Any]:
+  """A metrics collection (e.g. `TrainMetrics` accumulated so far) as JSON-able lists,
+  keyed by each array's path, so that a checkpoint can carry it across a restart."""
+  return {jax.tree_util.keystr(path): np.asarray(x).tolist()
+          for path, x in jax.tree_util.tree_leaves_with_path(jax.device_get(collection))}
+
+
+def from_json(like: metrics.Collection, saved: dict[str, Any]) -> metrics.Collection:
+  """`to_json`'s output as a collection of `like`'s structure, shapes and dtypes."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  return jax.tree_util.tree_unflatten(treedef, [
+      jnp.asarray(saved[jax.tree_util.keystr(path)], x.dtype).reshape(x.shape)
+      for path, x in leaves])

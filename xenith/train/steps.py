@@ -103,7 +103,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, skip_non
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    # The updated params too: a finite gradient can still overflow them.
+    finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(new_state.params)))
     if skip_nonfinite:  # Keep the old params and optimizer state; only the step advances.
       new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                          new_state, state.replace(step=new_state.step))
