@@ -20,8 +20,18 @@ the workdir's newest params (pass --config for a training run's workdir).
 """
 
 import os
+import signal
 import sys
 
+
+def _sigterm_before_start(signum, frame):
+  del signum, frame
+  sys.exit('SIGTERM before the first step: stopped; there was nothing to save.')
+
+
+# Until the train loop installs its own handler (which checkpoints at the next step), a
+# SIGTERM ends the process with that one line rather than silently.
+signal.signal(signal.SIGTERM, _sigterm_before_start)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import TensorFlow.
 
 from absl import app

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -22,6 +23,11 @@ from xenith.model import lora
 from xenith.model import memory
 from xenith.train import checksum
 from xenith.train.train_state import TrainState
+
+
+# Test-only: a process saving the step named here kills itself (SIGKILL) while the save's
+# files are being written, as a preemption at the worst moment would.
+KILL_IN_SAVE_ENV = 'XENITH_TEST_KILL_IN_SAVE_AT_STEP'
 
 
 class _KeepSteps:
@@ -88,6 +94,8 @@ class Checkpointer:
       self._protected.clear()
       self._protected.add(step)
     logging.info('Saving checkpoint for step %d to %s', step, self.directory)
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # Tests: die while it is written.
+      os.kill(os.getpid(), signal.SIGKILL)
 
   def _committed(self) -> None:
     logging.info('Checkpoint for step %s committed.', self._in_flight)
