@@ -42,6 +42,8 @@ def test_default_sizes_are_valid(size):
                               r'batch parallelism 8'),
     ('num_train_steps', 0, r'config.num_train_steps'),
     ('on_nonfinite', 'ignore', r'config.on_nonfinite'),
+    ('max_consecutive_nonfinite', 0, r'config.max_consecutive_nonfinite: 0 must be a '
+                                     'positive int'),
     ('optimizer.warmup_steps', 10**9, r'config.optimizer.warmup_steps'),
     ('optimizer.b1', 1.0, r'config.optimizer.b1: 1.0 must be in \[0, 1\)'),
     ('optimizer.b2', -0.5, r'config.optimizer.b2: -0.5 must be in \[0, 1\)'),

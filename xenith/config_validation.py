@@ -256,6 +256,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
             'checkpoint_every_steps', 'keep_checkpoints', 'global_batch_size', 'max_seq_len')
   _require(config, 'num_eval_batches', lambda v: v == -1 or v > 0, 'must be -1 (all) or > 0')
   _one_of(config, 'on_nonfinite', ON_NONFINITE)
+  if 'max_consecutive_nonfinite' in config:
+    _positive(config, 'max_consecutive_nonfinite')
   _require(config, 'peak_flops_per_device', lambda v: v >= 0, 'must be >= 0')
 
   opt = 'optimizer.'
