@@ -70,6 +70,10 @@ _MEMORY_BANK = flags.DEFINE_string(
     'memory_bank', None, 'generate, memory models: continue from the memory state saved '
     'in this .npz (if it exists; the prompt then gets no BOS) and save the state after '
     'the output there, so the next call continues the same document.')
+_ALLOW_CHANGES = flags.DEFINE_list(
+    'allow_changes', [], 'train: resume although these differ from what the workdir was '
+    'trained with: config fields or prefixes (num_train_steps, optimizer), tokenizer, '
+    'data. Without it such a resume stops and names what changed.')
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'describe: size the mesh for this many devices (default: the '
     'devices present).', lower_bound=1)
@@ -142,7 +146,7 @@ def _workdir():
 def _train():
   config = _config()
   from xenith.train import loop  # Heavy imports (TensorFlow via CLU) only when training.
-  loop.train_and_evaluate(config, _workdir())
+  loop.train_and_evaluate(config, _workdir(), allow_changes=tuple(_ALLOW_CHANGES.value))
 
 
 def _describe():

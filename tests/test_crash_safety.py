@@ -140,7 +140,8 @@ def test_one_training_run_per_workdir(tmp_path):
   first.communicate(timeout=120)
   with open(lock) as f:
     assert json.load(f)['pid'] == first.pid  # Left by the killed run: stale.
-  _finish(workdir, steps=max(_steps(workdir)) + 5)  # Takes the stale lock over.
+  _finish(workdir, '--allow_changes=num_train_steps',
+          steps=max(_steps(workdir)) + 5)  # Takes the stale lock over.
   assert not os.path.exists(lock)
   assert json.load(open(os.path.join(workdir, 'final_metrics.json')))['step'] % 5 == 0
 

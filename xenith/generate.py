@@ -142,7 +142,7 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompt: str, 
   state = None
   if memory_bank and os.path.exists(memory_bank):
     state = memory_lib.load_bank(memory_bank, like=memory_lib.init_state(config.model, 1))
-  tokenizer = pipeline.load_tokenizer(config)
+  tokenizer = pipeline.load_tokenizer(config, workdir)  # The copy the run pinned.
   bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.
   tokens = bos + list(tokenizer.encode(prompt))
   if not tokens:

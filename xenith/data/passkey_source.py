@@ -145,10 +145,12 @@ def unigram_loss(tokenizer, seq_len: int, digits: int, vocab_size: int) -> float
   return float(-logp[targets].mean())
 
 
-def create_datasets(config, datasets_cls, *, process_index: int, process_count: int):
-  """`pipeline.Datasets` of the passkey stream (see the module doc)."""
+def create_datasets(config, datasets_cls, *, process_index: int, process_count: int,
+                    tokenizer: tokenizer_lib.Tokenizer | None = None):
+  """`pipeline.Datasets` of the passkey stream (see the module doc); `tokenizer` None =
+  the one the config names."""
   cache = cache_lib.cache_dir(config.data)
-  tokenizer = load_tokenizer(config, cache)
+  tokenizer = tokenizer or load_tokenizer(config, cache)
   digits = config.passkey.digits if 'passkey' in config else 5
   batch_size = config.global_batch_size // process_count
   seq_len = config.max_seq_len

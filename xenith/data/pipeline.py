@@ -15,6 +15,7 @@ iterator restored from `get_state()` continues exactly where it stopped.
 
 import dataclasses
 import itertools
+import os
 from typing import Any, Iterator
 
 import grain
@@ -146,8 +147,8 @@ def _check_settings(config, process_index: int, process_count: int) -> None:
     tokenizer_lib.check_model_path(spec)
 
 
-def create_datasets(config, *, process_index: int = 0,
-                    process_count: int = 1) -> Datasets:
+def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
+                    tokenizer: tokenizer_lib.Tokenizer | None = None) -> Datasets:
   """Prepares (or reuses) the data and tokenizer named by `config`.
 
   Args:
@@ -157,6 +158,8 @@ def create_datasets(config, *, process_index: int = 0,
     process_index: this process (jax.process_index()); reads shard
       `process_index` of `process_count` of the train split.
     process_count: the number of processes (jax.process_count()).
+    tokenizer: the tokenizer to use (a workdir's pinned copy); None = the one
+      `config.data.tokenizer` names.
 
   Returns:
     The tokenizer, the train batches, validation batches and the baseline loss.
@@ -168,10 +171,10 @@ def create_datasets(config, *, process_index: int = 0,
   if config.data.source == 'passkey':  # Synthetic examples, one a row (passkey_source.py).
     from xenith.data import passkey_source  # pylint: disable=g-import-not-at-top
     return passkey_source.create_datasets(config, Datasets, process_index=process_index,
-                                          process_count=process_count)
+                                          process_count=process_count, tokenizer=tokenizer)
   cache = cache_lib.cache_dir(config.data)
   data = _prepare(config, cache)
-  tokenizer = _text_tokenizer(config, cache, data)
+  tokenizer = tokenizer or _text_tokenizer(config, cache, data)
   token_stats = unigram.token_stats(data.train, data.validation, tokenizer,
                                     cache, data.fingerprint)
   batch_size = config.global_batch_size // process_count
@@ -195,13 +198,19 @@ def create_datasets(config, *, process_index: int = 0,
   )
 
 
-def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer (`config.data.tokenizer`), without building any batches.
+def load_tokenizer(config, workdir: str | None = None) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer, without building any batches: the copy pinned in `workdir`
+  (`<workdir>/tokenizer.model`, written when a run starts) if there is one, else the one
+  `config.data.tokenizer` names. For generation, export and evaluation of a run.
 
   'mixtral' and a .model file load directly; 'train' is the one trained on the prepared
   data (the cached model, the data prepared first if it is not cached yet); the passkey
-  source has its own. For generation, export and evaluation of a run.
+  source has its own.
   """
+  pinned = os.path.join(workdir, PINNED_TOKENIZER) if workdir else None
+  if pinned and os.path.isfile(pinned):
+    with open(pinned, 'rb') as f:
+      return tokenizer_lib.Tokenizer(f.read(), name=pinned)
   _check_settings(config, 0, 1)
   cache = cache_lib.cache_dir(config.data)
   if config.data.source == 'passkey':
@@ -209,6 +218,9 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
     return passkey_source.load_tokenizer(config, cache)
   data = _prepare(config, cache) if config.data.tokenizer == 'train' else None
   return _text_tokenizer(config, cache, data)
+
+
+PINNED_TOKENIZER = 'tokenizer.model'  # A run's tokenizer, copied into its workdir.
 
 
 def _prepare(config, cache) -> text_dataset.PreparedData:

@@ -31,6 +31,7 @@ from xenith.sizing import flops
 from xenith.train import checkpointing
 from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
+from xenith.train import run_record
 from xenith.train.checkpointing import Checkpointer
 from xenith.train.steps import make_eval_step, make_train_step
 from xenith.train.train_state import abstract_train_state, init_train_state
@@ -101,27 +102,44 @@ def _read_final(path: str) -> dict[str, Any] | None:
     return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changes: tuple[str, ...] = ()) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Holds the workdir's lock (`workdir_lock.py`) throughout. Returns the final train and
+  Holds the workdir's lock (`workdir_lock.py`) throughout. A resume must have the config,
+  tokenizer and data the workdir was trained with (`run_record.py`), but for the config
+  fields (or prefixes), 'tokenizer' and 'data' named in `allow_changes`. Returns the final train and
   eval metrics (also written to workdir/final_metrics.json); {} when a SIGTERM came
   before the first step.
   """
   sigterm = _SigtermFlag()  # From the start: a SIGTERM during set-up ends the run too.
   holds_lock = jax.process_index() == 0
   with WorkdirLock(workdir) if holds_lock else contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir, sigterm)
+    return _train_and_evaluate(config, workdir, sigterm, tuple(allow_changes))
 
 
-def _train_and_evaluate(config, workdir, sigterm) -> dict[str, float]:
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def _train_and_evaluate(config, workdir, sigterm, allow_changes) -> dict[str, float]:
   """`train_and_evaluate` under the workdir lock."""
+  record = run_record.RunRecord(workdir)
+  resuming = _has_checkpoint(workdir)
+  if resuming:
+    record.check_config(config, allow_changes)  # Before any long work.
+  elif jax.process_index() == 0:
+    record.forget()
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
 
   datasets = pipeline.create_datasets(
-      config, process_index=jax.process_index(), process_count=jax.process_count())
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      tokenizer=record.pinned_tokenizer())
+  if resuming:
+    record.check_data(datasets.tokenizer, datasets.fingerprint, allow_changes)
   model = make_model(config.model)
   passkey_config = config.get('passkey')
   passkey_set = None  # {length: examples}, built now so a too-short length fails early.
@@ -165,6 +183,9 @@ def _train_and_evaluate(config, workdir, sigterm) -> dict[str, float]:
       state, extra = restored
     saved_metrics = extra.get('metrics')  # Accumulated since the last log before the save.
     initial_step = int(state.step)
+    if jax.process_index() == 0:
+      record.write(config, datasets.tokenizer, datasets.fingerprint, initial_step,
+                   allow_changes)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
     if lora.enabled(config.model):
