@@ -108,9 +108,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Holds the workdir's lock (`workdir_lock.py`) throughout. A resume must have the config,
   tokenizer and data the workdir was trained with (`run_record.py`), but for the config
-  fields (or prefixes), 'tokenizer' and 'data' named in `allow_changes`. Returns the final train and
-  eval metrics (also written to workdir/final_metrics.json); {} when a SIGTERM came
-  before the first step.
+  fields (or prefixes), 'tokenizer' and 'data' named in `allow_changes`. Returns the
+  final train and eval metrics (also written to workdir/final_metrics.json); {} when a
+  SIGTERM came before the first step.
   """
   sigterm = _SigtermFlag()  # From the start: a SIGTERM during set-up ends the run too.
   holds_lock = jax.process_index() == 0
@@ -137,7 +137,8 @@ def _train_and_evaluate(config, workdir, sigterm, allow_changes) -> dict[str, fl
 
   datasets = pipeline.create_datasets(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer=record.pinned_tokenizer())
+      # The run's own tokenizer, unless a new one is allowed in.
+      tokenizer=None if 'tokenizer' in allow_changes else record.pinned_tokenizer())
   if resuming:
     record.check_data(datasets.tokenizer, datasets.fingerprint, allow_changes)
   model = make_model(config.model)

@@ -145,8 +145,10 @@ class RunRecord:
 
   def write(self, config, tokenizer, fingerprint: str, step: int,
             allow: tuple[str, ...]) -> None:
-    """Records this start (and, at the first, pins the tokenizer)."""
-    if not os.path.isfile(self.tokenizer_path):
+    """Records this start, and pins the tokenizer (at the first start, or when another
+    one was allowed in)."""
+    pinned = self.pinned_tokenizer()
+    if pinned is None or pinned.digest != tokenizer.digest:
       atomic_files.write_bytes(self.tokenizer_path, tokenizer.model_proto)
     starts = (self.record or {}).get('starts', [])
     starts.append({'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step,
