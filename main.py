@@ -20,18 +20,11 @@ the workdir's newest params (pass --config for a training run's workdir).
 """
 
 import os
-import signal
 import sys
 
+from xenith import sigterm
 
-def _sigterm_before_start(signum, frame):
-  del signum, frame
-  sys.exit('SIGTERM before the first step: stopped; there was nothing to save.')
-
-
-# Until the train loop installs its own handler (which checkpoints at the next step), a
-# SIGTERM ends the process with that one line rather than silently.
-signal.signal(signal.SIGTERM, _sigterm_before_start)
+sigterm.install()  # First: a SIGTERM during start-up is remembered (see xenith/sigterm.py).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import TensorFlow.
 
 from absl import app
@@ -117,6 +110,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   modes = {'train': _train, 'describe': _describe, 'generate': _generate,
            'import_hf': _import_hf, 'export_hf': _export_hf}
+  if _MODE.value != 'train':
+    sigterm.restore_default()  # Only training has a safe point to stop at.
   try:
     modes[_MODE.value]()
   except errors.XenithError as e:  # Bad input: one line, no traceback.

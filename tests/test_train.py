@@ -139,8 +139,9 @@ def test_nonfinite_loss_or_other_model_never_touch_checkpoints(uninterrupted, tm
   before = {d: os.path.getmtime(os.path.join(workdir, 'checkpoints', str(d)))
             for d in (10, 20)}
   # Resume the same weights with an absurd learning rate: the loss overflows.
-  result = _run(workdir, '--config.optimizer.learning_rate=1e30',
-                '--allow_changes=optimizer.learning_rate', check=False)
+  # (This run's steps and schedule differ from the first's: allowed.)
+  allow = '--allow_changes=num_train_steps,optimizer'
+  result = _run(workdir, '--config.optimizer.learning_rate=1e30', allow, check=False)
   assert result.returncode != 0
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('NonFiniteError: Non-finite loss'), last_line
@@ -150,12 +151,12 @@ def test_nonfinite_loss_or_other_model_never_touch_checkpoints(uninterrupted, tm
                     for d in (10, 20)}
   # A different model in the same workdir: a clear error, checkpoints untouched; first
   # the workdir's record names the change, then (allowed) the checkpoint the param.
-  result = _run(workdir, '--config.model.embed_dim=32', check=False)
+  result = _run(workdir, '--config.model.embed_dim=32', allow, check=False)
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('WorkdirError: This workdir was trained with another setup; '
                               'changed: config.model.embed_dim (64 -> 32)'), last_line
   assert last_line.endswith('--allow_changes=model.embed_dim.'), last_line
-  result = _run(workdir, '--config.model.embed_dim=32', '--allow_changes=model', check=False)
+  result = _run(workdir, '--config.model.embed_dim=32', allow + ',model', check=False)
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('CheckpointMismatchError: The checkpoint at step 20'), last_line
   assert before == {d: os.path.getmtime(os.path.join(workdir, 'checkpoints', str(d)))

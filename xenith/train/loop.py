@@ -7,8 +7,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -21,6 +19,7 @@ import ml_collections
 
 from xenith import atomic_files
 from xenith import sharding
+from xenith import sigterm
 from xenith.data import passkey_examples
 from xenith.data import pipeline
 from xenith.errors import NonFiniteError
@@ -48,20 +47,6 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[
     else:
       out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
   return out
-
-
-class _SigtermFlag:
-  """Remembers a SIGTERM so the loop can checkpoint at the next step boundary."""
-
-  def __init__(self):
-    self.received = False
-    if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: checkpointing after the current step, then exiting.')
-    self.received = True
 
 
 def _evaluate(eval_step, params, datasets, num_batches, batch_sharding) -> dict[str, float]:
@@ -112,10 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final train and eval metrics (also written to workdir/final_metrics.json); {} when a
   SIGTERM came before the first step.
   """
-  sigterm = _SigtermFlag()  # From the start: a SIGTERM during set-up ends the run too.
+  sigterm.install()  # From the start: a SIGTERM during set-up ends the run too.
   holds_lock = jax.process_index() == 0
   with WorkdirLock(workdir) if holds_lock else contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir, sigterm, tuple(allow_changes))
+    return _train_and_evaluate(config, workdir, tuple(allow_changes))
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -123,7 +108,7 @@ def _has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
-def _train_and_evaluate(config, workdir, sigterm, allow_changes) -> dict[str, float]:
+def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
   """`train_and_evaluate` under the workdir lock."""
   record = run_record.RunRecord(workdir)
   resuming = _has_checkpoint(workdir)
@@ -197,7 +182,7 @@ def _train_and_evaluate(config, workdir, sigterm, allow_changes) -> dict[str, fl
       if final is not None:
         logging.info('Already trained to step %d; nothing to do.', initial_step)
         return final
-    if sigterm.received:
+    if sigterm.received():
       logging.warning('SIGTERM before the first step: nothing new to save; exiting.')
       return {}
 
@@ -284,13 +269,16 @@ def _train_and_evaluate(config, workdir, sigterm, allow_changes) -> dict[str, fl
         writer.write_scalars(step, passkey_summary)
         interval_start += time.perf_counter() - passkey_start  # Not train time either.
 
-      if step % config.checkpoint_every_steps == 0 or last_step or sigterm.received:
+      stopping = sigterm.received()
+      if stopping:
+        logging.warning('SIGTERM received: checkpointing step %d, then exiting.', step)
+      if step % config.checkpoint_every_steps == 0 or last_step or stopping:
         check_finite(step)
         notes = {'summary': train_summary,
                  'metrics': None if pending is None else metrics_lib.to_json(pending)}
         checkpointer.save(step, state, train_iter, clean=skips.clean_since_save(),
                           notes=notes)
-      if sigterm.received:
+      if stopping:
         logging.warning('Stopping at step %d after SIGTERM; the checkpoint is saved.', step)
         break
 
