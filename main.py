@@ -154,16 +154,9 @@ def _describe():
 def _generate():
   config = _config()
   from xenith import generate  # pylint: disable=g-import-not-at-top
-  from xenith.model import memory  # pylint: disable=g-import-not-at-top
-  bank = _MEMORY_BANK.value
-  if bank and not memory.enabled(config.model):
-    raise app.UsageError('--memory_bank needs a memory model (config.model.memory.'
-                         'chunk_size > 0).')
-  if not _PROMPT.value and bank and os.path.exists(bank):
-    raise app.UsageError('--prompt is empty; a continued document needs some text.')
   print(generate.generate_text(
       config, _workdir(), _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, memory_bank=bank))
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, memory_bank=_MEMORY_BANK.value))
 
 
 def _hf_dirs():

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xenith.data import pipeline
+from xenith.errors import MemoryBankError
 from xenith.model import kv_cache
 from xenith.model import memory as memory_lib
 from xenith.train import checkpointing
@@ -136,9 +137,8 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompt: str, 
   """
   with_memory = memory_lib.enabled(config.model)
   if memory_bank and not with_memory:
-    raise ValueError('--memory_bank needs a memory model (config.model.memory.chunk_size '
-                     '> 0).')
-  model, params = checkpointing.load_model(config.model, workdir)
+    raise MemoryBankError('--memory_bank needs a memory model (config.model.memory.'
+                          'chunk_size > 0).')
   state = None
   if memory_bank and os.path.exists(memory_bank):
     state = memory_lib.load_bank(memory_bank, like=memory_lib.init_state(config.model, 1))
@@ -146,7 +146,8 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompt: str, 
   bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.
   tokens = bos + list(tokenizer.encode(prompt))
   if not tokens:
-    raise ValueError('--prompt is empty; a continued document needs some text.')
+    raise MemoryBankError('--prompt is empty; a continued document needs some text.')
+  model, params = checkpointing.load_model(config.model, workdir)
   out = generate(model, params, jnp.asarray([tokens], jnp.int32), jax.random.key(config.seed),
                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  **({'memory': state} if with_memory else {}))

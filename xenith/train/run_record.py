@@ -21,6 +21,7 @@ import subprocess
 import time
 from typing import Any
 
+from flax import traverse_util
 import ml_collections
 
 from xenith import atomic_files
@@ -38,14 +39,10 @@ PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
             'tensorflow-datasets', 'sentencepiece', 'numpy', 'clu', 'safetensors')
 
 
-def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = json.loads(json.dumps(value, default=str))  # As run.json has it.
-  return out
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'model.embed_dim': 256, ...}, values as run.json holds them (tuples as lists)."""
+  flat = traverse_util.flatten_dict(config.to_dict())
+  return {'.'.join(k): json.loads(json.dumps(v, default=str)) for k, v in flat.items()}
 
 
 def _code_version() -> dict[str, Any]:
