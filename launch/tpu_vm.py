@@ -9,9 +9,10 @@ Steps, in this order (--steps picks; default code,install,run,logs):
   create   gcloud compute tpus tpu-vm create (--accelerator_type, --version);
   code     this checkout's files (tracked and untracked, not ignored) packed and copied to
            every worker, or --git_url cloned there at --git_ref;
-  install  launch/setup.sh --tpu on every worker (jax with libtpu, requirements-tpu.txt);
-  run      the same main.py line started on every worker in the background (nohup: it
-           outlives the ssh session), its log in <remote_dir>/logs/<log_name>.log;
+  install  launch/setup.sh --tpu on every worker (jax with libtpu, requirements-tpu.txt),
+           first Python 3.11 from the deadsnakes PPA where the image lacks it;
+  run      the same main.py line started on every worker in the background (deaf to the
+           hangup: it outlives the ssh session), its log in <remote_dir>/logs/<log_name>.log;
   logs     follows every worker's log (lines start with the worker's hostname) until
            main.py ends there; exits non-zero if it failed on a worker. Run
            --steps=logs again to re-attach;
@@ -32,6 +33,11 @@ import main_line  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('create', 'code', 'install', 'run', 'logs', 'delete')
+# Xenith needs Python 3.11; the Ubuntu 22.04 TPU VM images have 3.10.
+_PYTHON_311 = ('if ! command -v python3.11 >/dev/null; then sudo apt-get update -q && '
+               'sudo apt-get install -y -q software-properties-common && '
+               'sudo add-apt-repository -y ppa:deadsnakes/ppa && '
+               'sudo apt-get install -y -q python3.11 python3.11-venv; fi')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,8 +142,8 @@ def commands(args: argparse.Namespace) -> list[str]:
   if 'code' in steps:
     out += _code(args)
   if 'install' in steps:
-    out.append(_on_all_workers(args, f'cd {shlex.quote(args.remote_dir)} && '
-                               './launch/setup.sh --tpu'))
+    out.append(_on_all_workers(args, f'{_PYTHON_311} && cd {shlex.quote(args.remote_dir)} '
+                               '&& ./launch/setup.sh --tpu'))
   if 'run' in steps:
     out.append(_run(args))
   if 'logs' in steps:

@@ -113,12 +113,15 @@ def _tpu(*args, env=None):
 def test_tpu_vm_dry_run_commands():
   lines = _tpu('--dry_run', '--steps=create,install,delete', '--spot',
                '--project=p').stdout.splitlines()
-  assert lines == [
-      'gcloud compute tpus tpu-vm create slice --accelerator-type=v4-32 '
-      '--version=tpu-ubuntu2204-base --spot --zone=us-central2-b --project=p',
-      'gcloud compute tpus tpu-vm ssh slice --worker=all '
-      "'--command=cd xenith && ./launch/setup.sh --tpu' --zone=us-central2-b --project=p",
-      'gcloud compute tpus tpu-vm delete slice --quiet --zone=us-central2-b --project=p']
+  create, install, delete = lines
+  assert create == ('gcloud compute tpus tpu-vm create slice --accelerator-type=v4-32 '
+                    '--version=tpu-ubuntu2204-base --spot --zone=us-central2-b --project=p')
+  assert install.startswith('gcloud compute tpus tpu-vm ssh slice --worker=all '
+                            "'--command=if ! command -v python3.11 ")
+  assert install.endswith("&& cd xenith && ./launch/setup.sh --tpu' "
+                          '--zone=us-central2-b --project=p')
+  assert delete == ('gcloud compute tpus tpu-vm delete slice --quiet --zone=us-central2-b '
+                    '--project=p')
   clone = _tpu('--dry_run', '--steps=code', '--git_url=https://example.com/x.git',
                '--git_ref=v1').stdout.splitlines()
   assert len(clone) == 1 and '--worker=all' in clone[0]
