@@ -13,6 +13,7 @@ Steps, in this order (--steps picks; default code,install,run,logs):
            first Python 3.11 from the deadsnakes PPA where the image lacks it;
   run      the same main.py line started on every worker in the background (deaf to the
            hangup: it outlives the ssh session), its log in <remote_dir>/logs/<log_name>.log;
+  stop     SIGTERM to main.py on every worker: they save a checkpoint and exit;
   logs     follows every worker's log (lines start with the worker's hostname) until
            main.py ends there; exits non-zero if it failed on a worker. Run
            --steps=logs again to re-attach;
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Run as a scrip
 import main_line  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ('create', 'code', 'install', 'run', 'logs', 'delete')
+STEPS = ('create', 'code', 'install', 'run', 'stop', 'logs', 'delete')
 # Xenith needs Python 3.11; the Ubuntu 22.04 TPU VM images have 3.10.
 _PYTHON_311 = ('if ! command -v python3.11 >/dev/null; then sudo apt-get update -q && '
                'sudo apt-get install -y -q software-properties-common && '
@@ -112,23 +113,32 @@ def _run(args: argparse.Namespace) -> str:
   environment = ''.join(f'{shlex.quote(item.split("=", 1)[0])}='
                         f'{shlex.quote(item.split("=", 1)[1])} ' for item in args.env)
   line = main_line.join(main_line.main_command('.venv/bin/python', args))
-  # In the background, deaf to the hangup that ends the ssh session; the subshell records
-  # main.py's exit status for the logs step.
+  # A background subshell, deaf to the hangup that ends the ssh session, starts main.py
+  # (its pid for stop and logs) and records its exit status for logs.
   return _on_all_workers(
       args, f'cd {shlex.quote(args.remote_dir)} && mkdir -p logs && '
       f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
       f'echo "$(hostname): main.py of --log_name={args.log_name} is still running" >&2; '
-      f'exit 1; fi && rm -f {code} && '
-      f'{{ (trap "" HUP; {environment}{line} > {log} 2>&1; echo $? > {code}) '
-      f'< /dev/null > /dev/null 2>&1 & echo $! > {pid}; }}')
+      f'exit 1; fi && rm -f {pid} {code} && '
+      f'{{ (trap "" HUP; {environment}{line} > {log} 2>&1 & echo $! > {pid}; wait $!; '
+      f'echo $? > {code}) < /dev/null > /dev/null 2>&1 & }}')
+
+
+def _stop(args: argparse.Namespace) -> str:
+  # SIGTERM: main.py saves a checkpoint at a step all processes agree on and exits.
+  return _on_all_workers(args, f'cd {shlex.quote(args.remote_dir)} && '
+                         f'kill -TERM "$(cat {_logs(args)[1]})"')
 
 
 def _follow(args: argparse.Namespace) -> str:
   log, pid, code = _logs(args)
   return _on_all_workers(
       args, f'cd {shlex.quote(args.remote_dir)} && '
+      f'for i in $(seq 30); do [ -s {pid} ] && break; sleep 1; done; '
       f'tail -n +1 -F --pid="$(cat {pid})" {log} 2>/dev/null | '
-      f'sed -u "s/^/[$(hostname)] /"; exit "$(cat {code} 2>/dev/null || echo 1)"')
+      f'sed -u "s/^/[$(hostname)] /"; '
+      f'for i in $(seq 30); do [ -s {code} ] && break; sleep 1; done; '
+      f'exit "$(cat {code} 2>/dev/null || echo 1)"')
 
 
 def commands(args: argparse.Namespace) -> list[str]:
@@ -146,6 +156,8 @@ def commands(args: argparse.Namespace) -> list[str]:
                                '&& ./launch/setup.sh --tpu'))
   if 'run' in steps:
     out.append(_run(args))
+  if 'stop' in steps:
+    out.append(_stop(args))
   if 'logs' in steps:
     out.append(_follow(args))
   if 'delete' in steps:

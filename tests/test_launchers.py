@@ -2,11 +2,14 @@
 and what runs when the cluster's own tool (srun, gcloud, kubectl) is a stand-in that
 records its input. tests/test_slurm.py runs launch/slurm.py on a real Slurm cluster."""
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -156,11 +159,16 @@ sys.exit(max(codes, default=0))
 """
 
 # What `launch/setup.sh --tpu` would have installed: a python that records its
-# arguments, prints two lines and fails on worker 1.
+# arguments, prints two lines and fails on worker 1; with UNTIL_SIGTERM set it waits for
+# a SIGTERM and exits 0 (main.py after its preemption checkpoint).
 _PYTHON = """
+import signal, time
 with open('ran.json', 'w') as f:
   json.dump({'argv': sys.argv[1:], 'A': os.environ.get('A')}, f)
 print('hello from', os.environ['WORKER'], flush=True)
+if os.environ.get('UNTIL_SIGTERM'):
+  signal.signal(signal.SIGTERM, lambda *_: (print('stopped', flush=True), sys.exit(0)))
+  time.sleep(120)
 print('bye', flush=True)
 sys.exit(3 if os.environ['WORKER'] == '1' else 0)
 """
@@ -180,7 +188,16 @@ def fake_slice(tmp_path):
     _stand_in(venv, 'python', _PYTHON)
   env = dict(os.environ, FAKE_SLICE=str(tmp_path),
              PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
-  return env, homes
+  yield env, homes
+  for home in homes:  # A failed test must not leave a stand-in main.py behind.
+    pid_file = home / 'xenith' / 'logs' / 'main.pid'
+    if not (pid_file.exists() and pid_file.read_text().strip()):
+      continue
+    pid = int(pid_file.read_text())
+    with contextlib.suppress(OSError):  # Gone; or the pid is reused: leave that alone.
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        if str(home).encode() in f.read():
+          os.kill(pid, signal.SIGKILL)
 
 
 def _tpu_run(env, *args):
@@ -207,13 +224,22 @@ def test_tpu_vm_copies_runs_and_follows_every_worker(fake_slice):
             in result.stdout), result.stdout
 
 
-def test_tpu_vm_will_not_start_a_second_run(fake_slice):
+def test_tpu_vm_stops_every_worker(fake_slice):
   env, homes = fake_slice
-  (homes[0] / 'xenith' / 'logs').mkdir()
-  (homes[0] / 'xenith' / 'logs' / 'main.pid').write_text(str(os.getpid()))  # Alive.
-  result = _tpu_run(env, '--steps=run')
-  assert result.returncode == 1
-  assert 'worker-0: main.py of --log_name=main is still running' in result.stderr
+  assert _tpu_run(env, '--steps=run', '--env=UNTIL_SIGTERM=1').returncode == 0
+  logs = [home / 'xenith' / 'logs' / 'main.log' for home in homes]
+  deadline = time.monotonic() + 60
+  while not all(log.exists() and 'hello' in log.read_text() for log in logs):
+    assert time.monotonic() < deadline, 'main.py did not start'
+    time.sleep(0.1)
+  # A second run while the first lives is refused.
+  again = _tpu_run(env, '--steps=run')
+  assert again.returncode == 1
+  assert 'worker-0: main.py of --log_name=main is still running' in again.stderr
+  result = _tpu_run(env, '--steps=stop,logs')
+  assert result.returncode == 0, result.stderr
+  for worker in range(2):
+    assert f'[worker-{worker}] stopped\n' in result.stdout, result.stdout
 
 
 # Kubernetes
