@@ -105,6 +105,17 @@ def test_slurm_bad_flags(args, message):
   assert not result.stdout
 
 
+def test_docs_show_what_the_launcher_prints():
+  with open(os.path.join(ROOT, 'docs', 'launchers.md'), encoding='utf-8') as f:
+    example = '#!/bin/bash' + f.read().split('```bash\n#!/bin/bash', 1)[1].split('```')[0]
+  printed = _launch('slurm', '--dry_run', '--nodes=2', '--gpus_per_node=8',
+                    '--time=24:00:00', '--partition=gpu', '--python=.venv/bin/python',
+                    '--code_dir=/home/me/xenith', '--config=experiments/default.py:size=base',
+                    '--workdir=/shared/runs/base', '--', '--config.mesh.data=2',
+                    '--config.mesh.fsdp=8').stdout
+  assert printed == example
+
+
 # Cloud TPU VM
 
 
