@@ -53,10 +53,6 @@ def main_command(python: str, args: argparse.Namespace) -> list[str]:
           *args.main_flags]
 
 
-def join(words: list[str]) -> str:
-  return shlex.join(words)
-
-
 def run_shell(commands: list[str], dry_run: bool) -> int:
   """Runs shell commands in order (stopping at the first failure), or prints them."""
   for command in commands:
@@ -76,7 +72,7 @@ def run_with_input(command: list[str], text: str, dry_run: bool) -> int:
   (as a comment, so the printed text stays a valid script or manifest)."""
   if dry_run:
     print(text, end='' if text.endswith('\n') else '\n')
-    print(f'# command: {join(command)}  (the text above on its stdin)')
+    print(f'# command: {shlex.join(command)}  (the text above on its stdin)')
     return 0
-  print(f'+ {join(command)}', file=sys.stderr, flush=True)
+  print(f'+ {shlex.join(command)}', file=sys.stderr, flush=True)
   return subprocess.run(command, input=text, text=True, check=False).returncode

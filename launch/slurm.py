@@ -116,7 +116,7 @@ def render(args: argparse.Namespace) -> str:
   srun = ['srun', '--kill-on-bad-exit=1', '--label']
   if args.cpus_per_task:  # srun does not take it over from sbatch in every Slurm version.
     srun.append(f'--cpus-per-task={args.cpus_per_task}')
-  lines.append(main_line.join(srun + main_line.main_command(args.python, args)))
+  lines.append(shlex.join(srun + main_line.main_command(args.python, args)))
   return '\n'.join(lines) + '\n'
 
 

@@ -74,8 +74,7 @@ def _gcloud(verb: str, args: argparse.Namespace, *rest: str) -> list[str]:
 
 
 def _on_all_workers(args: argparse.Namespace, command: str) -> str:
-  return main_line.join(_gcloud('ssh', args, args.name, '--worker=all',
-                                f'--command={command}'))
+  return shlex.join(_gcloud('ssh', args, args.name, '--worker=all', f'--command={command}'))
 
 
 def _tarball(args: argparse.Namespace) -> str:
@@ -97,7 +96,7 @@ def _code(args: argparse.Namespace) -> list[str]:
           f'tar -C {shlex.quote(ROOT)} --null --files-from=- --ignore-failed-read '
           f'-czf {shlex.quote(tarball)}')
   name = os.path.basename(tarball)
-  copy = main_line.join(_gcloud('scp', args, tarball, f'{args.name}:{name}', '--worker=all'))
+  copy = shlex.join(_gcloud('scp', args, tarball, f'{args.name}:{name}', '--worker=all'))
   unpack = _on_all_workers(args, f'mkdir -p {remote} && tar -xzf {name} -C {remote} && '
                            f'rm {name}')
   return [pack, copy, unpack]
@@ -112,7 +111,7 @@ def _run(args: argparse.Namespace) -> str:
   log, pid, code = _logs(args)
   environment = ''.join(f'{shlex.quote(item.split("=", 1)[0])}='
                         f'{shlex.quote(item.split("=", 1)[1])} ' for item in args.env)
-  line = main_line.join(main_line.main_command('.venv/bin/python', args))
+  line = shlex.join(main_line.main_command('.venv/bin/python', args))
   # A background subshell, deaf to the hangup that ends the ssh session, starts main.py
   # (its pid for stop and logs) and records its exit status for logs.
   return _on_all_workers(
@@ -146,7 +145,7 @@ def commands(args: argparse.Namespace) -> list[str]:
   steps = args.steps.split(',')
   out = []
   if 'create' in steps:
-    out.append(main_line.join(_gcloud(
+    out.append(shlex.join(_gcloud(
         'create', args, args.name, f'--accelerator-type={args.accelerator_type}',
         f'--version={args.version}', *(['--spot'] if args.spot else []))))
   if 'code' in steps:
@@ -161,7 +160,7 @@ def commands(args: argparse.Namespace) -> list[str]:
   if 'logs' in steps:
     out.append(_follow(args))
   if 'delete' in steps:
-    out.append(main_line.join(_gcloud('delete', args, args.name, '--quiet')))
+    out.append(shlex.join(_gcloud('delete', args, args.name, '--quiet')))
   return out
 
 
