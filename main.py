@@ -17,6 +17,10 @@ saved there by the previous call and saves it again.
 import_hf writes the Xenith config (xenith_config.json, config.py) and the params as an
 Orbax checkpoint (checkpoints/0); export_hf writes config.json + model.safetensors from
 the workdir's newest params (pass --config for a training run's workdir).
+
+A run over several processes (hosts) starts this same line on each; they find each other
+through --coordinator_address / --num_processes / --process_id or the cluster's
+environment (see xenith/distributed.py and docs/multihost.md).
 """
 
 import os
@@ -33,6 +37,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from xenith import distributed
 from xenith import errors
 from xenith.config_validation import validate
 
@@ -67,6 +72,16 @@ _ALLOW_CHANGES = flags.DEFINE_list(
     'allow_changes', [], 'train: resume although these differ from what the workdir was '
     'trained with: config fields or prefixes (num_train_steps, optimizer), tokenizer, '
     'data. Without it such a resume stops and names what changed.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process runs: host:port of process 0\'s '
+    'coordinator (default: $JAX_COORDINATOR_ADDRESS, or what JAX detects on SLURM, Cloud '
+    'TPU, Open MPI or Kubernetes).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process runs: how many processes the run spans '
+    '(default: $JAX_NUM_PROCESSES, or detected).', lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Multi-process runs: this process\'s index in [0, '
+    'num_processes) (default: $JAX_PROCESS_ID, or detected).', lower_bound=0)
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'describe: size the mesh for this many devices (default: the '
     'devices present).', lower_bound=1)
@@ -104,6 +119,36 @@ def parse_flags(argv):
     sys.exit(f'Invalid flags: --config={flags.FLAGS["config"].config_filename}: {reason}')
 
 
+class _ProcessPrefix(logging.logging.Filter):
+  """Starts each log line with the process index when the run spans processes."""
+
+  def __init__(self, index: int, count: int):
+    super().__init__()
+    self._prefix = f'[process {index}/{count}] '
+
+  def filter(self, record):
+    if not str(record.msg).startswith(self._prefix):
+      record.msg = self._prefix + str(record.msg)
+    return True
+
+
+_ONE_PROCESS_MODES = ('generate', 'import_hf', 'export_hf')
+
+
+def _join_processes() -> None:
+  """`jax.distributed` for a run that spans processes (xenith/distributed.py)."""
+  settings = distributed.Settings.from_flags(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not distributed.spans_processes(settings):
+    return
+  if _MODE.value in _ONE_PROCESS_MODES:
+    raise errors.ConfigError(f'--mode={_MODE.value} runs in one process; start it '
+                             'without --num_processes / a multi-process job.')
+  distributed.initialize(settings)
+  logging.get_absl_handler().addFilter(
+      _ProcessPrefix(jax.process_index(), jax.process_count()))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -113,10 +158,14 @@ def main(argv):
   if _MODE.value != 'train':
     sigterm.restore_default()  # Only training has a safe point to stop at.
   try:
+    _join_processes()
     modes[_MODE.value]()
   except errors.XenithError as e:  # Bad input: one line, no traceback.
     label = 'Invalid config' if isinstance(e, errors.ConfigError) else type(e).__name__
-    sys.exit(f'{label}: {e}')
+    if isinstance(e, errors.ConfigError) and not distributed.is_primary():
+      sys.exit(1)  # Every process finds the same config error; process 0 reports it.
+    prefix = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
+    sys.exit(f'{prefix}{label}: {e}')
 
 
 def _config(num_devices=None):
@@ -146,9 +195,11 @@ def _train():
 
 def _describe():
   from xenith.sizing import describe  # pylint: disable=g-import-not-at-top
-  num_devices = _NUM_DEVICES.value or jax.device_count()
-  print(describe.format_description(flags.FLAGS['config'].config_filename,
-                                    describe.describe(_config(num_devices), num_devices)))
+  num_devices = _NUM_DEVICES.value or jax.device_count()  # All processes' devices.
+  text = describe.format_description(flags.FLAGS['config'].config_filename,
+                                     describe.describe(_config(num_devices), num_devices))
+  if distributed.is_primary():  # One copy of the table for the whole job.
+    print(text)
 
 
 def _generate():

@@ -29,6 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from xenith import atomic_files
+from xenith import distributed
 from xenith import sweeps
 
 _CONFIG = flags.DEFINE_string(
@@ -59,6 +60,21 @@ def parse_flags(argv):
   if len(rest) > 1:
     sys.exit(f'Unexpected arguments {rest[1:]}; put flags for main.py after --.')
   return rest + extra
+
+
+def _processes(extra):
+  """(this process's index, whether each run spans processes), from the main.py flags in
+  `extra` (--coordinator_address, --num_processes, --process_id), their environment
+  variables or the cluster JAX detects: on a pod every host runs this same sweep."""
+  given = dict(arg[2:].split('=', 1) for arg in extra if arg.startswith(
+      ('--coordinator_address=', '--num_processes=', '--process_id=')))
+  try:
+    settings = distributed.Settings.from_flags(
+        given.get('coordinator_address'),
+        *(int(given[k]) if k in given else None for k in ('num_processes', 'process_id')))
+    return distributed.process_id(settings), distributed.spans_processes(settings)
+  except (ValueError, distributed.ConfigError) as e:
+    raise sweeps.SweepError(f'multi-process flags: {e}') from None
 
 
 def _check_extra(extra, fields):
@@ -128,10 +144,12 @@ def _log_tail(path, lines=5):
 
 
 class _Runner:
-  """Runs commands as subprocesses from the repo root, `parallel` at a time."""
+  """Runs commands as subprocesses from the repo root, `parallel` at a time; process
+  `process` of a multi-process sweep logs to its own file."""
 
-  def __init__(self, parallel):
+  def __init__(self, parallel, process=0):
     self.parallel = parallel
+    self.log_name = 'log.txt' if process == 0 else f'log.process{process}.txt'
     self.running = {}  # index -> (process, log file, start time)
     self.stopping = False
     self.env = dict(os.environ)
@@ -142,7 +160,7 @@ class _Runner:
     os.makedirs(run_dir, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):  # An earlier sweep's outcome.
       os.remove(os.path.join(run_dir, _MARKER))
-    log = open(os.path.join(run_dir, 'log.txt'), 'a')
+    log = open(os.path.join(run_dir, self.log_name), 'a')
     log.write(f'# {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(command)}\n')
     log.flush()
     process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
@@ -165,10 +183,11 @@ class _Runner:
         process.send_signal(signal.SIGTERM)
 
 
-def run_sweep(workdir, names, commands, todo, parallel):
-  """Runs `commands[i]` for i in `todo`; returns {i: exit code}, None where we stopped it."""
+def run_sweep(workdir, names, commands, todo, parallel, process=0):
+  """Runs `commands[i]` for i in `todo`; returns {i: exit code}, None where we stopped it.
+  Process 0 of a multi-process sweep writes the markers."""
   codes = {}
-  runner = _Runner(parallel)
+  runner = _Runner(parallel, process)
   previous = signal.signal(signal.SIGTERM, lambda *_: runner.stop())
   todo = list(todo)
   try:
@@ -180,13 +199,14 @@ def run_sweep(workdir, names, commands, todo, parallel):
       for i, code, seconds in runner.poll():
         run_dir = os.path.join(workdir, names[i])
         codes[i] = None if runner.stopping else code
-        atomic_files.write_json(os.path.join(run_dir, _MARKER),
-                                {'command': commands[i], 'exit_code': codes[i]}, indent=2)
+        if process == 0:
+          atomic_files.write_json(os.path.join(run_dir, _MARKER),
+                                  {'command': commands[i], 'exit_code': codes[i]}, indent=2)
         status = ('stopped' if runner.stopping else 'ok' if code == 0 else
                   f'FAILED (exit {code})')
         print(f'{status:<7} {names[i]} ({seconds:.0f} s)', flush=True)
         if code and not runner.stopping:
-          print(_log_tail(os.path.join(run_dir, 'log.txt')), end='', flush=True)
+          print(_log_tail(os.path.join(run_dir, runner.log_name)), end='', flush=True)
       time.sleep(0.2)
   except KeyboardInterrupt:
     print('Interrupted: waiting for running points to checkpoint and exit ...', flush=True)
@@ -208,6 +228,11 @@ def main(argv):
   try:
     points = sweeps.load_sweep(spec)
     _check_extra(extra, sweeps.sweep_fields(points))
+    process, spans_processes = _processes(extra)
+    if spans_processes and _PARALLEL.value > 1:
+      raise sweeps.SweepError(
+          f'--parallel={_PARALLEL.value}: the runs span processes (hosts), which share '
+          'one coordinator; run the points one at a time (--parallel=1)')
     indices = list(range(len(points)))
     if _POINTS.value is not None:
       try:
@@ -235,7 +260,11 @@ def main(argv):
 
   print(f'Sweep: {len(indices)} of {len(points)} points, {len(indices) - len(todo)} already '
         f'finished, {_PARALLEL.value} at a time, in {workdir}', flush=True)
-  codes = run_sweep(workdir, names, commands, todo, _PARALLEL.value)
+  codes = run_sweep(workdir, names, commands, todo, _PARALLEL.value, process)
+  if process != 0:  # Process 0 writes the summary.
+    failed = [names[i] for i in indices if codes.get(i)]
+    sys.exit(f'Process {process}: {", ".join(failed)} failed (see '
+             f'log.process{process}.txt in each run folder)' if failed else 0)
   results = [_status(d, n, codes.get(i)) for i, (d, n) in enumerate(zip(run_dirs, num_steps))]
   table = sweeps.write_summary(workdir, points, names, *zip(*results))
   print(f'\n{table}\nSummary: {os.path.join(workdir, "summary.md")} and summary.csv; '

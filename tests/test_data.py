@@ -307,16 +307,21 @@ def test_iterator_checkpoint_with_orbax(ds, tmp_path):
   _assert_same_batches(_take(resumed, 6), expected)
 
 
-def test_processes_read_disjoint_shards(config, ds):
-  tok = ds.tokenizer
-  n_train = ds.stats['train_passages']
-  seen = []
+def test_processes_feed_their_rows_of_the_one_process_batches(config, ds):
+  # Two processes: process i feeds rows [i * B/2, (i + 1) * B/2) of each global batch,
+  # so together they train on exactly the one-process batches.
+  whole = _take(iter(ds.train), 5)
+  shards = []
   for index in range(2):
     shard = pipeline.create_datasets(config, process_index=index, process_count=2)
     assert shard.batch_size == BATCH // 2
-    rows = take_documents(iter(shard.train), n_train // 2, tok)
-    seen.append({tok.decode(d) for d in split_documents(rows, tok)[:n_train // 2]})
-  assert seen[0] and seen[1] and not seen[0] & seen[1]
+    shards.append(_take(iter(shard.train), 5))
+  for step, batch in enumerate(whole):
+    for k in batch:
+      np.testing.assert_array_equal(
+          batch[k], np.concatenate([shards[0][step][k], shards[1][step][k]]))
+  rows = [{r.tobytes() for b in shard for r in b['inputs']} for shard in shards]
+  assert rows[0] and rows[1] and not rows[0] & rows[1]
 
 
 def test_eval_batches_finite_deterministic_padded(config, ds):

@@ -118,6 +118,29 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
             f'{ways} ways over mesh axes {axes}')
 
 
+def process_rows(sharding: NamedSharding, global_batch_size: int) -> tuple[int, int]:
+  """(block, blocks): this process feeds rows [block * b, (block + 1) * b) of each global
+  batch, b = global_batch_size // blocks, as the devices it holds under `sharding` (a
+  `batch_sharding`) need. One process: (0, 1); two processes splitting the batch: (i, 2);
+  processes that share rows (the batch axis not split across them) get the same block.
+  """
+  intervals = sorted({index[0].indices(global_batch_size)[:2] for index in
+                      sharding.addressable_devices_indices_map((global_batch_size,)).values()})
+  start, stop = intervals[0][0], max(hi for _, hi in intervals)
+  covered = start
+  for lo, hi in intervals:
+    if lo > covered:
+      break
+    covered = max(covered, hi)
+  rows = stop - start
+  if covered < stop or global_batch_size % rows or start % rows:
+    raise ConfigError(
+        'mesh', f'process {jax.process_index()} holds batch rows {intervals} of '
+        f'{global_batch_size}, not one contiguous block; order the mesh so that each '
+        'process holds a contiguous block of the batch')
+  return start // rows, global_batch_size // rows
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """Assembles per-process numpy batches into global sharded jax.Arrays."""
   return {k: jax.make_array_from_process_local_data(sharding, v)

@@ -89,10 +89,14 @@ class PasskeyIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     s = self._stream
-    seed = (TRAIN_SEED_BASE + s.seed * 2**32 + self._step * s.process_count
-            + s.process_index)
+    # The whole global batch from one seed, then this process's rows: the same data
+    # however many processes feed it.
+    seed = TRAIN_SEED_BASE + s.seed * 2**32 + self._step
     self._step += 1
-    return make_rows(s.tokenizer, s.seq_len, s.batch_size, seed, s.digits)
+    rows = make_rows(s.tokenizer, s.seq_len, s.batch_size * s.process_count, seed,
+                     s.digits)
+    first = s.process_index * s.batch_size
+    return {k: v[first:first + s.batch_size] for k, v in rows.items()}
 
   def get_state(self) -> dict[str, Any]:
     return {'step': self._step}

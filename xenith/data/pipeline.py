@@ -59,7 +59,7 @@ class Datasets:
   Attributes:
     tokenizer: encodes/decodes text; `vocab_size` <= config.model.vocab_size.
     train: `iter(train)` is an infinite, checkpointable grain DatasetIterator
-      of this process's batches (`get_state()` / `set_state()`, or Orbax with
+      of this process's rows of each global batch (`get_state()` / `set_state()`, or Orbax with
       `grain.checkpoint.CheckpointSave` / `CheckpointRestore`).
     unigram_loss: validation cross-entropy (nats per predicted token) under the
       train split's add-one smoothed unigram distribution; the baseline to beat.
@@ -107,20 +107,38 @@ class Datasets:
       yield batch
 
 
+class _Rows:
+  """A global batch -> rows [start, stop) of it (this process's share)."""
+
+  def __init__(self, start: int, stop: int):
+    self._start, self._stop = start, stop
+
+  def __call__(self, batch: Batch) -> Batch:
+    return {k: v[self._start:self._stop] for k, v in batch.items()}
+
+
 def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                    process_index: int, process_count: int) -> grain.IterDataset:
-  """Infinite packed batches of this process's shard, reshuffled every epoch."""
-  ds = grain.MapDataset.source(split)[process_index::process_count]
-  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-    raise DataError(f'The train split has {len(split)} passages, fewer than the '
-                    f'{process_count} processes reading it.')
+  """Infinite packed batches, reshuffled every epoch: this process's rows of each
+  global batch.
+
+  Every process shuffles, tokenizes and packs the whole split in the same order and
+  keeps only its rows, so the global batch of step s is the same however many
+  processes feed it (a run resumed on another process count sees the same data), and
+  every process's iterator position is the same.
+  """
+  ds = grain.MapDataset.source(split)
   # shuffle -> repeat: epoch e shuffles with shuffle_seed + e, so the order
   # changes every epoch. Hashing config.seed keeps runs with seeds s and s + 1
   # from replaying each other's epochs one epoch apart.
   shuffle_seed = int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
   ds = ds.shuffle(seed=shuffle_seed).repeat().map(_Tokenize(tokenizer))
   rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
-  return rows.batch(batch_size, drop_remainder=True)
+  batches = rows.batch(batch_size * process_count, drop_remainder=True)
+  if process_count == 1:
+    return batches
+  first = process_index * batch_size
+  return batches.map(_Rows(first, first + batch_size))
 
 
 def _validation_rows(split, tokenizer, seq_len: int) -> grain.IterDataset:
@@ -155,9 +173,11 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
     config: the experiment config; reads `config.data.*`,
       `config.model.vocab_size`, `config.max_seq_len`,
       `config.global_batch_size` and `config.seed`.
-    process_index: this process (jax.process_index()); reads shard
-      `process_index` of `process_count` of the train split.
-    process_count: the number of processes (jax.process_count()).
+    process_index: which block of rows of each global batch this process feeds:
+      rows [process_index * b, (process_index + 1) * b), b = global_batch_size //
+      process_count (`sharding.process_rows` finds it from the batch sharding).
+    process_count: how many blocks the global batch is cut into (the number of
+      processes when each feeds its own rows).
     tokenizer: the tokenizer to use (a workdir's pinned copy); None = the one
       `config.data.tokenizer` names.
 

@@ -13,8 +13,10 @@ from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from xenith import distributed
 from xenith.errors import CheckpointMismatchError
 from xenith.errors import CheckpointSaveError
 from xenith.errors import WorkdirError
@@ -86,7 +88,7 @@ class Checkpointer:
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave(data_iterator.get_state()),
+          data=ocp.args.JsonSave(_data_state(data_iterator)),
           extra=ocp.args.JsonSave(extra)), force=True)
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise self._save_error(e) from e
@@ -96,6 +98,11 @@ class Checkpointer:
     logging.info('Saving checkpoint for step %d to %s', step, self.directory)
     if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # Tests: die while it is written.
       os.kill(os.getpid(), signal.SIGKILL)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether all processes are to save `step` and stop (a SIGTERM reached one of them:
+    JAX's preemption sync point, the same step on every process)."""
+    return self._manager.reached_preemption(step)
 
   def _committed(self) -> None:
     logging.info('Checkpoint for step %s committed.', self._in_flight)
@@ -195,17 +202,23 @@ class Checkpointer:
       difference = checksum.first_difference(saved, checksum.checksums(restored['state']))
       if difference:
         raise ValueError(f'checksum mismatch: {difference}')
-    data_iterator.set_state(restored['data'])
+    data_iterator.set_state(_own_data_state(restored['data'], step))
     logging.info('Restored checkpoint for step %d from %s', step, self.directory)
     return restored['state'], extra
 
   def _move_aside(self, step: int) -> str:
-    """Moves a damaged step out of `checkpoints/` (never deletes it); its new path."""
+    """Moves a damaged step out of `checkpoints/` (never deletes it); its new path.
+
+    Process 0 moves it; every process finds the same step damaged and waits for it.
+    """
     target = os.path.join(self.workdir, 'damaged_checkpoints', str(step))
-    if os.path.exists(target):
-      target += f'-{int(time.time())}'
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_index() == 0:
+      if os.path.exists(target):
+        target += f'-{int(time.time())}'
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'xenith_move_aside_{step}')
     return target
 
   def _protect_newest_clean(self, restored: int, extra: dict[str, Any]) -> None:
@@ -244,6 +257,33 @@ class Checkpointer:
       if exc_type is None:
         raise
       logging.exception('The checkpoint save in flight failed too.')  # Keep the first.
+
+
+_PER_PROCESS = 'per_process'  # The data item of a multi-process save: every process's state.
+
+
+def _data_state(data_iterator) -> Any:
+  """The data item to save: the iterator's state; with several processes, every process's
+  state under _PER_PROCESS (JSON items are written by process 0 alone, so each process's
+  own position would otherwise be lost). A collective when there are several processes."""
+  state = data_iterator.get_state()
+  if jax.process_count() == 1:
+    return state
+  return {_PER_PROCESS: distributed.gather_json(state)}
+
+
+def _own_data_state(saved: Any, step: int) -> Any:
+  """This process's iterator state from a saved data item (`_data_state`)."""
+  if not (isinstance(saved, dict) and _PER_PROCESS in saved):
+    return saved  # Saved by one process: the position of the one global stream.
+  states = saved[_PER_PROCESS]
+  if len(states) == jax.process_count():
+    return states[jax.process_index()]
+  if all(state == states[0] for state in states):
+    return states[0]  # Every process was at the same position: any count can resume.
+  raise WorkdirError(
+      f'Checkpoint step {step} holds the data positions of {len(states)} processes, which '
+      f'differ; resume it with {len(states)} processes, not {jax.process_count()}.')
 
 
 def _read_extra(directory: str, step: int) -> dict[str, Any]:

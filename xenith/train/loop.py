@@ -27,6 +27,7 @@ from xenith.eval import passkey
 from xenith.model import lora
 from xenith.model.build import make_model
 from xenith.sizing import flops
+from xenith.train import batch_log
 from xenith.train import checkpointing
 from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
@@ -97,7 +98,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final train and eval metrics (also written to workdir/final_metrics.json); {} when a
   SIGTERM came before the first step.
   """
-  sigterm.install()  # From the start: a SIGTERM during set-up ends the run too.
+  if jax.process_count() == 1:
+    # From the start: a SIGTERM during set-up ends the run too. (Several processes
+    # leave SIGTERM to JAX's preemption notifier, which all of them consult together.)
+    sigterm.install()
   holds_lock = jax.process_index() == 0
   with WorkdirLock(workdir) if holds_lock else contextlib.nullcontext():
     return _train_and_evaluate(config, workdir, tuple(allow_changes))
@@ -120,8 +124,11 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
   mesh = sharding.create_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
 
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  # The rows of each global batch this process's devices hold: its share to feed.
+  block, blocks = sharding.process_rows(batch_sharding, config.global_batch_size)
   datasets = pipeline.create_datasets(
-      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      config, process_index=block, process_count=blocks,
       # The run's own tokenizer, unless a new one is allowed in.
       tokenizer=None if 'tokenizer' in allow_changes else record.pinned_tokenizer())
   if resuming:
@@ -136,7 +143,6 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
     passkey_every = passkey_config.every_steps or config.eval_every_steps
   tx = optimizer.create_optimizer(config)
   lr_schedule = optimizer.learning_rate_schedule(config)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
 
   with (jax.set_mesh(mesh), nn.logical_axis_rules(rules),
@@ -182,7 +188,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       if final is not None:
         logging.info('Already trained to step %d; nothing to do.', initial_step)
         return final
-    if sigterm.received():
+    if jax.process_count() == 1 and sigterm.received():
       logging.warning('SIGTERM before the first step: nothing new to save; exiting.')
       return {}
 
@@ -204,6 +210,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
     train_summary, eval_summary, passkey_summary = {}, {}, {}
     interval_start, interval_steps = None, 0
     skips = _SkipCounter(config, checkpointer)
+    fed = batch_log.BatchLog.from_env()  # Tests: which rows each process fed.
 
     def check_finite(step):
       if pending is not None and config.on_nonfinite == 'stop':
@@ -220,7 +227,9 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       train_summary = extra.get('summary') or {}
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = sharding.global_batch(next(train_iter), batch_sharding)
+        local_batch = next(train_iter)
+        fed.add(step, local_batch)
+        batch = sharding.global_batch(local_batch, batch_sharding)
         state, metrics = train_step(state, batch, dropout_key)
       skips.add(metrics, step)
       if saved_metrics is not None:  # Resumed mid-interval: log what a non-stop run logs.
@@ -269,7 +278,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         writer.write_scalars(step, passkey_summary)
         interval_start += time.perf_counter() - passkey_start  # Not train time either.
 
-      stopping = sigterm.received()
+      stopping = _preempted(checkpointer, step)
       if stopping:
         logging.warning('SIGTERM received: checkpointing step %d, then exiting.', step)
       if step % config.checkpoint_every_steps == 0 or last_step or stopping:
@@ -288,6 +297,15 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
   if jax.process_index() == 0:
     atomic_files.write_json(final_path, final, indent=2)
   return final
+
+
+def _preempted(checkpointer: Checkpointer, step: int) -> bool:
+  """Whether to save `step` and stop: a SIGTERM came. Several processes stop together at
+  the step JAX's preemption sync point names (Orbax's `reached_preemption`), so all of
+  them save the same step."""
+  if jax.process_count() == 1:
+    return sigterm.received()
+  return checkpointer.reached_preemption(step)
 
 
 class _SkipCounter:
