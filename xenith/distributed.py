@@ -16,6 +16,7 @@ in a collective for ever.
 import dataclasses
 import json
 import os
+import signal
 from typing import Any
 
 from absl import logging
@@ -23,6 +24,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from xenith import sigterm
 from xenith.errors import ConfigError
 
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
@@ -146,6 +148,10 @@ def initialize(settings: Settings) -> bool:
       initialization_timeout=max(60, 5 * settings.heartbeat_timeout_s),
       heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
       shutdown_timeout_seconds=max(30, settings.heartbeat_timeout_s))
+  if sigterm.received():
+    # It came before JAX's preemption notifier took over SIGTERM: hand it on, so that
+    # all processes stop together at the first step.
+    os.kill(os.getpid(), signal.SIGTERM)
   logging.info('Process %d of %d; %d of %d devices are local.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
