@@ -142,8 +142,8 @@ def _join_processes() -> None:
   if not distributed.spans_processes(settings):
     return
   if _MODE.value in _ONE_PROCESS_MODES:
-    raise errors.ConfigError(f'--mode={_MODE.value} runs in one process; start it '
-                             'without --num_processes / a multi-process job.')
+    raise errors.FlagError(f'--mode={_MODE.value} runs in one process; start it '
+                           'without --num_processes / a multi-process job.')
   distributed.initialize(settings)
   logging.get_absl_handler().addFilter(
       _ProcessPrefix(jax.process_index(), jax.process_count()))
@@ -161,7 +161,8 @@ def main(argv):
     _join_processes()
     modes[_MODE.value]()
   except errors.XenithError as e:  # Bad input: one line, no traceback.
-    label = 'Invalid config' if isinstance(e, errors.ConfigError) else type(e).__name__
+    label = ('Invalid config' if isinstance(e, errors.ConfigError) else
+             'Invalid flags' if isinstance(e, errors.FlagError) else type(e).__name__)
     if isinstance(e, errors.ConfigError) and not distributed.is_primary():
       sys.exit(1)  # Every process finds the same config error; process 0 reports it.
     prefix = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''

@@ -73,7 +73,7 @@ def _processes(extra):
         given.get('coordinator_address'),
         *(int(given[k]) if k in given else None for k in ('num_processes', 'process_id')))
     return distributed.process_id(settings), distributed.spans_processes(settings)
-  except (ValueError, distributed.ConfigError) as e:
+  except (ValueError, distributed.FlagError) as e:
     raise sweeps.SweepError(f'multi-process flags: {e}') from None
 
 

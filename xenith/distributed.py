@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from xenith import sigterm
-from xenith.errors import ConfigError
+from xenith.errors import FlagError
 
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
@@ -54,7 +54,7 @@ class Settings:
       try:
         return int(text)
       except ValueError:
-        raise ConfigError(f'{env}={text!r} is not an integer.') from None
+        raise FlagError(f'{env}={text!r} is not an integer.') from None
 
     heartbeat = number(None, ENV_HEARTBEAT)
     return cls(coordinator_address=coordinator_address or os.environ.get(ENV_COORDINATOR),
@@ -93,22 +93,22 @@ def _check(settings: Settings) -> None:
   """Bad combinations as one line, before anything waits on a coordinator."""
   n, i = settings.num_processes, settings.process_id
   if n is not None and n < 1:
-    raise ConfigError(f'--num_processes={n} must be at least 1.')
+    raise FlagError(f'--num_processes={n} must be at least 1.')
   if i is not None and n is not None and not 0 <= i < n:
-    raise ConfigError(f'--process_id={i} is not in [0, {n}) (--num_processes={n}).')
+    raise FlagError(f'--process_id={i} is not in [0, {n}) (--num_processes={n}).')
   if n is not None and n > 1 and (settings.coordinator_address is None or i is None):
     if detected_cluster() is None:
       missing = [name for name, value in (('--coordinator_address',
                                            settings.coordinator_address),
                                           ('--process_id', i)) if value is None]
-      raise ConfigError(
+      raise FlagError(
           f'--num_processes={n} needs {" and ".join(missing)} (or their environment '
           f'variables {ENV_COORDINATOR}, {ENV_PROCESS_ID}) outside a cluster JAX detects.')
   address = settings.coordinator_address
   if address is not None and (':' not in address or not address.rsplit(':', 1)[1].isdigit()):
-    raise ConfigError(f'--coordinator_address={address!r} must be host:port.')
+    raise FlagError(f'--coordinator_address={address!r} must be host:port.')
   if settings.heartbeat_timeout_s < 1:
-    raise ConfigError(f'{ENV_HEARTBEAT}={settings.heartbeat_timeout_s} must be positive.')
+    raise FlagError(f'{ENV_HEARTBEAT}={settings.heartbeat_timeout_s} must be positive.')
 
 
 def spans_processes(settings: Settings) -> bool:

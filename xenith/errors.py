@@ -19,6 +19,10 @@ class ConfigError(XenithError, ValueError):
     super().__init__(f'config.{field}: {message}')
 
 
+class FlagError(XenithError, ValueError):
+  """A bad command-line flag (or the environment variable standing in for it)."""
+
+
 class DataError(XenithError, ValueError):
   """Bad data or data settings: a missing folder, an undecodable file, a bad config.
 
@@ -53,3 +57,7 @@ class WorkdirError(XenithError, RuntimeError):
 
 class CheckpointSaveError(XenithError, RuntimeError):
   """A checkpoint could not be written (a full disk...); the older ones are intact."""
+
+
+class StorageError(XenithError, ValueError):
+  """A path or URL no installed storage backend can write (`xenith/storage.py`)."""
