@@ -1,8 +1,10 @@
 """Files written so that a reader (or a rerun after a kill) never sees a partial one.
 
-Everything goes to a temporary name in the destination's folder, is flushed to disk, and
-is renamed over the destination (`os.replace`, atomic on POSIX file systems). A kill or a
-full disk leaves the old file (or none), never a truncated one.
+Locally, everything goes to a temporary name in the destination's folder, is flushed to
+disk, and is renamed over the destination (`os.replace`, atomic on POSIX file systems). A
+kill or a full disk leaves the old file (or none), never a truncated one. On an object
+store (gs://, see `storage.py`) an object appears only once its upload completes, whole,
+so the file is written (uploaded) directly; a rename there would be a copy.
 """
 
 import contextlib
@@ -11,16 +13,27 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from etils import epath
+
+from xenith import storage
+
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary path beside `path`; on success it is renamed to `path`.
 
   For writers that take a path (np.savez, safetensors' save_file). On an exception the
-  temporary file is removed and `path` is left as it was.
+  temporary file is removed and `path` is left as it was. For a gs:// `path` the
+  temporary file is local and uploaded on success.
   """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
+  if storage.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix='xenith-upload-') as folder:
+      tmp = os.path.join(folder, 'file')
+      yield tmp
+      epath.Path(tmp).copy(storage.path(path), overwrite=True)
+    return
+  path = storage.check_supported(path)
+  directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
                              suffix='.tmp')
@@ -38,6 +51,9 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically."""
+  if storage.is_remote(path):
+    storage.path(path).write_bytes(data)  # Folders are implicit in a bucket.
+    return
   with replacing(path) as tmp, open(tmp, 'wb') as f:
     f.write(data)
 
