@@ -10,6 +10,7 @@ import os
 import ml_collections
 
 from xenith import sharding
+from xenith import storage
 from xenith.errors import ConfigError
 from xenith.model import attention_pattern
 from xenith.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
@@ -78,7 +79,8 @@ def _validate_rope(config) -> None:
 
 def _validate_lora(config) -> None:
   """`config.model.lora` (checked only when adapters are on) and `init_from_checkpoint`."""
-  _require(config, 'init_from_checkpoint', lambda v: v == '' or os.path.isdir(v),
+  _require(config, 'init_from_checkpoint', lambda v: v == '' or storage.path(
+      v, 'config.init_from_checkpoint').is_dir(),
            "is not a directory ('' = random init; else a workdir or checkpoint dir)")
   if 'lora' not in config.model:
     return
@@ -295,10 +297,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
 
   _one_of(config, 'data.source', DATA_SOURCES)
   if config.data.source == 'folder':
-    _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(v),
+    _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(storage.check_local(
+        v, 'config.data.path', 'its documents are listed and read as local files')),
              "is not a folder (data.source='folder' reads .txt/.jsonl files from it)")
   tokenizer = config.data.tokenizer
-  if tokenizer not in NAMED_TOKENIZERS and not os.path.isfile(tokenizer):
+  if tokenizer not in NAMED_TOKENIZERS and not storage.is_file(
+      storage.path(tokenizer, 'config.data.tokenizer')):
     raise ConfigError('data.tokenizer', f'{tokenizer!r} is neither one of '
                       f'{NAMED_TOKENIZERS} nor an existing SentencePiece .model file')
   _require(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')

@@ -22,6 +22,7 @@ The data cache stays local (`xenith/data/cache.py` says why).
 
 import contextlib
 import functools
+import importlib.util
 import os
 import re
 import tempfile
@@ -30,6 +31,7 @@ from typing import Iterator
 from etils import epath
 
 from xenith.errors import StorageError
+from xenith.errors import WorkdirError
 
 SUPPORTED_SCHEMES = ('gs',)
 _URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$', re.DOTALL)
@@ -56,6 +58,9 @@ def _gcs_unavailable() -> str | None:
             'tf.io.gfile reads and writes gs://)')
   if 'gs' not in tf.io.gfile.get_registered_schemes():
     return 'this TensorFlow build has no GCS file system'
+  if importlib.util.find_spec('google.cloud.storage') is None:
+    return ('google-cloud-storage is not installed (in requirements.txt: Orbax asks '
+            'the bucket for its layout through it)')
   return None
 
 
@@ -91,6 +96,19 @@ def check_supported(url: str | os.PathLike, what: str = 'path') -> str:
 def path(url: str | os.PathLike, what: str = 'path') -> epath.Path:
   """The `epath.Path` of a local path or supported URL (see `check_supported`)."""
   return epath.Path(check_supported(url, what))
+
+
+def make_workdir(url: str) -> str:
+  """`--workdir` checked (`check_supported`) and created; WorkdirError if it is a file.
+
+  The workdir as every other module takes it: an absolute local path or a gs:// URL.
+  """
+  workdir = check_supported(url, '--workdir')
+  folder = epath.Path(workdir)
+  if folder.exists() and not folder.is_dir():
+    raise WorkdirError(f'--workdir={url} is a file, not a folder.')
+  folder.mkdir(parents=True, exist_ok=True)
+  return workdir
 
 
 def check_local(url: str | os.PathLike, what: str, why: str) -> str:

@@ -11,13 +11,20 @@ from typing import Iterator
 
 from absl import logging
 
+from xenith import storage
 from xenith.errors import DataError
 
 
 def cache_dir(data_config) -> pathlib.Path:
-  """`config.data.cache_dir`, else `$XENITH_CACHE`, else `~/.cache/xenith`."""
+  """`config.data.cache_dir`, else `$XENITH_CACHE`, else `~/.cache/xenith`.
+
+  Always a local folder (a gs:// one is refused in one line): processes share it through
+  file locks (fcntl), and grain reads the prepared array_record files with random access.
+  """
   path = data_config.cache_dir or os.environ.get('XENITH_CACHE') or '~/.cache/xenith'
-  path = pathlib.Path(path).expanduser().absolute()
+  path = pathlib.Path(storage.check_local(
+      path, 'config.data.cache_dir', 'it is shared through file locks and read with '
+      'random access; a workdir can be on gs:// all the same'))
   path.mkdir(parents=True, exist_ok=True)
   return path
 

@@ -16,9 +16,11 @@ import pathlib
 import zipfile
 
 from absl import logging
+from etils import epath
 import sentencepiece as spm
 
 from xenith import atomic_files
+from xenith import storage
 from xenith.data import cache as cache_lib
 from xenith.data import passages as passages_lib
 from xenith.errors import DataError
@@ -166,10 +168,10 @@ def mixtral_model_proto(cache: pathlib.Path) -> bytes:
   return path.read_bytes()
 
 
-def check_model_path(spec: str) -> pathlib.Path:
-  """The `.model` file named by `config.data.tokenizer`, if it exists."""
-  path = pathlib.Path(spec).expanduser()
-  if not path.is_file():
+def check_model_path(spec: str) -> epath.Path:
+  """The `.model` file named by `config.data.tokenizer` (local or gs://), if it exists."""
+  path = storage.path(spec, 'config.data.tokenizer')
+  if not storage.is_file(path):
     raise DataError(f"config.data.tokenizer={spec!r} is not 'train', 'mixtral' "
                     'or an existing SentencePiece .model file.')
   return path

@@ -25,6 +25,7 @@ from flax import traverse_util
 import ml_collections
 
 from xenith import atomic_files
+from xenith import storage
 from xenith.data import pipeline
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.errors import WorkdirError
@@ -82,13 +83,13 @@ class RunRecord:
   """A workdir's `run.json` (see the module doc)."""
 
   def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, RECORD_FILE)
-    self.tokenizer_path = os.path.join(self.workdir, pipeline.PINNED_TOKENIZER)
+    self.workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
+    self.path = storage.path(self.workdir) / RECORD_FILE
+    self.tokenizer_path = storage.path(self.workdir) / pipeline.PINNED_TOKENIZER
     self.record = None
-    if os.path.exists(self.path):
+    if self.path.exists():
       try:
-        with open(self.path) as f:
+        with self.path.open() as f:
           self.record = json.load(f)
       except (OSError, ValueError) as e:
         raise WorkdirError(f'{self.path} is unreadable ({e}); it records what this '
@@ -97,16 +98,15 @@ class RunRecord:
   def forget(self) -> None:
     """A start with no checkpoint to resume: nothing was trained with the old record."""
     for path in (self.path, self.tokenizer_path):
-      if os.path.exists(path):
-        os.remove(path)
+      path.unlink(missing_ok=True)
     self.record = None
 
   def pinned_tokenizer(self) -> tokenizer_lib.Tokenizer | None:
     """The workdir's copy of its tokenizer; None before the first start."""
-    if not os.path.isfile(self.tokenizer_path):
+    if not storage.is_file(self.tokenizer_path):
       return None
-    with open(self.tokenizer_path, 'rb') as f:
-      return tokenizer_lib.Tokenizer(f.read(), name=self.tokenizer_path)
+    return tokenizer_lib.Tokenizer(self.tokenizer_path.read_bytes(),
+                                   name=os.fspath(self.tokenizer_path))
 
   def check_config(self, config, allow: tuple[str, ...]) -> None:
     """Stops (WorkdirError) when a config field differs from the record, unless allowed."""
