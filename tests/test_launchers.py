@@ -14,6 +14,8 @@ import time
 import pytest
 import yaml
 
+from xenith import distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ['--config=experiments/default.py:size=tiny', '--workdir=gs://bucket/run']
 # Quoting must survive every layer: a shell, ssh's remote shell, YAML.
@@ -287,11 +289,13 @@ def test_kubernetes_manifest():
   assert container['resources'] == {'limits': {'google.com/tpu': 4},
                                     'requests': {'memory': '64Gi'}}
   env = {e['name']: e.get('value', e.get('valueFrom')) for e in container['env']}
+  # The variables main.py reads (xenith/distributed.py).
   assert env == {
-      'JAX_COORDINATOR_ADDRESS': 'moe-run-0.moe-run:8476',
-      'JAX_NUM_PROCESSES': '4',
-      'JAX_PROCESS_ID': {'fieldRef': {'fieldPath': "metadata.annotations['batch."
-                                                   "kubernetes.io/job-completion-index']"}},
+      distributed.ENV_COORDINATOR: 'moe-run-0.moe-run:8476',
+      distributed.ENV_NUM_PROCESSES: '4',
+      distributed.ENV_PROCESS_ID: {'fieldRef': {'fieldPath': "metadata.annotations['batch."
+                                                              "kubernetes.io/job-completion-"
+                                                              "index']"}},
       'NOTE': 'a: "b" # c'}
 
 
