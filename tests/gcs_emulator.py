@@ -19,6 +19,7 @@ import functools
 import http.client
 import http.server
 import json
+import logging
 import os
 import socketserver
 import ssl
@@ -92,7 +93,25 @@ class _Handler(emulator_server.RequestHandler):
     self.wfile.write(body)
     return True
 
+  def _storage_layout(self) -> bool:
+    """GET .../b/<bucket>/storageLayout, which TF asks before renaming a folder (the
+    emulator has no such route): a flat bucket, no hierarchical namespace."""
+    parts = urllib.parse.urlsplit(self.path).path.split('/')
+    if len(parts) != 6 or parts[1:4] != ['storage', 'v1', 'b'] or parts[5] != 'storageLayout':
+      return False
+    body = json.dumps({'kind': 'storage#storageLayout', 'bucket': parts[4],
+                       'location': 'US', 'locationType': 'multi-region',
+                       'hierarchicalNamespace': {'enabled': False}}).encode()
+    self.send_response(200)
+    self.send_header('Content-Type', 'application/json')
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+    return True
+
   def do_GET(self):
+    if self._storage_layout():
+      return
     # Downloads carry the object's generation (x-goog-generation), which TensorStore
     # reads to make its next conditional write; the emulator leaves it out.
     url = urllib.parse.urlsplit(self.path)
@@ -218,6 +237,7 @@ class _Connect(socketserver.StreamRequestHandler):
 
 def serve(bucket: str) -> None:
   """Starts both servers, prints the client environment as JSON, serves forever."""
+  logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)  # Every 404 logs.
   storage = Storage(use_memory_fs=True)
   buckets.create_bucket(bucket, storage)
   emulator = _Emulator(('127.0.0.1', 0),

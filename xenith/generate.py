@@ -13,12 +13,12 @@ the short-term keys carry on exactly as in one long forward pass.
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from xenith import storage
 from xenith.data import pipeline
 from xenith.errors import MemoryBankError
 from xenith.model import kv_cache
@@ -140,7 +140,7 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompt: str, 
     raise MemoryBankError('--memory_bank needs a memory model (config.model.memory.'
                           'chunk_size > 0).')
   state = None
-  if memory_bank and os.path.exists(memory_bank):
+  if memory_bank and storage.path(memory_bank, '--memory_bank').exists():  # Local or gs://.
     state = memory_lib.load_bank(memory_bank, like=memory_lib.init_state(config.model, 1))
   tokenizer = pipeline.load_tokenizer(config, workdir)  # The copy the run pinned.
   bos = [] if state is not None else [tokenizer.bos_id]  # A continued document has one.

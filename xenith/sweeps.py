@@ -31,6 +31,7 @@ from absl import logging
 import ml_collections
 
 from xenith import atomic_files
+from xenith import storage
 from xenith.errors import SweepError
 
 # Metrics shown in the Markdown summary, in this order (the CSV has every final metric).
@@ -180,10 +181,10 @@ def read_final_metrics(run_dir: str) -> dict[str, float]:
   An empty or unreadable file (e.g. a run killed while writing it) also counts as not
   finished, with a warning: the point runs again, and its run writes the file anew.
   """
-  path = os.path.join(run_dir, 'final_metrics.json')
+  path = storage.path(run_dir) / 'final_metrics.json'  # Local or gs://.
   try:
-    with open(path, encoding='utf-8') as f:
-      metrics = json.load(f)
+    with path.open('rb') as f:
+      metrics = json.loads(f.read().decode('utf-8'))
   except FileNotFoundError:
     return {}
   except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8.

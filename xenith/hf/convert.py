@@ -5,6 +5,7 @@ from typing import Any
 
 import ml_collections
 
+from xenith import storage
 from xenith.errors import HfFormatError
 from xenith.hf import configs
 from xenith.hf import safetensors_io
@@ -26,7 +27,13 @@ def load_hf(path: str, *, scan_layers: bool = False
   except HfFormatError as e:
     raise HfFormatError(f'{os.path.join(path, safetensors_io.CONFIG_FILE)}: {e}') from None
   model.scan_layers = scan_layers
-  return model, weights.hf_to_params(safetensors_io.read_tensors(path), model), hf_config
+  # safetensors maps its files into memory: a gs:// folder is read from a local copy.
+  with storage.local_copy(path) as local:
+    try:
+      params = weights.hf_to_params(safetensors_io.read_tensors(local), model)
+    except HfFormatError as e:  # Name the files as the user gave them.
+      raise HfFormatError(str(e).replace(local, os.fspath(path).rstrip('/'))) from None
+  return model, params, hf_config
 
 
 def save_hf(path: str, model: ml_collections.ConfigDict, params: dict,

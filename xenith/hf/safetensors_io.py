@@ -9,7 +9,6 @@ tensor is read.
 """
 
 from collections.abc import Iterator, Mapping
-import contextlib
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ import safetensors
 from safetensors import numpy as safetensors_numpy
 
 from xenith import atomic_files
+from xenith import storage
 from xenith.errors import HfFormatError
 
 CONFIG_FILE = 'config.json'
@@ -30,8 +30,8 @@ INDEX_FILE = 'model.safetensors.index.json'
 def read_json_object(filename: str) -> dict[str, Any]:
   """The JSON object in `filename`; HfFormatError if it is not valid JSON or no object."""
   try:
-    with open(filename, encoding='utf-8') as f:
-      value = json.load(f)
+    with storage.path(filename).open('rb') as f:  # Local or gs://.
+      value = json.loads(f.read().decode('utf-8'))
   except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError.
     raise HfFormatError(f'{filename} is not valid JSON (truncated?): {e}.') from None
   if not isinstance(value, dict):
@@ -42,10 +42,10 @@ def read_json_object(filename: str) -> dict[str, Any]:
 
 def read_config(path: str) -> dict[str, Any]:
   """`path`/config.json as a dict; HfFormatError if `path` is no checkpoint directory."""
-  if not os.path.isdir(path):
+  if not storage.path(path, 'the Hugging Face folder').is_dir():
     raise HfFormatError(f'{path} is not a directory.')
   config_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_file):
+  if not storage.is_file(storage.path(config_file)):
     raise HfFormatError(f'{path} has no {CONFIG_FILE}; expected a Hugging Face checkpoint '
                         'directory (config.json + *.safetensors).')
   return read_json_object(config_file)
@@ -170,7 +170,7 @@ def read_tensors(path: str) -> Tensors:
 def _old_shards(index: str) -> set[str]:
   """The shard files (in its folder) that the index file `index` names, if any."""
   try:
-    shards = set(_shard_map(index).values()) if os.path.isfile(index) else set()
+    shards = set(_shard_map(index).values()) if storage.is_file(storage.path(index)) else set()
   except HfFormatError:  # A damaged index: only the index goes.
     return set()
   return {s for s in shards if s == os.path.basename(s) and s != SAFETENSORS_FILE}
@@ -197,8 +197,6 @@ def write(path: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> 
       with open(config_tmp, 'w', encoding='utf-8') as f:
         json.dump(config, f, indent=2, sort_keys=True)
       # Before the renames: killed now, the old shards still load, without the index.
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(index)
+      storage.path(index).unlink(missing_ok=True)
   for shard in sorted(stale):
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(path, shard))
+    storage.path(os.path.join(path, shard)).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from xenith import atomic_files
 from xenith import config_defaults
+from xenith import storage
 from xenith.errors import HfFormatError
 from xenith.hf import configs
 from xenith.hf import convert
@@ -78,9 +79,9 @@ def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   """
   from xenith.train import checkpointing  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
+  workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
   step_dir = os.path.join(workdir, 'checkpoints', str(IMPORT_STEP))
-  if os.path.exists(step_dir):
+  if storage.path(step_dir).exists():
     raise HfFormatError(f'{step_dir} exists already; import into a new --workdir.')
   model, params, hf_config = convert.load_hf(hf_dir)
   config = config_defaults.get_config()
@@ -88,14 +89,14 @@ def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   if model.vocab_size == 32000:  # Mistral-7B v0.1 / Mixtral-8x7B's SentencePiece model.
     config.data.tokenizer = 'mixtral'
   config.init_from_checkpoint = step_dir
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   checkpointing.save_params(os.path.join(step_dir, 'state'), params)
   overrides = config_overrides(config)
   atomic_files.write_json(os.path.join(workdir, HF_CONFIG_JSON), hf_config, indent=2,
                           sort_keys=True)
   config_py = os.path.join(workdir, CONFIG_PY)
   atomic_files.write_text(config_py, _CONFIG_PY_TEMPLATE.format(
-      source=f'imported from {os.path.abspath(hf_dir)}', config_py=config_py,
+      source=f'imported from {storage.check_supported(hf_dir)}', config_py=config_py,
       overrides=json.dumps(overrides, indent=2, sort_keys=True)))
   atomic_files.write_json(os.path.join(workdir, CONFIG_JSON), overrides, indent=2,
                           sort_keys=True)
@@ -104,13 +105,13 @@ def import_to_workdir(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
 
 def is_import(path: str) -> bool:
   """Whether `path` is a workdir written by `import_to_workdir`."""
-  return os.path.isfile(os.path.join(path, CONFIG_JSON))
+  return storage.is_file(storage.path(path) / CONFIG_JSON)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the import in `workdir` (from its xenith_config.json)."""
-  config_json = os.path.join(workdir, CONFIG_JSON)
-  if not os.path.isfile(config_json):
+  config_json = os.path.join(storage.check_supported(workdir), CONFIG_JSON)
+  if not storage.is_file(storage.path(config_json)):
     raise HfFormatError(f'{workdir} has no {CONFIG_JSON} (not an import); pass the '
                         "run's --config.")
   return config_from_overrides(safetensors_io.read_json_object(config_json))
@@ -124,10 +125,11 @@ def find_hf_config(workdir: str, config: ml_collections.ConfigDict
   (`init_from_checkpoint` = <import>/checkpoints/0).
   """
   init = config.get('init_from_checkpoint')
-  started_from = os.path.dirname(os.path.dirname(os.path.abspath(init))) if init else workdir
+  started_from = (os.path.dirname(os.path.dirname(storage.check_supported(init))) if init
+                  else workdir)
   for d in (workdir, started_from):
     name = os.path.join(d, HF_CONFIG_JSON)
-    if os.path.isfile(name):
+    if storage.is_file(storage.path(name)):
       return safetensors_io.read_json_object(name)
   return None
 
@@ -157,7 +159,7 @@ def export_from_workdir(workdir: str, hf_dir: str,
   config: the run's config; default `workdir`/xenith_config.json (written by the import).
   dtype: of the tensors; default that of the imported checkpoint, else float32.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
   if config is None:
     config = read_config(workdir)
   configs.check_exportable(config.model)  # Before the params are read.

@@ -11,7 +11,7 @@ one `MemoryBankError` naming the path and the problem.
 """
 
 import dataclasses
-import os
+import io
 import zipfile
 
 from flax import struct
@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from xenith import atomic_files
+from xenith import storage
 from xenith.errors import MemoryBankError
 
 
@@ -111,11 +112,12 @@ def save_bank(path: str, state: MemoryState) -> None:
 
 def _read_arrays(path: str) -> dict[str, np.ndarray]:
   """The arrays of the .npz at `path`; MemoryBankError if it is not a readable one."""
-  if os.path.isdir(path):
+  if storage.path(path, '--memory_bank').is_dir():
     raise MemoryBankError(f'{path}: is a folder, not a memory bank file (.npz)')
   try:
-    with open(path, 'rb') as f:
-      head = f.read(4)
+    with storage.path(path).open('rb') as f:  # Local or gs://.
+      data = f.read()
+      head = data[:4]
   except OSError as e:
     raise MemoryBankError(f'{path}: cannot read the memory bank file ({e.strerror})') from None
   if not head:
@@ -124,8 +126,8 @@ def _read_arrays(path: str) -> dict[str, np.ndarray]:
     raise MemoryBankError(f'{path}: not a memory bank file (a NumPy .npz archive written by '
                           f'save_bank; this one starts with {head!r})')
   try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: np.asarray(data[k]) for k in data.files}
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+      return {k: np.asarray(arrays[k]) for k in arrays.files}
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
     raise MemoryBankError(f'{path}: the memory bank file is truncated or damaged '
                           f'({type(e).__name__}: {e})') from None
