@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the machine they ran on, peak memory, child
-processes that report one result each, timing a compiled step, and the JSON they write.
+processes that report one result each, timing a compiled step, synthetic batches, and
+the JSON they write.
 
 Imported by the scripts in this folder (run as `python bench/<script>.py`, which puts
 this folder on sys.path); it imports JAX only inside `seconds_per_call`, so parents of
@@ -13,6 +14,8 @@ import resource
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 _RESULT = 'RESULT '
 
@@ -54,14 +57,19 @@ def report(result: dict) -> None:
   print(_RESULT + json.dumps(result), flush=True)
 
 
+def reported(stdout: str) -> dict | None:
+  """The last result a child `report`ed in its `stdout`, or None."""
+  lines = [l for l in stdout.splitlines() if l.startswith(_RESULT)]
+  return json.loads(lines[-1][len(_RESULT):]) if lines else None
+
+
 def run_child(cmd: list[str], what: str) -> dict:
   """Runs `cmd` (a script in child mode) and returns the result it `report`ed."""
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode:
     sys.stderr.write(proc.stderr[-4000:])
     raise RuntimeError(f'{what} failed (exit {proc.returncode})')
-  line = [l for l in proc.stdout.splitlines() if l.startswith(_RESULT)][-1]
-  return json.loads(line[len(_RESULT):])
+  return reported(proc.stdout)
 
 
 def seconds_per_call(step, args, calls: int) -> float:
@@ -72,6 +80,24 @@ def seconds_per_call(step, args, calls: int) -> float:
     out = step(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / calls
+
+
+def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int,
+                    vocab_size: int, extra_documents: float = 4) -> dict[str, np.ndarray]:
+  """Random packed rows shaped like the data pipeline's (see xenith/data/packing.py).
+
+  Every row starts a document; each later position starts another with probability
+  `extra_documents / seq_len`, so the segment mask has the structure of real data
+  (0 = one document filling each row).
+  """
+  inputs = rng.integers(1, vocab_size, (batch_size, seq_len), dtype=np.int32)
+  starts = rng.random((batch_size, seq_len)) < extra_documents / seq_len
+  starts[:, 0] = True
+  index = np.arange(seq_len, dtype=np.int32)
+  last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+  return {'inputs': inputs,
+          'segment_ids': np.cumsum(starts, axis=1, dtype=np.int32),
+          'positions': (index - last_start).astype(np.int32)}
 
 
 def write_json(path: str, data: dict) -> None:

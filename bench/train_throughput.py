@@ -67,22 +67,6 @@ _JSON = flags.DEFINE_string(
     'Where to write the results as JSON.')
 
 
-def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int,
-                    vocab_size: int) -> dict[str, np.ndarray]:
-  """Random packed rows shaped like the data pipeline's (see xenith/data/packing.py).
-
-  About four documents per row, so the segment mask has the structure of real data.
-  """
-  inputs = rng.integers(1, vocab_size, (batch_size, seq_len), dtype=np.int32)
-  starts = rng.random((batch_size, seq_len)) < 4 / seq_len
-  starts[:, 0] = True
-  index = np.arange(seq_len, dtype=np.int32)
-  last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-  return {'inputs': inputs,
-          'segment_ids': np.cumsum(starts, axis=1, dtype=np.int32),
-          'positions': (index - last_start).astype(np.int32)}
-
-
 class SizeBench:
   """One size's config, compiled train step and live state, stepped in rounds."""
 
@@ -98,8 +82,8 @@ class SizeBench:
     replicated = sharding.replicated(self.mesh)
     rng = np.random.default_rng(config.seed)
     self.host_batches = [
-        synthetic_batch(rng, config.global_batch_size, config.max_seq_len,
-                        config.model.vocab_size) for _ in range(num_host_batches)]
+        benchlib.synthetic_batch(rng, config.global_batch_size, config.max_seq_len,
+                                 config.model.vocab_size) for _ in range(num_host_batches)]
 
     with self._context():
       _, state_shardings = abstract_train_state(
