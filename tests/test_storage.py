@@ -42,7 +42,7 @@ TINY = [f'--config={ROOT}/experiments/default.py:size=tiny', '--config.num_train
     ('', '--workdir is empty'),
 ])
 def test_unsupported_urls_are_one_line(url, message):
-  with pytest.raises(StorageError, match=None) as raised:
+  with pytest.raises(StorageError) as raised:
     storage.check_supported(url, '--workdir')
   assert message in str(raised.value) and '\n' not in str(raised.value)
 
@@ -58,6 +58,7 @@ def test_supported_urls_and_local_paths(tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_unsupported_workdir_stops_main_before_any_work(tmp_path):
   """One line, exit 1, and nothing created: no `s3:` or `gs:` folder in the cwd."""
   result = subprocess.run(
