@@ -39,6 +39,7 @@ from ml_collections import config_flags
 
 from xenith import distributed
 from xenith import errors
+from xenith import storage
 from xenith.config_validation import validate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -180,12 +181,10 @@ def _config(num_devices=None):
 def _workdir():
   if not _WORKDIR.value:
     raise app.UsageError(f'--workdir is required for --mode={_MODE.value}.')
-  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-    raise errors.WorkdirError(f'--workdir={_WORKDIR.value} is a file, not a folder.')
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  workdir = storage.make_workdir(_WORKDIR.value)  # A local path or gs:// (storage.py).
   logging.info('JAX devices: %s', jax.devices())
   logging.info('Config:\n%s', _CONFIG.value)
-  return _WORKDIR.value
+  return workdir
 
 
 def _train():
@@ -221,10 +220,10 @@ def _import_hf():
   from xenith import hf  # pylint: disable=g-import-not-at-top
   hf_dir, workdir = _hf_dirs()
   config = hf.import_to_workdir(hf_dir, workdir)
+  config_py = os.path.join(storage.check_supported(workdir), hf.CONFIG_PY)
   print(f'Imported {hf_dir} into {workdir}: {config.model.num_layers} layers, embed '
         f'{config.model.embed_dim}, {config.model.moe.num_experts or "no"} experts. '
-        f'Fine-tune with --config={os.path.join(os.path.abspath(workdir), hf.CONFIG_PY)} '
-        '--workdir=<new dir>.')
+        f'Fine-tune with --config={config_py} --workdir=<new dir>.')
 
 
 def _export_hf():

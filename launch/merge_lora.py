@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from xenith.train import checkpointing
 from xenith import sharding
+from xenith import storage
+from xenith.train import checkpointing
 from xenith.model import lora
 from xenith.model.build import make_model
 
@@ -45,7 +46,8 @@ def merge_checkpoint(config, workdir: str, out: str) -> float:
   absolute difference between the merged and the adapted model on a random batch."""
   if not lora.enabled(config.model):
     raise ValueError('The config has no adapters (config.model.lora.rank is 0).')
-  if os.path.exists(out):
+  out_path = storage.path(out, '--out')  # Local or gs:// (xenith/storage.py).
+  if out_path.exists():
     raise FileExistsError(f'{out} exists; choose a new --out.')
   model = make_model(config.model)
   tokens = jnp.zeros((1, config.max_seq_len), jnp.int32)
@@ -64,8 +66,7 @@ def merge_checkpoint(config, workdir: str, out: str) -> float:
   max_diff = float(np.abs(np.asarray(adapted_logits - plain_logits)).max())
 
   checkpointing.save_params(out, merged)
-  with open(os.path.join(out, 'model_config.json'), 'w') as f:
-    f.write(plain_config.to_json(indent=2))
+  (out_path / 'model_config.json').write_text(plain_config.to_json(indent=2))
   return max_diff
 
 
@@ -75,7 +76,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs a dozen lines per save.
   try:
     max_diff = merge_checkpoint(_CONFIG.value, _WORKDIR.value, _OUT.value)
-  except (ValueError, FileExistsError) as e:  # CheckpointMismatchError is a ValueError.
+  except (ValueError, FileExistsError) as e:  # CheckpointMismatchError, StorageError too.
     sys.exit(f'{type(e).__name__}: {e}')
   print(f'Merged {_WORKDIR.value} into {_OUT.value}; the merged model\'s logits differ '
         f'from the adapted model\'s by at most {max_diff:.2e}.')

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from xenith import atomic_files
 from xenith import distributed
+from xenith import storage
 from xenith import sweeps
 
 _CONFIG = flags.DEFINE_string(
@@ -224,8 +225,9 @@ def main(argv):
   extra = argv[1:]
   path, *arg = _CONFIG.value.split(':', 1)
   spec = ':'.join([os.path.abspath(path), *arg])  # Runs start in the repo root.
-  workdir = os.path.abspath(_WORKDIR.value)
   try:
+    workdir = storage.check_local(_WORKDIR.value, '--workdir',
+                                  "each point's log.txt is written beside its run")
     points = sweeps.load_sweep(spec)
     _check_extra(extra, sweeps.sweep_fields(points))
     process, spans_processes = _processes(extra)
@@ -248,7 +250,7 @@ def main(argv):
     commands = [_command(spec, d, p, extra) for d, p in zip(run_dirs, points)]
     # Parsed now, so that a bad flag fails here rather than in every run.
     num_steps = [_run_config(c).num_train_steps for c in commands]
-  except sweeps.SweepError as e:
+  except (sweeps.SweepError, storage.StorageError) as e:
     sys.exit(f'Invalid sweep: {e}')
   todo = [i for i in indices if not _finished(run_dirs[i], num_steps[i])]
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from xenith import storage
 from xenith.data import cache as cache_lib
 from xenith.data import packing
 from xenith.data import sources
@@ -227,10 +228,9 @@ def load_tokenizer(config, workdir: str | None = None) -> tokenizer_lib.Tokenize
   data (the cached model, the data prepared first if it is not cached yet); the passkey
   source has its own.
   """
-  pinned = os.path.join(workdir, PINNED_TOKENIZER) if workdir else None
-  if pinned and os.path.isfile(pinned):
-    with open(pinned, 'rb') as f:
-      return tokenizer_lib.Tokenizer(f.read(), name=pinned)
+  pinned = storage.path(workdir, '--workdir') / PINNED_TOKENIZER if workdir else None
+  if pinned and storage.is_file(pinned):  # Local or gs:// (storage.py).
+    return tokenizer_lib.Tokenizer(pinned.read_bytes(), name=os.fspath(pinned))
   _check_settings(config, 0, 1)
   cache = cache_lib.cache_dir(config.data)
   if config.data.source == 'passkey':

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from xenith import distributed
+from xenith import storage
 from xenith.errors import CheckpointMismatchError
 from xenith.errors import CheckpointSaveError
 from xenith.errors import WorkdirError
@@ -55,7 +56,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self._protected: set[int] = set()
     self._in_flight: int | None = None  # The step of the async save not yet waited for.
@@ -182,7 +183,7 @@ class Checkpointer:
   def _restore(self, step, abstract_state, data_iterator):
     """One step's state and extra item; raises on anything unreadable or changed."""
     self._check_fits(step, abstract_state)
-    has_extra = os.path.isdir(os.path.join(self.directory, str(step), 'extra'))
+    has_extra = storage.path(os.path.join(self.directory, str(step), 'extra')).is_dir()
     args = {'state': ocp.args.StandardRestore(abstract_state),
             'data': ocp.args.JsonRestore()}
     if has_extra:
@@ -213,10 +214,10 @@ class Checkpointer:
     """
     target = os.path.join(self.workdir, 'damaged_checkpoints', str(step))
     if jax.process_index() == 0:
-      if os.path.exists(target):
+      if storage.path(target).exists():
         target += f'-{int(time.time())}'
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), target)
+      storage.path(target).parent.mkdir(parents=True, exist_ok=True)
+      storage.path(os.path.join(self.directory, str(step))).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'xenith_move_aside_{step}')
     return target
@@ -289,7 +290,7 @@ def _own_data_state(saved: Any, step: int) -> Any:
 def _read_extra(directory: str, step: int) -> dict[str, Any]:
   """A step's `extra` item read directly ({} if it has none or it cannot be read)."""
   try:
-    with open(os.path.join(directory, str(step), 'extra', 'metadata')) as f:
+    with storage.path(os.path.join(directory, str(step), 'extra', 'metadata')).open() as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}
@@ -301,19 +302,19 @@ def params_dir(path: str) -> str:
   `path` is a workdir, its `checkpoints/` (the newest step is used), one step of it, or
   an item written by `save_params` (e.g. merged LoRA params).
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  path = storage.path(path, 'the checkpoint path')  # Local or gs://.
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
   if steps:  # Only committed saves have a plain number for a name.
-    path = os.path.join(path, str(max(steps)))
-  if os.path.isdir(os.path.join(path, 'state')):
-    path = os.path.join(path, 'state')
-  if not os.path.isfile(os.path.join(path, '_METADATA')):
+    path = path / str(max(steps))
+  if (path / 'state').is_dir():
+    path = path / 'state'
+  if not storage.is_file(path / '_METADATA'):
     raise CheckpointMismatchError(
         f'{path} holds no checkpoint (expected a workdir, its checkpoints/ folder, a step '
         'folder or saved params).')
-  return path
+  return os.fspath(path)
 
 
 def _is_adapter_key(key: tuple[str, ...]) -> bool:
@@ -400,4 +401,4 @@ def load_base_params(path: str, params: dict[str, Any]) -> dict[str, Any]:
 def save_params(path: str, params: Any) -> None:
   """Writes `{'params': params}` as an Orbax item that `load_base_params` reads."""
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(path), {'params': params})
+    checkpointer.save(storage.path(path), {'params': params})

@@ -6,7 +6,6 @@ Read `train_and_evaluate` top to bottom; the jitted steps it runs are in `steps.
 import contextlib
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import ml_collections
 from xenith import atomic_files
 from xenith import sharding
 from xenith import sigterm
+from xenith import storage
 from xenith.data import passkey_examples
 from xenith.data import pipeline
 from xenith.errors import NonFiniteError
@@ -79,7 +79,7 @@ def _read_final(path: str) -> dict[str, Any] | None:
   """A finished run's final_metrics.json; None if absent, empty or unreadable (the run's
   end is then redone: evaluated and written again)."""
   try:
-    with open(path) as f:
+    with storage.path(path).open() as f:
       return json.load(f)
   except FileNotFoundError:
     return None
@@ -108,8 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _has_checkpoint(workdir: str) -> bool:
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+  directory = storage.path(workdir) / 'checkpoints'
+  return directory.is_dir() and any(d.name.isdigit() for d in directory.iterdir())
 
 
 def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
@@ -182,7 +182,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
     logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
     if lora.enabled(config.model):
       logging.info('LoRA adapters: %d params', lora.num_adapter_params(state.params))
-    final_path = os.path.join(workdir, 'final_metrics.json')
+    final_path = f'{storage.check_supported(workdir)}/final_metrics.json'
     if initial_step >= config.num_train_steps:
       final = _read_final(final_path)
       if final is not None:
