@@ -3,6 +3,7 @@
 
 from collections.abc import Sequence
 import functools
+import math
 
 from flax import linen as nn
 import jax
@@ -65,10 +66,17 @@ def _linear_bwd(n_in, out_dtype, residuals, g):
   dx = jax.lax.dot_general(
       g, kernel, ((tuple(range(batch, g.ndim)), tuple(range(n_in, kernel.ndim))),
                   ((), ())), preferred_element_type=jnp.float32)
-  # dkernel [*in, *out] = x [..., *in] . g [..., *out], over the leading axes.
-  dkernel = jax.lax.dot_general(
-      x, g, ((tuple(range(batch)), tuple(range(batch))), ((), ())),
-      preferred_element_type=jnp.float32)
+  # dkernel [*in, *out] = x [..., *in] . g [..., *out], over the leading axes. The
+  # operand with fewer features goes first: it is the one transposed for the matmul.
+  over_batch = (tuple(range(batch)), tuple(range(batch)))
+  if math.prod(x.shape[batch:]) <= math.prod(g.shape[batch:]):
+    dkernel = jax.lax.dot_general(x, g, (over_batch, ((), ())),
+                                  preferred_element_type=jnp.float32)
+  else:  # [*out, *in], then the (small) kernel-sized transpose.
+    dkernel = jax.lax.dot_general(g, x, (over_batch, ((), ())),
+                                  preferred_element_type=jnp.float32)
+    n_out = kernel.ndim - n_in
+    dkernel = dkernel.transpose(tuple(range(n_out, kernel.ndim)) + tuple(range(n_out)))
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
