@@ -47,9 +47,9 @@ def linear(x: jax.Array, kernel: jax.Array, n_in: int = 1, out_dtype=None) -> ja
   Autodiff would compute the kernel's gradient as (g^T x)^T: on XLA:CPU that puts a
   transposed copy of g ([out, tokens], with the activation's backward fused into
   the copy's strided loop) in front of every weight-gradient matmul, which cost 40
-  ms per MLP layer at the default shape. Here it is x^T g, x first, so the result is
-  already in the kernel's layout and only x (the narrower side) is transposed. The
-  numbers are the same; accumulation is float32 whatever the compute dtype.
+  ms per MLP layer at the default shape. Here the operand with fewer features is the
+  one transposed (x^T g, or (g^T x)^T when g is narrower, as for the MLP's down
+  projection). The numbers and dtypes are autodiff's.
   """
   return _contract(x, kernel, n_in, out_dtype)
 
@@ -63,18 +63,17 @@ def _linear_bwd(n_in, out_dtype, residuals, g):
   x, kernel = residuals
   batch = x.ndim - n_in
   # dx [..., *in] = g [..., *out] . kernel [*in, *out], over the out axes.
+  g = g.astype(x.dtype)  # The compute dtype, as autodiff's transpose computes in.
   dx = jax.lax.dot_general(
       g, kernel, ((tuple(range(batch, g.ndim)), tuple(range(n_in, kernel.ndim))),
-                  ((), ())), preferred_element_type=jnp.float32)
+                  ((), ())))
   # dkernel [*in, *out] = x [..., *in] . g [..., *out], over the leading axes. The
   # operand with fewer features goes first: it is the one transposed for the matmul.
   over_batch = (tuple(range(batch)), tuple(range(batch)))
   if math.prod(x.shape[batch:]) <= math.prod(g.shape[batch:]):
-    dkernel = jax.lax.dot_general(x, g, (over_batch, ((), ())),
-                                  preferred_element_type=jnp.float32)
+    dkernel = jax.lax.dot_general(x, g, (over_batch, ((), ())))
   else:  # [*out, *in], then the (small) kernel-sized transpose.
-    dkernel = jax.lax.dot_general(g, x, (over_batch, ((), ())),
-                                  preferred_element_type=jnp.float32)
+    dkernel = jax.lax.dot_general(g, x, (over_batch, ((), ())))
     n_out = kernel.ndim - n_in
     dkernel = dkernel.transpose(tuple(range(n_out, kernel.ndim)) + tuple(range(n_out)))
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
