@@ -60,7 +60,7 @@ class Settings:
     return cls(coordinator_address=coordinator_address or os.environ.get(ENV_COORDINATOR),
                num_processes=number(num_processes, ENV_NUM_PROCESSES),
                process_id=number(process_id, ENV_PROCESS_ID),
-               heartbeat_timeout_s=60 if heartbeat is None else heartbeat)
+               **({} if heartbeat is None else {'heartbeat_timeout_s': heartbeat}))
 
 
 @dataclasses.dataclass(frozen=True)
