@@ -26,9 +26,13 @@ environment (see xenith/distributed.py and docs/multihost.md).
 import os
 import sys
 
+from xenith import huge_pages
 from xenith import sigterm
 
-sigterm.install()  # First: a SIGTERM during start-up is remembered (see xenith/sigterm.py).
+if __name__ == '__main__':
+  huge_pages.reexec_if_useful()  # Before anything runs (see xenith/huge_pages.py).
+
+sigterm.install()  # Next: a SIGTERM during start-up is remembered (see xenith/sigterm.py).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import TensorFlow.
 
 from absl import app

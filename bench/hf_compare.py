@@ -231,6 +231,7 @@ def xenith_child(args) -> dict:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax
   from xenith import config_validation
+  from xenith import huge_pages
   from xenith import sharding
   from xenith.hf import convert
   from xenith.model import attention
@@ -279,6 +280,8 @@ def xenith_child(args) -> dict:
               'attention_resolved': attention.resolve_implementation(
                   m.attention.implementation, m.attention.num_global_tokens, seq),
               'loss_chunk_size': m.loss_chunk_size, 'overrides': list(args.xenith_set),
+              'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+              'glibc_huge_pages': huge_pages.active(),
               'lr_schedule': 'warmup + cosine (config)'}
   if m.moe.num_experts:
     settings.update(dispatch=m.moe.dispatch, block_size=int(m.moe.block_size))
@@ -360,7 +363,8 @@ def hf_child(args) -> dict:
   result = time_steps(step, data, args.warmup, args.steps)
   settings = {'architecture': arch, 'attn_implementation': args.hf_attn,
               'torch_threads': torch.get_num_threads(), 'adamw': args.hf_adamw,
-              'lr_schedule': 'warmup + cosine (config, LambdaLR)'}
+              'lr_schedule': 'warmup + cosine (config, LambdaLR)',
+              'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
   if moe:
     settings['experts_implementation'] = args.hf_experts
   result.update(
@@ -588,4 +592,7 @@ def main():
 
 
 if __name__ == '__main__':
+  if '--child=xenith' in sys.argv:
+    from xenith import huge_pages  # pylint: disable=g-import-not-at-top
+    huge_pages.reexec_if_useful()  # As main.py does (the HF child runs as PyTorch users do).
   main()

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # pylint: disable=g-import-not-at-top
 
 from experiments import default  # pylint: disable=g-import-not-at-top
+from xenith import huge_pages
 from xenith.sizing import flops
 from xenith.model import moe
 from xenith.model import moe_dispatch
@@ -189,4 +190,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  huge_pages.reexec_if_useful()  # As main.py does, so the step runs as in a training run.
   app.run(main)

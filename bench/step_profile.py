@@ -264,4 +264,8 @@ def _cpu_model() -> str:
 
 
 if __name__ == '__main__':
+  if '--child' in sys.argv and '--framework=xenith' in sys.argv:
+    sys.path.insert(0, _REPO_ROOT)
+    from xenith import huge_pages  # pylint: disable=g-import-not-at-top
+    huge_pages.reexec_if_useful()  # As main.py does (the HF child runs as PyTorch users do).
   main()

@@ -42,6 +42,7 @@ import benchlib  # pylint: disable=g-import-not-at-top
 from experiments import default
 from xenith.sizing import flops
 from xenith.train import optimizer
+from xenith import huge_pages
 from xenith import sharding
 from xenith.model.build import make_model
 from xenith.train.steps import make_train_step
@@ -257,4 +258,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  huge_pages.reexec_if_useful()  # As main.py does, so the step runs as in a training run.
   app.run(main)
