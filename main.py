@@ -26,11 +26,11 @@ environment (see xenith/distributed.py and docs/multihost.md).
 import os
 import sys
 
-from xenith import huge_pages
+from xenith import host_memory
 from xenith import sigterm
 
 if __name__ == '__main__':
-  huge_pages.reexec_if_useful()  # Before anything runs (see xenith/huge_pages.py).
+  host_memory.reexec_with_huge_pages()  # Before anything runs (see xenith/host_memory.py).
 
 sigterm.install()  # Next: a SIGTERM during start-up is remembered (see xenith/sigterm.py).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import TensorFlow.
@@ -45,6 +45,8 @@ from xenith import distributed
 from xenith import errors
 from xenith import storage
 from xenith.config_validation import validate
+
+host_memory.trim_after_compiles()  # Compilers' freed memory back to the OS (see there).
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally with an argument: '

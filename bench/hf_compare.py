@@ -231,7 +231,7 @@ def xenith_child(args) -> dict:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax
   from xenith import config_validation
-  from xenith import huge_pages
+  from xenith import host_memory
   from xenith import sharding
   from xenith.hf import convert
   from xenith.model import attention
@@ -240,6 +240,7 @@ def xenith_child(args) -> dict:
   from xenith.train import optimizer
   from xenith.train.steps import make_train_step
   from xenith.train.train_state import abstract_train_state, init_train_state
+  host_memory.trim_after_compiles()  # As main.py does.
 
   config = config_for(args)
   config_validation.validate(config, jax.device_count(), jax.process_count())
@@ -281,7 +282,7 @@ def xenith_child(args) -> dict:
                   m.attention.implementation, m.attention.num_global_tokens, seq),
               'loss_chunk_size': m.loss_chunk_size, 'overrides': list(args.xenith_set),
               'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-              'glibc_huge_pages': huge_pages.active(),
+              'glibc_huge_pages': host_memory.huge_pages_active(),
               'lr_schedule': 'warmup + cosine (config)'}
   if m.moe.num_experts:
     settings.update(dispatch=m.moe.dispatch, block_size=int(m.moe.block_size))
@@ -593,6 +594,6 @@ def main():
 
 if __name__ == '__main__':
   if '--child=xenith' in sys.argv:
-    from xenith import huge_pages  # pylint: disable=g-import-not-at-top
-    huge_pages.reexec_if_useful()  # As main.py does (the HF child runs as PyTorch users do).
+    from xenith import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reexec_with_huge_pages()  # As main.py does (the HF child runs as PyTorch users do).
   main()

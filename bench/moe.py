@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # pylint: disable=g-import-not-at-top
 
 from experiments import default  # pylint: disable=g-import-not-at-top
-from xenith import huge_pages
+from xenith import host_memory
 from xenith.sizing import flops
 from xenith.model import moe
 from xenith.model import moe_dispatch
@@ -100,6 +100,7 @@ def gather_rows(bench: MethodBench, logits) -> int:
 
 def main(argv):
   del argv
+  host_memory.trim_after_compiles()  # As main.py does.
   tokens, k, embed, mlp = _TOKENS.value, _TOP_K.value, _EMBED.value, _MLP.value
   useful_flops = tokens * k * 3 * 2 * embed * mlp * 3
   result = {
@@ -190,5 +191,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  huge_pages.reexec_if_useful()  # As main.py does, so the step runs as in a training run.
+  host_memory.reexec_with_huge_pages()  # As main.py does, so the step runs as in a training run.
   app.run(main)

@@ -41,13 +41,14 @@ def _xenith_group(op_name: str) -> tuple[str, str]:
   """(group, 'fwd' | 'bwd' | 'other') of an XLA fusion from its op_name metadata."""
   direction = ('bwd' if 'transpose(' in op_name else
                'fwd' if 'jvp(' in op_name else 'other')
-  if 'while/body' in op_name or 'loss' in op_name or 'logits' in op_name:
-    return 'head + loss', direction
   if '/mlp/' in op_name:
     return ('mlp dots' if 'dot_general' in op_name else 'mlp elementwise'), direction
+  # In this order: the attention kernel runs in while loops as the chunked loss does.
   for key, group in (('_norm/', 'norms'), ('project_out', 'attn out proj'),
                      ('attn.project', 'qkv proj'), ('rotate', 'rope'),
-                     ('attn', 'attention kernel'), ('embed', 'embedding')):
+                     ('attn', 'attention kernel'), ('while/body', 'head + loss'),
+                     ('loss', 'head + loss'), ('logits', 'head + loss'),
+                     ('embed', 'embedding')):
     if key in op_name:
       return group, direction
   return ('optimizer/other', 'other') if direction == 'other' else ('other model', direction)
@@ -62,6 +63,8 @@ def profile_xenith(size: str, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
   import train_throughput  # pylint: disable=g-import-not-at-top
+  from xenith import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.trim_after_compiles()  # As main.py does.
 
   bench = train_throughput.SizeBench(size)
   with bench._context():  # pylint: disable=protected-access
@@ -266,6 +269,6 @@ def _cpu_model() -> str:
 if __name__ == '__main__':
   if '--child' in sys.argv and '--framework=xenith' in sys.argv:
     sys.path.insert(0, _REPO_ROOT)
-    from xenith import huge_pages  # pylint: disable=g-import-not-at-top
-    huge_pages.reexec_if_useful()  # As main.py does (the HF child runs as PyTorch users do).
+    from xenith import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reexec_with_huge_pages()  # As main.py does (the HF child runs as PyTorch users do).
   main()

@@ -42,7 +42,7 @@ import benchlib  # pylint: disable=g-import-not-at-top
 from experiments import default
 from xenith.sizing import flops
 from xenith.train import optimizer
-from xenith import huge_pages
+from xenith import host_memory
 from xenith import sharding
 from xenith.model.build import make_model
 from xenith.train.steps import make_train_step
@@ -199,6 +199,7 @@ def print_tables(result: dict) -> None:
 
 def main(argv):
   del argv
+  host_memory.trim_after_compiles()  # As main.py does.
   unknown = sorted(set(_SIZES.value) - set(default.SIZES))
   if unknown:
     raise app.UsageError(f'Unknown size(s) {unknown}; choose from {sorted(default.SIZES)}.')
@@ -258,5 +259,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  huge_pages.reexec_if_useful()  # As main.py does, so the step runs as in a training run.
+  host_memory.reexec_with_huge_pages()  # As main.py does, so the step runs as in a training run.
   app.run(main)

@@ -23,6 +23,10 @@ import step_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
      'attn._attend_groups/transpose', ('attention kernel', 'fwd')),
     ('jit(train_step)/jvp()/while/body/closed_call/bcv,ev->bce/dot_general',
      ('head + loss', 'fwd')),
+    # The blockwise kernel's loops are attention, not the chunked loss's loop.
+    ('jit(train_step)/transpose(jvp(Decoder.forward))/block_1/block_1.attend/attn/'
+     'attn._attend_groups/while/body/closed_call/while/body/bkqs,bkqd->bksd/dot_general',
+     ('attention kernel', 'bwd')),
     ('jit(train_step)/jvp(Decoder.forward)/block_0/attn_norm/mul', ('norms', 'fwd')),
     ('jit(train_step)/add', ('optimizer/other', 'other')),
 ])
