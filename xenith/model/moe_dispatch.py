@@ -29,6 +29,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from xenith.model.mlp import swiglu  # Not `mlp`: the name is the hidden width here.
+
 DISPATCHES = ('auto', 'dropless_gather', 'dropless_ragged', 'capacity', 'dense')
 
 
@@ -43,7 +45,7 @@ def resolve(dispatch: str) -> str:
 
 def _swiglu(x, gate, up, down):
   """x: [..., embed] with one expert's gate/up: [embed, mlp], down: [mlp, embed]."""
-  return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+  return swiglu(x @ gate, x @ up) @ down
 
 
 def _combine(y, weights):
@@ -79,7 +81,7 @@ def dense(x, expert_index, weights, gate, up, down):
   combine = jnp.einsum('tk,tke->te', weights.astype(x.dtype),
                        jax.nn.one_hot(expert_index, num_experts, dtype=x.dtype))
   wide = lambda w: w.transpose(1, 0, 2).reshape(embed, num_experts * mlp)
-  hidden = jax.nn.silu(x @ wide(gate)) * (x @ wide(up))  # [tokens, experts * mlp]
+  hidden = swiglu(x @ wide(gate), x @ wide(up))  # [tokens, experts * mlp]
   hidden = hidden * jnp.repeat(combine, mlp, axis=1)
   y = hidden @ down.reshape(num_experts * mlp, embed)
   return y, jnp.ones(expert_index.shape, bool)
@@ -91,8 +93,8 @@ def dropless_ragged(x, expert_index, weights, gate, up, down):
   flat = expert_index.reshape(-1)
   order, sizes, _ = _sorted_layout(flat, gate.shape[0])
   x_sorted = x[order // k]  # [tokens * k, embed]; unrouted rows last, outside all groups.
-  hidden = (jax.nn.silu(lax.ragged_dot(x_sorted, gate, sizes))
-            * lax.ragged_dot(x_sorted, up, sizes))
+  hidden = swiglu(lax.ragged_dot(x_sorted, gate, sizes),
+                      lax.ragged_dot(x_sorted, up, sizes))
   y_sorted = lax.ragged_dot(hidden, down, sizes)  # Rows outside the groups are 0.
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   y = y_sorted[inverse].reshape(tokens, k, -1)
@@ -113,8 +115,8 @@ def capacity(x, expert_index, weights, gate, up, down, capacity_factor):
   slot_expert = jnp.where(kept, flat, num_experts)
   buffers = jnp.zeros((num_experts, cap, x.shape[-1]), x.dtype).at[slot_expert, rank].add(
       x[token], mode='drop')  # [experts, capacity, embed]
-  hidden = (jax.nn.silu(jnp.einsum('ecd,edf->ecf', buffers, gate))
-            * jnp.einsum('ecd,edf->ecf', buffers, up))
+  hidden = swiglu(jnp.einsum('ecd,edf->ecf', buffers, gate),
+                      jnp.einsum('ecd,edf->ecf', buffers, up))
   out = jnp.einsum('ecf,efd->ecd', hidden, down)
   y = out.at[slot_expert, rank].get(mode='fill', fill_value=0)  # [k * tokens, embed]
   y = y.reshape(k, tokens, -1).transpose(1, 0, 2)
