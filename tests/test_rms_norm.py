@@ -77,30 +77,45 @@ def test_sharded_rows_give_the_unsharded_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_default_model_keeps_less_for_the_backward_pass_than_with_autodiff(monkeypatch):
-  """The default experiment's model at its shape (32 x 128 tokens): its jitted gradient
-  needs at least one x-sized array less per norm than with autodiff's RMSNorm. (At tiny
-  shapes XLA keeps the same either way; the saving is XLA:CPU's choice, measured here.)"""
+def test_default_train_step_keeps_less_than_with_autodiff(monkeypatch):
+  """The default experiment's train step at its shape (32 x 128 tokens, one device):
+  about two x-sized arrays less temporary memory per norm than with autodiff's
+  RMSNorm. (At tiny shapes XLA keeps the same either way: the saving is XLA:CPU's
+  choice, so it is measured on the real step.)"""
+  import os, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from experiments import default  # pylint: disable=g-import-not-at-top
+  from xenith import sharding  # pylint: disable=g-import-not-at-top
   from xenith.model.build import make_model  # pylint: disable=g-import-not-at-top
+  from xenith.train import optimizer  # pylint: disable=g-import-not-at-top
+  from xenith.train.steps import make_train_step  # pylint: disable=g-import-not-at-top
+  from xenith.train.train_state import abstract_train_state  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'bench'))
+  import benchlib  # pylint: disable=g-import-not-at-top
 
   config = default.get_config('size=small')
-  model = make_model(config.model)
-  tokens = jnp.zeros((32, 128), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)
-  loss = lambda p: jnp.mean(jax.nn.logsumexp(model.apply(p, tokens), -1))
+  batch, seq, embed = config.global_batch_size, config.max_seq_len, config.model.embed_dim
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+  model, tx = make_model(config.model), optimizer.create_optimizer(config)
+  host = benchlib.synthetic_batch(np.random.default_rng(0), batch, seq,
+                                  config.model.vocab_size)
+
+  def temp_arrays():  # In units of one [batch, seq, embed] float32 array.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state, _ = abstract_train_state(model, tx, seq, mesh, rules)
+      step = jax.jit(make_train_step(model, tx, skip_nonfinite=False), donate_argnums=(0,))
+      compiled = step.lower(state, host, jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (batch * seq * embed * 4)
 
   def autodiff_norm(x, scale, epsilon, dtype):
     x = x.astype(jnp.float32)
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + epsilon)
     return (y * scale).astype(dtype)
 
-  def temp_arrays():  # In units of one [32, 128, embed] float32 array.
-    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / (32 * 128 * config.model.embed_dim * 4)
-
   written_out = temp_arrays()
   monkeypatch.setattr(norms, 'rms_norm', autodiff_norm)
   autodiff = temp_arrays()
   num_norms = 2 * config.model.num_layers + 1
-  assert written_out <= autodiff - num_norms, (written_out, autodiff)
+  # 2026-12: 110.3 arrays against 128.3 (and 119.3 without the backward's barrier).
+  assert written_out <= autodiff - 1.5 * num_norms, (written_out, autodiff)
