@@ -90,6 +90,7 @@ _LOCAL_BY_DESIGN = {
     'xenith/sweeps.py:_load_module': 'the experiment file, a local Python module',
     'xenith/train/batch_log.py': 'a test-only record appended to a local folder',
     'xenith/config_validation.py:validate': 'data.path is local (checked by check_local)',
+    'xenith/host_memory.py:thp_mode': "the kernel's own setting under /sys",
 }
 
 
