@@ -25,7 +25,10 @@ document per row), fp32, and AdamW as the config says (its lr schedule, betas, e
 decoupled weight decay on matrices, global-norm clipping).
 - Xenith: the real train step, built as `xenith/train/loop.py` builds it (mesh,
   `abstract_train_state` / `init_train_state` into the shardings, `jax.jit(make_train_step)`
-  with the loop's shardings and state donation).
+  with the loop's shardings and state donation), in a process set up as main.py sets
+  up its own (`xenith/host_memory.py`: restarted with glibc's huge-page tunable where
+  that helps, malloc trimmed after compiles); the HF child runs as a PyTorch user's
+  process does, and the JSON records each child's GLIBC_TUNABLES.
 - Hugging Face: PyTorch on the CPU, `attn_implementation` (and for Mixtral
   `experts_implementation`) pinned by flags, loss from `labels` (Mixtral:
   `output_router_logits=True`, so it includes the aux loss), `loss.backward()`,
