@@ -44,7 +44,7 @@ def _rms_norm_bwd(epsilon, dtype, residuals, g):
   g = g.astype(jnp.float32)
   d_scale = jnp.sum(g * normed, axis=tuple(range(g.ndim - 1)))
   g_scaled = g * scale
-  # d/dx of x * inv: inv * (g - normed * mean(g * normed)), per row.
+  # d/dx of x * inv, with g' = g * scale: inv * (g' - normed * mean(g' * normed)), per row.
   dx = inv * (g_scaled - normed * jnp.mean(g_scaled * normed, axis=-1, keepdims=True))
   return dx.astype(x.dtype), d_scale.astype(scale.dtype)
 
