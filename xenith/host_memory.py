@@ -3,11 +3,11 @@
 `main.py` (and the benchmarks that time its train step) do two things here:
 
 1. **Huge pages for XLA's per-run buffer** (`reexec_with_huge_pages`). XLA:CPU
-   allocates one temporary buffer per run of a compiled function (513 MiB for the
+   allocates one temporary buffer per run of a compiled function (441 MiB for the
    default experiment's train step) and frees it after the run. glibc serves an
    allocation that large from a fresh `mmap` every time, so each train step touches
-   about 130,000 new 4 KiB pages; the kernel faults in and zeroes each one, 0.25-0.3 s
-   of kernel time per 0.8 s step on a 2-core AMD EPYC (`docs/benchmarks.md`). With
+   100,000+ new 4 KiB pages; the kernel faults in and zeroes each one, 0.25-0.3 s of
+   kernel time per 0.8 s step on a 2-core AMD EPYC (`docs/host_memory.md`). With
    glibc's `glibc.malloc.hugetlb=1` tunable, malloc advises transparent huge pages
    (`MADV_HUGEPAGE`) on the memory it maps, and the same buffer takes a few hundred
    2 MiB faults. The tunable is read once, when a process starts, so the process
