@@ -63,9 +63,10 @@ def reported(stdout: str) -> dict | None:
   return json.loads(lines[-1][len(_RESULT):]) if lines else None
 
 
-def run_child(cmd: list[str], what: str) -> dict:
-  """Runs `cmd` (a script in child mode) and returns the result it `report`ed."""
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def run_child(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+  """Runs `cmd` (a script in child mode, environment `env` or this process's) and
+  returns the result it `report`ed."""
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   if proc.returncode:
     sys.stderr.write(proc.stderr[-4000:])
     raise RuntimeError(f'{what} failed (exit {proc.returncode})')

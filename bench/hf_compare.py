@@ -285,7 +285,6 @@ def xenith_child(args) -> dict:
                   m.attention.implementation, m.attention.num_global_tokens, seq),
               'loss_chunk_size': m.loss_chunk_size, 'overrides': list(args.xenith_set),
               'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-              'glibc_huge_pages': host_memory.huge_pages_active(),
               'lr_schedule': 'warmup + cosine (config)'}
   if m.moe.num_experts:
     settings.update(dispatch=m.moe.dispatch, block_size=int(m.moe.block_size))

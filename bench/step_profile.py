@@ -27,12 +27,15 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 
+import benchlib
+
+# bench/ is not a package: make `xenith` and `experiments` importable from the repo root.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO_ROOT)
 GROUPS = ('embedding', 'norms', 'qkv proj', 'rope', 'attention kernel', 'attn out proj',
           'mlp dots', 'mlp elementwise', 'head + loss', 'optimizer/other', 'other model')
 
@@ -56,8 +59,6 @@ def _xenith_group(op_name: str) -> tuple[str, str]:
 
 def profile_xenith(size: str, steps: int) -> dict:
   """Per-group thread milliseconds per step of Xenith's train step, and its wall time."""
-  sys.path.insert(0, _REPO_ROOT)
-  sys.path.insert(0, os.path.join(_REPO_ROOT, 'bench'))
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS(['step_profile'])  # train_throughput defines absl flags; take the defaults.
   import jax  # pylint: disable=g-import-not-at-top
@@ -102,7 +103,6 @@ def profile_hf(size: str, steps: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from torch import profiler as torch_profiler  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, _REPO_ROOT)
   from experiments import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config(f'size={size}')
@@ -237,38 +237,28 @@ def main():
                                                      'step_profile.json'))
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.child:  # One framework in this process; the result as JSON on stdout.
+  if args.child:  # One framework in this process; the result to the parent.
     run = profile_xenith if args.framework == 'xenith' else profile_hf
-    print('RESULT ' + json.dumps(run(args.size, args.steps)))
+    benchlib.report(run(args.size, args.steps))
     return
   frameworks = ('xenith', 'hf') if args.framework == 'both' else (args.framework,)
   results = {}
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   for framework in frameworks:  # Each in its own process, one after the other.
-    out = subprocess.run([sys.executable, __file__, '--child', f'--framework={framework}',
-                          f'--size={args.size}', f'--steps={args.steps}'], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    results[framework] = json.loads(out.split('RESULT ', 1)[1])
+    results[framework] = benchlib.run_child(
+        [sys.executable, __file__, '--child', f'--framework={framework}',
+         f'--size={args.size}', f'--steps={args.steps}'], f'the {framework} child', env=env)
   text = table(results)
   print(text)
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
   with open(args.json, 'w') as f:
     json.dump({'size': args.size, 'steps': args.steps, 'results': results,
-               'cpu': _cpu_model()}, f, indent=2)
+               'machine': benchlib.machine_info()}, f, indent=2)
   print(f'Wrote {args.json}')
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    return 'unknown'
 
 
 if __name__ == '__main__':
   if '--child' in sys.argv and '--framework=xenith' in sys.argv:
-    sys.path.insert(0, _REPO_ROOT)
     from xenith import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_huge_pages()  # As main.py does (the HF child runs as PyTorch users do).
   main()
