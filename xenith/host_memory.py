@@ -18,7 +18,7 @@
      (the advice is ignored), per /sys/kernel/mm/transparent_hugepage/enabled;
    - GLIBC_TUNABLES already sets `glibc.malloc.hugetlb` (the user chose, or this is
      the restarted process);
-   - XENITH_HUGE_PAGES=0 (opt out).
+   - XENITH_HUGE_PAGES=0 (or false / no / off: opt out).
 
 2. **Freed memory back to the OS after each compilation** (`trim_after_compiles`).
    Compiling a train step leaves a few hundred MiB freed but still resident in
@@ -68,7 +68,8 @@ def huge_pages_environment(environ: dict[str, str], platform: str = sys.platform
 
   `glibc` and `thp` default to this machine's (see the module docstring).
   """
-  if environ.get(OPT_OUT, '1') == '0' or not platform.startswith('linux'):
+  if environ.get(OPT_OUT, '1').strip().lower() in ('0', 'false', 'no', 'off') or (
+      not platform.startswith('linux')):
     return None
   tunables = environ.get('GLIBC_TUNABLES', '')
   if any(item.split('=', 1)[0] == TUNABLE for item in tunables.split(':')):
