@@ -225,6 +225,47 @@ def test_layer_patterns():
   assert attention_pattern.uniform_across_layers(config) is False
 
 
+def _numpy_windowed_attention(q, k, v, windows):
+  """float64 NumPy causal attention; KV head h sees the keys within windows[h] (None =
+  all earlier ones); query head n uses KV head n // (heads / kv_heads)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  batch, seq, heads, dim = q.shape
+  group = heads // k.shape[2]
+  out = np.zeros_like(q)
+  i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+  for n in range(heads):
+    h = n // group
+    mask = (j <= i) if windows[h] is None else (j <= i) & (i - j < windows[h])
+    scores = np.einsum('bqd,bkd->bqk', q[:, :, n], k[:, :, h]) / np.sqrt(dim)
+    scores = np.where(mask, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out[:, :, n] = np.einsum('bqk,bkd->bqd', probs, v[:, :, h])
+  return out
+
+
+@pytest.mark.parametrize('kv_heads,windows,want', [
+    # 3 windows over 5 KV heads: the first 5 % 3 = 2 groups take one head more.
+    (5, (3, 6, 12), (3, 3, 6, 6, 12)),
+    (4, (3, 5, 7), (3, 3, 5, 7)),
+])
+def test_windows_that_do_not_divide_the_kv_heads(kv_heads, windows, want):
+  """Uneven KV-head groups (the seed's 3 windows over 16 KV heads): each head's output
+  equals NumPy attention with that head's window, for both kernels."""
+  config = _model_config(window_sizes=windows)
+  config.num_kv_heads, config.num_heads = kv_heads, 2 * kv_heads
+  frozen = ml_collections.FrozenConfigDict(config)
+  groups = attention_pattern.layer_head_groups(frozen, 0, 32)
+  assert tuple(g.window for g in groups for _ in range(g.kv_start, g.kv_end)) == want
+  q, k, v = _qkv(2, 32, 2 * kv_heads, kv_heads)
+  expected = _numpy_windowed_attention(q, k, v, want)
+  for impl in ('dense', 'blockwise'):
+    config.attention.update(implementation=impl, block_size=8)
+    layer = attention.Attention(ml_collections.FrozenConfigDict(config), layer=0)
+    got = layer.apply({}, q, k, v, None, method=layer._attend_groups)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
 def test_dynamic_windows_scale_with_length_within_bounds():
   config = ml_collections.FrozenConfigDict(_model_config(
       window_sizes=(512,), dynamic_windows=True, window_reference_length=4096,
@@ -281,7 +322,7 @@ def test_one_windowed_layer_sees_only_its_window_and_the_globals():
 @pytest.mark.parametrize('field,value,message', [
     ('implementation', 'flash', 'must be one of'),
     ('window_sizes', (0, 8), 'must be a tuple of positive ints'),
-    ('window_sizes', (4, 8, 16), r'3 windows must divide config.model.num_kv_heads=2'),
+    ('window_sizes', (4, 8, 16), r'3 windows are more than config.model.num_kv_heads=2'),
     ('full_attention_layers', 5, r'must be an int in \[0, num_layers=2\]'),
     ('window_split', 'experts', 'must be one of'),
     ('min_window', 10**6, 'must be <= config.model.attention.max_window'),

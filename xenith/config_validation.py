@@ -129,8 +129,8 @@ def _validate_attention(config) -> None:
   _one_of(config, f + 'window_split', WINDOW_SPLITS)
   _require(config, f + 'num_global_tokens', lambda v: isinstance(v, int) and v >= 0,
            'must be an int >= 0')
-  if windows and attn.window_split == 'heads' and m.num_kv_heads % len(windows):
-    raise ConfigError(f + 'window_sizes', f'{len(windows)} windows must divide '
+  if windows and attn.window_split == 'heads' and len(windows) > m.num_kv_heads:
+    raise ConfigError(f + 'window_sizes', f'{len(windows)} windows are more than '
                       f'config.model.num_kv_heads={m.num_kv_heads} '
                       "(window_split='heads' gives each window a group of KV heads)")
   if attn.dynamic_windows:

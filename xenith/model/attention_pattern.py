@@ -5,8 +5,9 @@
 - The first `full_attention_layers` layers attend to every earlier token.
 - The other ("sparse") layers use sliding windows at the scales in `window_sizes`:
   with `window_split='heads'` the KV heads of every sparse layer are split into
-  len(window_sizes) equal groups, group g using window_sizes[g] (a query head uses
-  its KV head's window); with `window_split='layers'` sparse layer l uses
+  len(window_sizes) consecutive groups, group g using window_sizes[g] (a query head uses
+  its KV head's window); when the windows do not divide the KV heads the first groups
+  take one head more (3 windows over 16 KV heads: 6, 5, 5); with `window_split='layers'` sparse layer l uses
   window_sizes[l % len(window_sizes)] for all heads. An empty `window_sizes` makes
   every layer full.
 - In sparse layers the first `num_global_tokens` tokens of the sequence are global:
@@ -75,8 +76,10 @@ def layer_head_groups(config: ml_collections.FrozenConfigDict, layer: int,
   if attn.window_split == 'layers':
     sparse_index = layer - attn.full_attention_layers
     return (HeadGroup(0, kv_heads, windows[sparse_index % len(windows)]),)
-  size = kv_heads // len(windows)
-  return tuple(HeadGroup(g * size, (g + 1) * size, w) for g, w in enumerate(windows))
+  # The first kv_heads % n groups take one head more than the others.
+  size, extra = divmod(kv_heads, len(windows))
+  starts = [g * size + min(g, extra) for g in range(len(windows) + 1)]
+  return tuple(HeadGroup(starts[g], starts[g + 1], w) for g, w in enumerate(windows))
 
 
 def num_global_tokens(config: ml_collections.FrozenConfigDict, layer: int) -> int:
