@@ -222,7 +222,6 @@ def test_layer_patterns():
   by_layer = ml_collections.FrozenConfigDict(_model_config(
       window_sizes=(8, 16), full_attention_layers=1, window_split='layers'))
   assert [groups(by_layer, i, 64)[0].window for i in range(3)] == [None, 8, 16]
-  assert attention_pattern.uniform_across_layers(config) is False
 
 
 def _numpy_windowed_attention(q, k, v, windows):
@@ -335,14 +334,3 @@ def test_invalid_attention_config_is_named(field, value, message):
   with pytest.raises(config_validation.ConfigError,
                      match=f'config.model.attention.{field}: .*{message}'):
     config_validation.validate(config, num_devices=1)
-
-
-def test_scan_layers_needs_one_pattern():
-  config = default.get_config('size=tiny')
-  config.model.scan_layers = True
-  config.model.attention.window_sizes = (8,)
-  config.model.attention.full_attention_layers = 1
-  with pytest.raises(config_validation.ConfigError, match='scan_layers=True cannot repeat'):
-    config_validation.validate(config, num_devices=1)
-  config.model.attention.full_attention_layers = 0  # Every layer windowed: fine.
-  config_validation.validate(config, num_devices=1)

@@ -432,15 +432,6 @@ def test_invalid_moe_config_is_named(fields, match):
     validate(_valid_config(**fields), 1)
 
 
-def test_scan_with_interleaved_moe_is_rejected():
-  config = _valid_config(moe_every=2)
-  config.model.num_layers = 4
-  validate(config, 1)
-  config.model.scan_layers = True
-  with pytest.raises(ConfigError, match='moe_every: 2 needs config.model.scan_layers=False'):
-    validate(config, 1)
-
-
 def test_moe_experiment_config():
   config = moe_experiment.get_config('size=small')
   assert config.model.moe.num_experts > 0 and config.model.moe.dispatch == 'auto'

@@ -86,8 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Sliding windows of the sparse layers; () = every layer attends to all earlier tokens.
   config.model.attention.window_sizes = ()
   config.model.attention.full_attention_layers = 0  # The first N layers stay full causal.
-  # 'heads': each sparse layer splits its KV heads into one group per window;
-  # 'layers': sparse layers take the windows in turn.
+  # 'heads': each sparse layer splits its KV heads into one group per window (the first
+  # groups take one head more when the windows do not divide them); 'layers': sparse
+  # layers take the windows in turn.
   config.model.attention.window_split = 'heads'
   # The first G tokens are global in sparse layers: every later token sees them.
   config.model.attention.num_global_tokens = 0
@@ -155,7 +156,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0  # Dropout on residual branches during training.
   config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay fp32).
   config.model.remat = 'none'  # Rematerialise blocks: 'none', 'full', 'dots', 'dots_no_batch'.
-  config.model.scan_layers = False  # Stack blocks with nn.scan (faster compiles for deep models).
+  # Stack blocks with nn.scan (faster compiles for deep models); layers that differ are
+  # scanned as repeating units (xenith/model/layer_stacks.py).
+  config.model.scan_layers = False
   # LoRA adapters (xenith/model/lora.py): x W + alpha / rank * x A B on the layers named
   # in `targets`. experiments/lora_finetune.py turns them on for fine-tuning.
   config.model.lora = ml_collections.ConfigDict()

@@ -12,7 +12,6 @@ import ml_collections
 from xenith import sharding
 from xenith import storage
 from xenith.errors import ConfigError
-from xenith.model import attention_pattern
 from xenith.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from xenith.model.lora import TARGETS as LORA_TARGETS
 from xenith.model.moe_dispatch import DISPATCHES as MOE_DISPATCHES
@@ -142,11 +141,6 @@ def _validate_attention(config) -> None:
     raise ConfigError(f + 'implementation', "'cudnn' cannot express global tokens "
                       f"(config.{f}num_global_tokens={attn.num_global_tokens}); use "
                       "'auto' or 'blockwise'")
-  if m.scan_layers and not attention_pattern.uniform_across_layers(m):
-    raise ConfigError(f + 'window_sizes', 'differ between layers (full_attention_layers='
-                      f"{attn.full_attention_layers}, window_split='{attn.window_split}'), "
-                      'which config.model.scan_layers=True cannot repeat; use '
-                      "scan_layers=False or one pattern for all layers")
 
 
 def _validate_memory(config) -> None:
@@ -219,9 +213,6 @@ def _validate_moe(config) -> None:
   if moe.first_dense_layers + moe.moe_every > config.model.num_layers:
     raise ConfigError(f + 'moe_every', f'{moe.moe_every} leaves no MoE layer after '
                       f'{moe.first_dense_layers} dense ones in {config.model.num_layers}')
-  if config.model.scan_layers and moe.moe_every != 1:
-    raise ConfigError(f + 'moe_every', f'{moe.moe_every} needs config.model.scan_layers='
-                      'False (a scan repeats one kind of block; use moe_every=1)')
   _one_of(config, f + 'dispatch', MOE_DISPATCHES)
   _require(config, f + 'normalize_top_k', lambda v: isinstance(v, bool), 'must be a bool')
   _require(config, f + 'capacity_factor', lambda v: v > 0, 'must be > 0')

@@ -13,7 +13,7 @@ HF Linear weights are [out, in]; Xenith kernels [in, out], with the heads kept a
   model.norm.weight                          -> final_norm/scale
   lm_head.weight [V, H]                      -> head/kernel [H, V]
 With `scan_layers` the blocks are stacked on a leading axis under `layers` (dense) or
-`moe_layers` (MoE).
+`moe_layers` (MoE): xenith/model/layer_stacks.py converts the layouts.
 
 RoPE: Xenith pairs features i and i + D/2, as HF's `rotate_half` does, so q/k kernels need
 no permutation. RMSNorm: both compute x * rsqrt(mean(x^2) + eps) in float32, then scale.
@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from xenith.errors import HfFormatError
+from xenith.model import layer_stacks
 
 _NUMPY_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
                  'float16': np.float16}
@@ -181,43 +182,17 @@ def hf_to_params(tensors, model: ml_collections.ConfigDict) -> dict:
   else:
     flat[('head', 'kernel')] = linear('lm_head')
   flat[('final_norm', 'scale')] = norm
-  _place_blocks(flat, blocks, model, model.scan_layers)
-  return traverse_util.unflatten_dict(flat)
-
-
-def _stack_name(model: ml_collections.ConfigDict) -> str:
-  return 'moe_layers' if model.moe.num_experts else 'layers'
-
-
-def _place_blocks(flat: dict, blocks: list[dict], model: ml_collections.ConfigDict,
-                  scan_layers: bool) -> None:
-  """Adds `blocks` (one flat dict per layer) to `flat`, stacked if `scan_layers`."""
-  if not scan_layers:
-    for i, b in enumerate(blocks):
-      flat.update({(f'block_{i}',) + k: v for k, v in b.items()})
-    return
-  for key in blocks[0]:
-    flat[(_stack_name(model),) + key] = np.stack([b[key] for b in blocks])
-
-
-def _blocks(flat: dict, model: ml_collections.ConfigDict) -> list[dict]:
-  """One flat dict per layer from flat params laid out as `model.scan_layers` says."""
-  if not model.scan_layers:
-    return [{k[1:]: v for k, v in flat.items() if k[0] == f'block_{i}'}
-            for i in range(model.num_layers)]
-  stacked = {k[1:]: v for k, v in flat.items() if k[0] == _stack_name(model)}
-  return [{k: v[i] for k, v in stacked.items()} for i in range(model.num_layers)]
+  return traverse_util.unflatten_dict(
+      layer_stacks.join_layers(blocks, flat, model, model.scan_layers))
 
 
 def restack(params: dict, model: ml_collections.ConfigDict, scan_layers: bool) -> dict:
   """`params`, laid out as `model.scan_layers` says, in the layout of `scan_layers`."""
   if scan_layers == model.scan_layers:
     return params
-  flat = traverse_util.flatten_dict(params)
-  blocks = _blocks(flat, model)
-  flat = {k: v for k, v in flat.items() if k[0] in ('embed', 'final_norm', 'head')}
-  _place_blocks(flat, blocks, model, scan_layers)
-  return traverse_util.unflatten_dict(flat)
+  blocks, rest = layer_stacks.split_layers(traverse_util.flatten_dict(params), model)
+  return traverse_util.unflatten_dict(
+      layer_stacks.join_layers(blocks, rest, model, scan_layers))
 
 
 def params_to_hf(params: dict, model: ml_collections.ConfigDict,
@@ -233,7 +208,7 @@ def params_to_hf(params: dict, model: ml_collections.ConfigDict,
     out[name] = np.ascontiguousarray(value).astype(np_dtype)
 
   put('model.embed_tokens.weight', flat[('embed', 'embedding')])
-  for i, b in enumerate(_blocks(flat, model)):
+  for i, b in enumerate(layer_stacks.split_layers(flat, model)[0]):
     p = f'model.layers.{i}.'
     put(p + 'self_attn.q_proj.weight', b[('attn', 'query', 'kernel')].reshape(H, -1).T)
     put(p + 'self_attn.k_proj.weight', b[('attn', 'key', 'kernel')].reshape(H, -1).T)

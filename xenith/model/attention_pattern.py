@@ -87,11 +87,13 @@ def num_global_tokens(config: ml_collections.FrozenConfigDict, layer: int) -> in
   return settings(config).num_global_tokens if is_sparse_layer(config, layer) else 0
 
 
-def uniform_across_layers(config: ml_collections.FrozenConfigDict) -> bool:
-  """Whether every layer has the same pattern (what `scan_layers` needs)."""
+def layer_key(config: ml_collections.FrozenConfigDict, layer: int) -> tuple | None:
+  """Equal for two layers exactly when they have the same pattern at every length: None
+  for full attention, else the configured windows the layer uses (`scan_layers` stacks
+  only layers with equal keys: layer_stacks.py)."""
+  if not is_sparse_layer(config, layer):
+    return None
   attn = settings(config)
-  if attn is None or not attn.window_sizes:
-    return True
-  if attn.full_attention_layers not in (0, config.num_layers):
-    return False
-  return attn.window_split == 'heads' or len(attn.window_sizes) == 1
+  if attn.window_split == 'layers':
+    return (attn.window_sizes[(layer - attn.full_attention_layers) % len(attn.window_sizes)],)
+  return tuple(attn.window_sizes)

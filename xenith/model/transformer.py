@@ -11,6 +11,7 @@ import ml_collections
 
 from xenith.model import attention
 from xenith.model import embed as embed_lib
+from xenith.model import layer_stacks
 from xenith.model import layers
 from xenith.model import lora
 from xenith.model import mlp
@@ -107,14 +108,34 @@ def block_class(config: ml_collections.FrozenConfigDict, block: type[nn.Module] 
   )
 
 
+class LayerGroup(nn.Module):
+  """`unit` consecutive blocks from layer `first` (`block_0`, ...): the repeating unit of
+  a scanned stack whose layers take turns (layer_stacks.py). Returns (x, their outputs)."""
+
+  config: ml_collections.FrozenConfigDict
+  block: type[nn.Module]
+  first: int
+  unit: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *args) -> tuple[jax.Array, tuple]:
+    outputs = []
+    for j in range(self.unit):
+      layer = self.first + j
+      x, out = self.block(self.config, use_moe=moe.is_moe_layer(self.config, layer),
+                          layer=layer, name=f'block_{j}')(x, *args)
+      outputs.append(out)
+    return x, tuple(outputs)
+
+
 class Decoder(nn.Module):
   """Decoder-only language model configured by `config` (a frozen `config.model`).
 
   Params are float32; activations use `config.dtype`; logits are float32.
-  With `config.scan_layers` the blocks live under `layers` with a leading
-  layer axis (logical name 'layers'); otherwise under `block_0`, `block_1`, ...
-  A MoE model (`config.moe.num_experts > 0`) scans its dense prefix under
-  `dense_layers` and its MoE layers under `moe_layers`.
+  Blocks live under `block_0`, `block_1`, ...; with `config.scan_layers` they are
+  stacks scanned with a leading layer axis (logical name 'layers'): `layers` when every
+  layer is alike, `dense_layers` + `moe_layers` for a MoE model's dense prefix and MoE
+  layers, in general the stacks of repeating units `layer_stacks.plan` gives.
 
   `model.apply(variables, tokens)` gives the logits; `model.apply(variables, tokens,
   method='forward')` the whole `DecoderOutput` (MoE router stats, features).
@@ -184,32 +205,15 @@ class Decoder(nn.Module):
     block = block_class(cfg)
     moe_stats = {}  # 'layer_<i>' -> router stats of MoE layer i.
 
-    def scan_stack(x, first_layer, length, use_moe, name):
-      stack = nn.scan(
-          block,
-          variable_axes={'params': 0, 'cache': 0},
-          split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast,) * 4,
-          length=length,
-          metadata_params={nn.PARTITION_NAME: 'layers'},
-      )
-      return stack(cfg, use_moe=use_moe, layer=first_layer, name=name)(
-          x, segment_ids, positions, deterministic, cache_length)
-
-    if cfg.scan_layers and not moe.enabled(cfg):
-      x, _ = scan_stack(x, 0, cfg.num_layers, False, 'layers')
-    elif cfg.scan_layers:
-      # A scan repeats one block: the dense prefix and the MoE layers are two stacks.
-      if cfg.moe.moe_every != 1:
-        raise ValueError('scan_layers needs config.moe.moe_every=1 (a scan repeats one '
-                         'kind of block).')
-      num_dense = cfg.moe.first_dense_layers
-      if num_dense:
-        x, _ = scan_stack(x, 0, num_dense, False, 'dense_layers')
-      x, stacked = scan_stack(x, num_dense, cfg.num_layers - num_dense, True,
-                              'moe_layers')
-      for j in range(cfg.num_layers - num_dense):
-        moe_stats[f'layer_{num_dense + j}'] = jax.tree.map(lambda s, j=j: s[j], stacked)
+    if cfg.scan_layers:
+      for stack in layer_stacks.plan(cfg):
+        x, stats = self.scan_stack(stack, block, x, segment_ids, positions, deterministic,
+                                   cache_length)
+        for r in range(stack.repeats):
+          for j in range(stack.unit):
+            if stats[j] is not None:
+              moe_stats[f'layer_{stack.layer(r, j)}'] = jax.tree.map(
+                  lambda s, r=r: s[r], stats[j])
     else:
       for i in range(cfg.num_layers):
         x, stats = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i,
@@ -218,6 +222,26 @@ class Decoder(nn.Module):
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
     return self.output_head(x, embed, features_only).replace(moe_stats=moe_stats)
+
+  def scan_stack(self, stack: layer_stacks.Stack, block: type[nn.Module], x: jax.Array,
+                 *args) -> tuple[jax.Array, tuple]:
+    """`stack`'s layers on x [batch, seq, embed] as one `nn.scan`: (x, per unit position
+    j the stacked outputs (MoE router stats or None) of its layers, [repeats, ...])."""
+    unit = block if stack.unit == 1 else LayerGroup
+    scan = nn.scan(
+        unit,
+        variable_axes={'params': 0, 'cache': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(nn.broadcast,) * len(args),
+        length=stack.repeats,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
+    if stack.unit == 1:
+      x, stats = scan(self.config, use_moe=moe.is_moe_layer(self.config, stack.first),
+                      layer=stack.first, name=stack.name)(x, *args)
+      return x, (stats,)
+    return scan(self.config, block=block, first=stack.first, unit=stack.unit,
+                name=stack.name)(x, *args)
 
   def make_embed(self) -> embed_lib.Embed:
     """The token embedding (params 'embed'; also the tied output head)."""
