@@ -101,18 +101,19 @@ def _validate_lora(config) -> None:
     _require(config, f'{f}target_ranks.{t}', lambda v: isinstance(v, int) and v >= -1,
              f"must be an int >= -1 (-1 = lora.rank if '{t}' is in lora.targets, "
              '0 = no adapter, > 0 = that rank)')
+  targets = settings.targets
+  if settings.rank > 0:  # Else `targets` is unused.
+    if isinstance(targets, str) or not targets:
+      raise ConfigError(f + 'targets', f'{targets!r} must be a non-empty tuple of layer '
+                        f'names from {LORA_TARGETS}')
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+      raise ConfigError(f + 'targets', f'{unknown} are not LoRA targets; choose from '
+                        f'{LORA_TARGETS}')
   if not lora.enabled(config.model):
     return
   _require(config, f + 'alpha', lambda v: v > 0, 'must be > 0')
   _require(config, f + 'dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)')
-  targets = settings.targets
-  if isinstance(targets, str) or (not targets and settings.rank > 0):
-    raise ConfigError(f + 'targets', f'{targets!r} must be a non-empty tuple of layer '
-                      f'names from {LORA_TARGETS}')
-  unknown = [t for t in targets if t not in LORA_TARGETS]
-  if unknown:
-    raise ConfigError(f + 'targets', f'{unknown} are not LoRA targets; choose from '
-                      f'{LORA_TARGETS}')
 
   def source(target):  # The field that gives `target` its adapter.
     return f'target_ranks.{target}' if target_ranks.get(target, -1) > 0 else 'targets'
