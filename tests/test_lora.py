@@ -629,14 +629,20 @@ def _saved_params(workdir, step=4):
 def test_lora_finetune_of_a_trained_checkpoint_through_main(tmp_path):
   base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
   _run('--config=experiments/default.py:size=tiny', f'--workdir={base_dir}', *_SHORT)
+  # Per-target ranks from the command line: queries at 4 (the rest of the targets at the
+  # experiment's rank 8), keys without adapters.
+  ranks = ('--config.model.lora.target_ranks.query=4', '--config.model.lora.target_ranks.key=0')
   result = _run(f'--config=experiments/lora_finetune.py:base={base_dir},size=tiny',
-                f'--workdir={lora_dir}', *_SHORT)
+                f'--workdir={lora_dir}', *ranks, *_SHORT)
   assert 'Initialised 20 base params from' in result.stderr
 
   base, _ = _saved_params(base_dir)
   tuned, opt_state = _saved_params(lora_dir)
   adapters = {k for k in tuned if k.endswith(lora.ADAPTER_PARAMS)}
   assert adapters and set(tuned) - adapters == set(base)
+  assert {k.rsplit('/', 2)[-2] for k in adapters} == {'query', 'value', 'out', 'gate', 'up',
+                                                      'down'}
+  assert {tuned[k].shape[-1] for k in adapters if '/query/lora_a' in k} == {4}
   for name in base:  # The frozen base is bit-identical to the trained checkpoint.
     np.testing.assert_array_equal(tuned[name], base[name], err_msg=name)
   for name in adapters:
@@ -652,22 +658,26 @@ def test_lora_finetune_of_a_trained_checkpoint_through_main(tmp_path):
   # Merge, then start a plain run from the merged weights.
   merged_dir = str(tmp_path / 'merged')
   result = _run(f'--config=experiments/lora_finetune.py:base={base_dir},size=tiny',
-                f'--workdir={lora_dir}', f'--out={merged_dir}', script='launch/merge_lora.py')
+                f'--workdir={lora_dir}', f'--out={merged_dir}', *ranks,
+                script='launch/merge_lora.py')
   max_diff = float(result.stdout.split('by at most ')[1].rstrip('.\n'))
   assert max_diff < 1e-4
   config = lora_finetune.get_config(f'base={base_dir},size=tiny')
+  config.model.lora.target_ranks.query, config.model.lora.target_ranks.key = 4, 0
   merged = checkpointing.load_params(merged_dir, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding
                                      .SingleDeviceSharding(jax.devices()[0])),
       traverse_util.unflatten_dict(base, sep='/')))
-  # Every merged kernel is W + alpha / rank * A @ B, in NumPy from the trained adapters.
-  flat_merged, factor = _flat(merged), config.model.lora.alpha / config.model.lora.rank
+  # Every merged kernel is W + alpha / r * A @ B (r = 4 for queries, 8 for the rest), in
+  # NumPy from the trained adapters.
+  flat_merged = _flat(merged)
   assert set(flat_merged) == set(base)
   for name in base:
     owner = name[:-len('kernel')]
     want = np.asarray(tuned[name], np.float64)
     if owner + 'lora_a' in tuned:
       a, b = (np.asarray(tuned[owner + n], np.float64) for n in ('lora_a', 'lora_b'))
+      factor = config.model.lora.alpha / (4 if owner.endswith('/query/') else 8)
       want = want + factor * np.tensordot(a, b, axes=1)
     np.testing.assert_allclose(flat_merged[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
   # The merged plain model and the adapted model, both run here, give the same logits.

@@ -94,6 +94,8 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
   attention_per_token = flops.attention_flops_per_token(m, seq)  # Forward.
   param_bytes = 4  # Params are float32 whatever the compute dtype.
   adapters = sum(adapters_by_target.values())
+  adapters_by_target = {t: adapters_by_target[t] for t in lora.TARGETS
+                        if t in adapters_by_target}  # In `lora.TARGETS` order.
   # A frozen base gets no optimizer state and no gradients (stop_gradient: lora.frozen_base).
   frozen = lora.trains_only_adapters(m)
   trained, trained_shard = (adapters, adapter_shard) if frozen else (total, shard)
