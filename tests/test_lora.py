@@ -454,6 +454,11 @@ def test_per_target_adapters_compute_w_plus_alpha_over_their_own_rank(scan_layer
 
   merged = _flat(lora.merge_lora(params, config.model))
   assert set(merged) == set(expected)
+  other = config.model.copy_and_resolve_references()  # Queries at another rank: refused.
+  other.lora.target_ranks.query = 5
+  with pytest.raises(ValueError, match=r"query/lora_a has rank 6; the config gives 'query' "
+                                       'rank 5'):
+    lora.merge_lora(params, other)
   for name, x in merged.items():
     np.testing.assert_allclose(x, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
   tokens = _tokens()

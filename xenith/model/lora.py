@@ -7,26 +7,26 @@ A linear layer with an adapter computes
 where r is that layer's rank (`layer_rank`): `lora.target_ranks.<target>` when it is >= 0
 (0 = no adapter), else `lora.rank` for the targets in `lora.targets` and no adapter for
 the others. So each target has its own rank, and the scale alpha / r is per layer (one
-`alpha` for all). A: [*contracted, r] initialised like W (fan-in scaling) and B: [rank, *features]
-initialised to zero, so a freshly adapted model computes exactly the base model. The
+`alpha` for all). A: [*contracted, r] is initialised like W (fan-in scaling) and
+B: [r, *features] to zero, so a freshly adapted model computes exactly the base model. The
 adapters sit beside the kernel they adapt (`.../query/{kernel, lora_a, lora_b}`); the
 computation is `layers.DenseGeneral`'s. Layers are chosen by their module name, so one
 name adapts that layer in every block.
 
 The target 'experts' adapts the MoE experts (moe.py, `experts/{gate, up, down}`
-[exp, in, out]) with one adapter per expert and weight: `<w>_lora_a` [exp, in, rank]
-and `<w>_lora_b` [exp, rank, out] beside `<w>` (`.../experts/{gate, gate_lora_a,
+[exp, in, out]) with one adapter per expert and weight: `<w>_lora_a` [exp, in, r]
+and `<w>_lora_b` [exp, r, out] beside `<w>` (`.../experts/{gate, gate_lora_a,
 gate_lora_b, ...}`). The experts compute with the effective weights
 W_e + (alpha / r) * A_e @ B_e (formed in float32, then cast to the compute dtype), so
 every dispatch method runs unchanged; the backward pass forms the full [exp, in, out]
 weight gradient to reach A and B. As the adapter is folded into the weight there is no adapter
-input to drop: `lora.dropout` must be 0 when 'experts' is targeted (config_validation
+input to drop: `lora.dropout` must be 0 when 'experts' has adapters (config_validation
 rejects it); it works on the other targets.
 
 Adapter params are those whose name ends in `lora_a` / `lora_b` (`is_adapter`);
 `merge_lora` folds `lora_a` / `lora_b` into the `kernel` beside them and `<w>_lora_a` /
-`<w>_lora_b` into `<w>` (each at its own layer's scale), treating leading axes (the scan layer axis, the expert axis) as
-batch axes.
+`<w>_lora_b` into `<w>` (each at its own layer's scale), treating leading axes (the scan
+layer axis, the expert axis) as batch axes.
 """
 
 from collections.abc import Mapping
