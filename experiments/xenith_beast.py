@@ -6,6 +6,9 @@ config assumes xenith_mini's (8 dense layers of FFN 24,576, experts of 3,072, on
 expert of 3,072). The seed's chunk-summary memory (chunks of 4096, 128 summaries, a
 bank of 200) arrives with the long-context work. Size it with
 `python main.py --config=experiments/xenith_beast.py --mode=describe --num_devices=64`.
+The seed's fine-tuning LoRA (rank 256 on the queries and the output head) is
+`--config.model.lora.rank=0 --config.model.lora.target_ranks.query=256
+--config.model.lora.target_ranks.head=256` (docs/lora.md).
 """
 
 from experiments import default

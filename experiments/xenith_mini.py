@@ -35,7 +35,9 @@ def get_config(arg: str | None = None):
   m.moe.expert_mlp_dim = 3072
   m.moe.first_dense_layers = 8
   # The seed's "rank-128 LoRA in all linear layers" is for fine-tuning: set
-  # --config.model.lora.rank=128 on a fine-tuning run, not in pre-training.
+  # --config.model.lora.rank=128 (the seven projections) and, for the head and the experts
+  # too, --config.model.lora.target_ranks.head=128 --config.model.lora.target_ranks.experts=128
+  # on a fine-tuning run, not in pre-training (docs/lora.md).
 
   config.mesh.data = 1
   config.mesh.fsdp = -1

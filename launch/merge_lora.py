@@ -4,11 +4,12 @@ r"""Merges a LoRA run's adapters into its base weights: params of the plain mode
       --workdir=runs/lora_finetune --out=runs/lora_merged
 
 Reads the newest checkpoint of `--workdir` (trained with `--config`, the same config
-and overrides as the run), folds every adapter into its kernel (W + alpha / rank * A B,
-`xenith.model.lora.merge_lora`), checks that the plain model's logits equal the adapted
-model's on a random batch, and writes `{'params': merged}` to `--out` (an Orbax item)
-with the plain model's config in `--out/model_config.json`. The merged params start a new
-run without adapters, e.g. to evaluate or fine-tune further:
+and overrides as the run), folds every adapter into its kernel (W + alpha / r * A B, r
+the rank of that layer's target, `xenith.model.lora.merge_lora`), checks that the plain
+model's logits equal the adapted model's on a random batch, and writes
+`{'params': merged}` to `--out` (an Orbax item) with the plain model's config in
+`--out/model_config.json`. The merged params start a new run without adapters, e.g. to
+evaluate or fine-tune further:
 
   python main.py --config=experiments/default.py --workdir=runs/after_lora \
       --config.init_from_checkpoint=runs/lora_merged
@@ -45,7 +46,8 @@ def merge_checkpoint(config, workdir: str, out: str) -> float:
   """Merges the newest checkpoint of `workdir` into `out`; returns the logits' max
   absolute difference between the merged and the adapted model on a random batch."""
   if not lora.enabled(config.model):
-    raise ValueError('The config has no adapters (config.model.lora.rank is 0).')
+    raise ValueError('The config has no adapters (config.model.lora.rank and every '
+                     'config.model.lora.target_ranks are 0 or unset).')
   out_path = storage.path(out, '--out')  # Local or gs:// (xenith/storage.py).
   if out_path.exists():
     raise FileExistsError(f'{out} exists; choose a new --out.')

@@ -159,16 +159,23 @@ def get_config() -> ml_collections.ConfigDict:
   # Stack blocks with nn.scan (faster compiles for deep models); layers that differ are
   # scanned as repeating units (xenith/model/layer_stacks.py).
   config.model.scan_layers = False
-  # LoRA adapters (xenith/model/lora.py): x W + alpha / rank * x A B on the layers named
-  # in `targets`. experiments/lora_finetune.py turns them on for fine-tuning.
+  # LoRA adapters (xenith/model/lora.py): x W + alpha / r * x A B on the layers named
+  # in `targets` (r = `rank`) or given a rank in `target_ranks` (r = that rank).
+  # experiments/lora_finetune.py turns them on for fine-tuning.
   config.model.lora = ml_collections.ConfigDict()
-  config.model.lora.rank = 0  # Adapter rank; 0 = no adapters.
-  config.model.lora.alpha = 16.0  # Adapter output scale is alpha / rank.
+  config.model.lora.rank = 0  # Adapter rank of the `targets`; 0 = none (but see target_ranks).
+  config.model.lora.alpha = 16.0  # A layer's adapter output scale is alpha / (its rank).
   config.model.lora.dropout = 0.0  # Dropout on the adapters' input during training.
   # Layers (module names) that get adapters; any of 'query', 'key', 'value', 'out' (attention),
   # 'gate', 'up', 'down' (MLP), 'head' (untied output head only), 'experts' (MoE experts:
   # per-expert adapters folded into the expert weights; needs dropout = 0).
   config.model.lora.targets = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
+  # Per-target ranks, one field per target above: -1 = `rank` if the target is in
+  # `targets`, else no adapter; 0 = no adapter; > 0 = that rank, in `targets` or not. E.g.
+  # rank=0, target_ranks.query=256, target_ranks.head=256: queries and head at rank 256.
+  config.model.lora.target_ranks = ml_collections.ConfigDict(
+      {t: -1 for t in ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head',
+                       'experts')})
   # Train only the adapters: the base gets no gradients and no optimizer state.
   config.model.lora.train_only_adapters = True
 

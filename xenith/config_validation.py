@@ -13,7 +13,9 @@ from xenith import sharding
 from xenith import storage
 from xenith.errors import ConfigError
 from xenith.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from xenith.model import lora
 from xenith.model.lora import TARGETS as LORA_TARGETS
+from xenith.model.moe import expert_mlp_dim, is_moe_layer
 from xenith.model.moe_dispatch import DISPATCHES as MOE_DISPATCHES
 from xenith.model.norms import NORMS
 from xenith.model.rope import ROPE_SCALING_TYPES
@@ -84,30 +86,81 @@ def _validate_lora(config) -> None:
   if 'lora' not in config.model:
     return
   f = 'model.lora.'
+  settings = config.model.lora
   _require(config, f + 'rank', lambda v: isinstance(v, int) and v >= 0,
            'must be an int >= 0 (0 = no adapters)')
   _require(config, f + 'train_only_adapters', lambda v: isinstance(v, bool),
            'must be True or False')
-  if config.model.lora.rank == 0:
+  target_ranks = settings.get('target_ranks') or {}
+  unknown = [t for t in target_ranks if t not in LORA_TARGETS]
+  if unknown:
+    raise ConfigError(f + 'target_ranks', f'{unknown} are not LoRA targets; choose from '
+                      f'{LORA_TARGETS}')
+  for t in target_ranks:
+    _require(config, f'{f}target_ranks.{t}', lambda v: isinstance(v, int) and v >= -1,
+             f"must be an int >= -1 (-1 = lora.rank if '{t}' is in lora.targets, "
+             '0 = no adapter, > 0 = that rank)')
+  targets = settings.targets
+  if settings.rank > 0:  # Else `targets` is unused.
+    if isinstance(targets, str) or not targets:
+      raise ConfigError(f + 'targets', f'{targets!r} must be a non-empty tuple of layer '
+                        f'names from {LORA_TARGETS}')
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+      raise ConfigError(f + 'targets', f'{unknown} are not LoRA targets; choose from '
+                        f'{LORA_TARGETS}')
+  if not lora.enabled(config.model):
     return
   _require(config, f + 'alpha', lambda v: v > 0, 'must be > 0')
   _require(config, f + 'dropout', lambda v: 0 <= v < 1, 'must be in [0, 1)')
-  targets = config.model.lora.targets
-  if isinstance(targets, str) or not targets:
-    raise ConfigError(f + 'targets', f'{targets!r} must be a non-empty tuple of layer '
-                      f'names from {LORA_TARGETS}')
-  unknown = [t for t in targets if t not in LORA_TARGETS]
-  if unknown:
-    raise ConfigError(f + 'targets', f'{unknown} are not LoRA targets; choose from '
-                      f'{LORA_TARGETS}')
-  if 'head' in targets and config.model.tie_embeddings:
-    raise ConfigError(f + 'targets', "'head' needs config.model.tie_embeddings=False (the "
-                      'tied head is the embedding table, which has no adapter)')
-  if 'experts' in targets and config.model.lora.dropout > 0:
-    raise ConfigError(f + 'dropout', f'{config.model.lora.dropout} must be 0 with '
-                      "'experts' in config.model.lora.targets (expert adapters are folded "
-                      'into the expert weights, so there is no adapter input to drop; '
-                      'dropout works on the other targets)')
+
+  def source(target):  # The field that gives `target` its adapter.
+    return f'target_ranks.{target}' if target_ranks.get(target, -1) > 0 else 'targets'
+
+  if lora.layer_rank(config.model, 'head') and config.model.tie_embeddings:
+    raise ConfigError(f + source('head'), "'head' needs config.model.tie_embeddings=False "
+                      '(the tied head is the embedding table, which has no adapter)')
+  if lora.layer_rank(config.model, 'experts') and settings.dropout > 0:
+    raise ConfigError(f + 'dropout', f"{settings.dropout} must be 0 with adapters on "
+                      f"'experts' (config.model.lora.{source('experts')}; expert adapters "
+                      'are folded into the expert weights, so there is no adapter input to '
+                      'drop; dropout works on the other targets)')
+
+
+def _lora_rank_limits(m) -> dict[str, int]:
+  """{target: min(inputs, outputs) of the smallest layer it adapts} for the targets
+  whose layers exist in the model `m` (the kernels of attention.py, mlp.py, moe.py and
+  transformer.py's head, flattened to matrices)."""
+  d, q, kv = m.embed_dim, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  limits = {'query': min(d, q), 'out': min(d, q), 'key': min(d, kv), 'value': min(d, kv)}
+  if not m.tie_embeddings:
+    limits['head'] = min(d, m.vocab_size)
+  is_moe = [is_moe_layer(m, i) for i in range(m.num_layers)]
+  mlp_widths = [m.mlp_dim] if not all(is_moe) else []
+  if any(is_moe):
+    limits['experts'] = min(d, expert_mlp_dim(m))
+    if m.moe.num_shared_experts:  # The shared experts are one SwiGLU Mlp of this width.
+      mlp_widths.append(m.moe.num_shared_experts * expert_mlp_dim(m))
+  if mlp_widths:
+    limits.update(dict.fromkeys(('gate', 'up', 'down'), min(d, *mlp_widths)))
+  return limits
+
+
+def _validate_lora_ranks(config) -> None:
+  """No adapter rank above its layer's smaller dimension: A B's rank cannot exceed it, so
+  the extra rank only adds params and optimizer state (and lowers alpha / rank); it is
+  most likely a rank meant for a bigger model. Runs after `_validate_moe` (layer kinds)."""
+  m = config.model
+  if 'lora' not in m or not lora.enabled(m):
+    return
+  target_ranks = m.lora.get('target_ranks') or {}
+  for target, limit in _lora_rank_limits(m).items():
+    rank = lora.layer_rank(m, target)
+    if rank > limit:
+      field = f'target_ranks.{target}' if target_ranks.get(target, -1) > 0 else 'rank'
+      raise ConfigError(f'model.lora.{field}', f"{rank} exceeds {limit}, the smaller "
+                        f"dimension (min(inputs, outputs)) of the '{target}' layers: a "
+                        'LoRA rank must be <= it')
 
 
 def _validate_attention(config) -> None:
@@ -282,6 +335,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
              'must be an int >= 0 (0 = full logits)')
   _validate_lora(config)
   _validate_moe(config)
+  _validate_lora_ranks(config)
   _validate_attention(config)
   _validate_memory(config)
   _validate_passkey(config)

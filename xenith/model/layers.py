@@ -205,8 +205,9 @@ def dense(
 ) -> DenseGeneral:
   """A `DenseGeneral` in the config's compute dtype; see its attributes.
 
-  The layer gets a LoRA adapter when `name` is in `config.lora.targets` (and
-  `config.lora.rank > 0`).
+  The layer gets a LoRA adapter of rank `lora.layer_rank(config, name)` (its target's
+  `config.lora.target_ranks` entry, or `config.lora.rank` for `config.lora.targets`) when
+  that is > 0.
   """
   rank = lora.layer_rank(config, name)
   return DenseGeneral(

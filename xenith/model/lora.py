@@ -1,29 +1,32 @@
 """LoRA: low-rank adapters on chosen linear layers, base freezing, and merging.
 
-A linear layer named in `config.model.lora.targets` computes
+A linear layer with an adapter computes
 
-  y = x @ W + (alpha / rank) * dropout(x) @ A @ B,
+  y = x @ W + (alpha / r) * dropout(x) @ A @ B,
 
-with A: [*contracted, rank] initialised like W (fan-in scaling) and B: [rank, *features]
-initialised to zero, so a freshly adapted model computes exactly the base model. The
+where r is that layer's rank (`layer_rank`): `lora.target_ranks.<target>` when it is >= 0
+(0 = no adapter), else `lora.rank` for the targets in `lora.targets` and no adapter for
+the others. So each target has its own rank, and the scale alpha / r is per layer (one
+`alpha` for all). A: [*contracted, r] is initialised like W (fan-in scaling) and
+B: [r, *features] to zero, so a freshly adapted model computes exactly the base model. The
 adapters sit beside the kernel they adapt (`.../query/{kernel, lora_a, lora_b}`); the
 computation is `layers.DenseGeneral`'s. Layers are chosen by their module name, so one
 name adapts that layer in every block.
 
 The target 'experts' adapts the MoE experts (moe.py, `experts/{gate, up, down}`
-[exp, in, out]) with one adapter per expert and weight: `<w>_lora_a` [exp, in, rank]
-and `<w>_lora_b` [exp, rank, out] beside `<w>` (`.../experts/{gate, gate_lora_a,
+[exp, in, out]) with one adapter per expert and weight: `<w>_lora_a` [exp, in, r]
+and `<w>_lora_b` [exp, r, out] beside `<w>` (`.../experts/{gate, gate_lora_a,
 gate_lora_b, ...}`). The experts compute with the effective weights
-W_e + (alpha / rank) * A_e @ B_e (formed in float32, then cast to the compute dtype), so
+W_e + (alpha / r) * A_e @ B_e (formed in float32, then cast to the compute dtype), so
 every dispatch method runs unchanged; the backward pass forms the full [exp, in, out]
 weight gradient to reach A and B. As the adapter is folded into the weight there is no adapter
-input to drop: `lora.dropout` must be 0 when 'experts' is targeted (config_validation
+input to drop: `lora.dropout` must be 0 when 'experts' has adapters (config_validation
 rejects it); it works on the other targets.
 
 Adapter params are those whose name ends in `lora_a` / `lora_b` (`is_adapter`);
 `merge_lora` folds `lora_a` / `lora_b` into the `kernel` beside them and `<w>_lora_a` /
-`<w>_lora_b` into `<w>`, treating leading axes (the scan layer axis, the expert axis) as
-batch axes.
+`<w>_lora_b` into `<w>` (each at its own layer's scale), treating leading axes (the scan
+layer axis, the expert axis) as batch axes.
 """
 
 from collections.abc import Mapping
@@ -55,9 +58,8 @@ def _settings(model_config):
 
 
 def enabled(model_config: ml_collections.ConfigDict) -> bool:
-  """Whether the model has adapters (`lora.rank > 0`)."""
-  settings = _settings(model_config)
-  return settings is not None and settings.rank > 0
+  """Whether some target has adapters (`layer_rank` > 0 for one of `TARGETS`)."""
+  return any(layer_rank(model_config, t) for t in TARGETS)
 
 
 def trains_only_adapters(model_config: ml_collections.ConfigDict) -> bool:
@@ -65,16 +67,33 @@ def trains_only_adapters(model_config: ml_collections.ConfigDict) -> bool:
   return enabled(model_config) and bool(model_config.lora.train_only_adapters)
 
 
-def scale(model_config: ml_collections.ConfigDict) -> float:
-  """alpha / rank, the factor on the adapters' output."""
-  return model_config.lora.alpha / model_config.lora.rank
+def scale(model_config: ml_collections.ConfigDict, layer_name: str) -> float:
+  """alpha / r, the factor on the adapter output of the layer named `layer_name` (rank r)."""
+  rank = layer_rank(model_config, layer_name)
+  if not rank:
+    raise ValueError(f'The layer {layer_name!r} has no LoRA adapter.')
+  return model_config.lora.alpha / rank
 
 
 def layer_rank(model_config: ml_collections.ConfigDict, layer_name: str | None) -> int:
-  """The adapter rank of the linear layer named `layer_name`; 0 = no adapter."""
-  if not enabled(model_config) or layer_name not in model_config.lora.targets:
+  """The adapter rank of the linear layer named `layer_name`; 0 = no adapter.
+
+  `lora.target_ranks.<layer_name>` if it is >= 0, else `lora.rank` if the layer is in
+  `lora.targets`, else 0. Configs without `target_ranks` (older ones) use `rank` alone.
+  """
+  settings = _settings(model_config)
+  if settings is None or layer_name not in TARGETS:
     return 0
-  return model_config.lora.rank
+  target_ranks = settings.get('target_ranks')
+  own = target_ranks.get(layer_name, -1) if target_ranks is not None else -1
+  if own >= 0:
+    return own
+  return settings.rank if layer_name in settings.targets else 0
+
+
+def ranks(model_config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{target: rank} for the targets that have adapters."""
+  return {t: r for t in TARGETS if (r := layer_rank(model_config, t))}
 
 
 def is_adapter_name(name: Any) -> bool:
@@ -149,10 +168,13 @@ def _adapted_param(adapter_a: str) -> str:
 
 def merge_lora(params: Mapping[str, Any],
                model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Folds the adapters into the weights they adapt: W + (alpha / rank) * A @ B.
+  """Folds the adapters into the weights they adapt: W + (alpha / r) * A @ B.
+
+  r is the rank of the layer holding the adapter (its module name is the target, e.g.
+  `.../query/lora_a` or `.../experts/gate_lora_a`), checked against A's last axis.
 
   Args:
-    params: unboxed params of a model with adapters (`model_config.lora.rank > 0`).
+    params: unboxed params of a model with adapters (`enabled(model_config)`).
     model_config: that model's `config.model`.
 
   Returns:
@@ -160,29 +182,32 @@ def merge_lora(params: Mapping[str, Any],
     outputs equal the adapted model's up to float rounding.
   """
   if not enabled(model_config):
-    raise ValueError('merge_lora needs a config with adapters (model.lora.rank > 0).')
-  factor = scale(model_config)
+    raise ValueError('merge_lora needs a config with adapters (model.lora.rank or '
+                     'model.lora.target_ranks > 0).')
 
-  def merge(tree):
+  def merge(tree, module_name):
     if not isinstance(tree, Mapping):
       return tree
     tree = dict(tree)
     for name_a in [k for k in tree if isinstance(k, str) and k.endswith('lora_a')]:
       name_b, target = name_a[:-1] + 'b', _adapted_param(name_a)
       a, b = tree.pop(name_a), tree.pop(name_b)
-      if a.shape[-1] != model_config.lora.rank:
-        raise ValueError(f'Adapter rank {a.shape[-1]} != config rank '
-                         f'{model_config.lora.rank}.')
-      tree[target] = adapted_weight(tree[target], a, b, factor)
-    return {k: merge(v) for k, v in tree.items()}
+      rank = layer_rank(model_config, module_name)
+      if a.shape[-1] != rank:
+        raise ValueError(f'Adapter {module_name}/{name_a} has rank {a.shape[-1]}; the config '
+                         f'gives {module_name!r} rank {rank}.')
+      tree[target] = adapted_weight(tree[target], a, b, model_config.lora.alpha / rank)
+    return {k: merge(v, k) for k, v in tree.items()}
 
-  return merge(params)
+  return merge(params, None)
 
 
 def plain_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `model_config` without adapters: the config of `merge_lora`'s output."""
   plain = ml_collections.ConfigDict(model_config.to_dict())
   plain.lora.rank = 0
+  for target in plain.lora.get('target_ranks', {}):
+    plain.lora.target_ranks[target] = -1  # Follows `rank`: none.
   return plain
 
 

@@ -43,9 +43,10 @@ def expert_mlp_dim(config: ml_collections.FrozenConfigDict) -> int:
 class Experts(nn.Module):
   """E SwiGLU experts: gate, up [exp, embed, mlp] and down [exp, mlp, embed].
 
-  With the LoRA target 'experts' each weight `<w>` gets per-expert adapters
-  `<w>_lora_a` [exp, in, rank] (initialised like `<w>`) and `<w>_lora_b` [exp, rank, out]
-  (zeros), and the experts compute with `<w> + alpha / rank * A @ B` (see lora.py).
+  With the LoRA target 'experts' (rank r = `lora.layer_rank(cfg, 'experts')`) each weight
+  `<w>` gets per-expert adapters `<w>_lora_a` [exp, in, r] (initialised like `<w>`) and
+  `<w>_lora_b` [exp, r, out] (zeros), and the experts compute with `<w> + alpha / r * A @ B`
+  (see lora.py).
   """
 
   config: ml_collections.FrozenConfigDict
@@ -81,7 +82,7 @@ class Experts(nn.Module):
           nn.with_logical_partitioning(nn.initializers.zeros,
                                        (names[0], lora.RANK_AXIS, names[2])),
           (shape[0], rank, shape[2]), layers.PARAM_DTYPE)
-      return lora.adapted_weight(w, a, b, lora.scale(cfg), dtype)
+      return lora.adapted_weight(w, a, b, lora.scale(cfg, 'experts'), dtype)
 
     gate = param('gate', (num_experts, embed, hidden), ('exp', 'embed', 'mlp'))
     up = param('up', (num_experts, embed, hidden), ('exp', 'embed', 'mlp'))

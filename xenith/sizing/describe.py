@@ -2,7 +2,9 @@
 
 `python main.py --config=experiments/xenith_mini.py --mode=describe --num_devices=16`
 prints total and active parameters, training and inference FLOPs per token, memory for
-params and optimizer state, and that memory per device on the configured mesh.
+params and optimizer state, and that memory per device on the configured mesh. With LoRA
+it also counts the adapter params per target (each at its target's rank); with a frozen
+base (`lora.train_only_adapters`) gradients and AdamW state count the adapters only.
 """
 
 import math
@@ -15,6 +17,7 @@ import ml_collections
 
 from xenith.sizing import flops
 from xenith import sharding
+from xenith.model import lora
 from xenith.model import memory
 from xenith.model.build import make_model
 
@@ -31,14 +34,21 @@ def _boxed_params(model_config: ml_collections.ConfigDict) -> Any:
 
 
 def _leaves(boxed):
-  """(path, shape, logical names) for every param."""
+  """(key path, shape, logical names) for every param."""
   out = []
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box):
     names = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else ()
     value = leaf.unbox(apply_constraint=False) if is_box(leaf) else leaf
-    out.append((jax.tree_util.keystr(path), tuple(value.shape), names))
+    out.append((path, tuple(value.shape), names))
   return out
+
+
+def _adapter_target(path) -> str | None:
+  """The LoRA target of an adapter param (the module holding it, e.g. 'query' for
+  `.../query/lora_a`, 'experts' for `.../experts/gate_lora_a`); None for a base param."""
+  keys = [getattr(k, 'key', None) for k in path]
+  return keys[-2] if lora.is_adapter_name(keys[-1]) else None
 
 
 def _shard_elements(shape, names, mesh_sizes, rules) -> int:
@@ -60,8 +70,13 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
   mesh_sizes = sharding.mesh_shape(config.mesh, num_devices)
 
   total = active = matmul_active = shard = 0
-  for path, shape, names in _leaves(_boxed_params(m)):
+  adapters_by_target, adapter_shard = {}, 0
+  for key_path, shape, names in _leaves(_boxed_params(m)):
+    path = jax.tree_util.keystr(key_path)
     size = math.prod(shape)
+    if (target := _adapter_target(key_path)) is not None:
+      adapters_by_target[target] = adapters_by_target.get(target, 0) + size
+      adapter_shard += _shard_elements(shape, names, mesh_sizes, rules)
     # A routed expert's weights have an 'exp' axis; a token uses k of E.
     used = size * top_k / num_experts if 'exp' in names else size
     total += size
@@ -78,16 +93,27 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
   seq = config.max_seq_len
   attention_per_token = flops.attention_flops_per_token(m, seq)  # Forward.
   param_bytes = 4  # Params are float32 whatever the compute dtype.
+  adapters = sum(adapters_by_target.values())
+  adapters_by_target = {t: adapters_by_target[t] for t in lora.TARGETS
+                        if t in adapters_by_target}  # In `lora.TARGETS` order.
+  # A frozen base gets no optimizer state and no gradients (stop_gradient: lora.frozen_base).
+  frozen = lora.trains_only_adapters(m)
+  trained, trained_shard = (adapters, adapter_shard) if frozen else (total, shard)
   return {
       'total_params': total,
       'active_params': active,
+      'adapter_params': adapters,  # LoRA; 0 without adapters.
+      'adapter_params_by_target': adapters_by_target,  # {target: params}, e.g. 'query'.
+      'adapter_ranks': lora.ranks(m),  # {target: rank} of the targets with adapters.
+      'trained_params': trained,
       'train_flops_per_token': 6 * matmul_active + 3 * attention_per_token,
       'inference_flops_per_token': 2 * matmul_active + attention_per_token,
       'params_gib': total * param_bytes / GIB,
-      'optimizer_state_gib': 2 * total * param_bytes / GIB,  # AdamW mu and nu.
-      'gradients_gib': total * param_bytes / GIB,
+      'optimizer_state_gib': 2 * trained * param_bytes / GIB,  # AdamW mu and nu.
+      'gradients_gib': trained * param_bytes / GIB,
       'per_device_params_gib': shard * param_bytes / GIB,
-      'per_device_train_state_gib': 4 * shard * param_bytes / GIB,  # Params, grads, mu, nu.
+      # Params, grads, mu, nu.
+      'per_device_train_state_gib': (shard + 3 * trained_shard) * param_bytes / GIB,
       'num_devices': num_devices,
       'mesh': mesh_sizes,
       'seq_len': seq,
@@ -112,6 +138,11 @@ def format_description(name: str, d: dict[str, Any]) -> str:
       ('per device: params + grads + AdamW state',
        f'{d["per_device_train_state_gib"]:,.2f} GiB'),
   ]
+  if d.get('adapter_params'):
+    rows[2:2] = [('LoRA adapter parameters', f'{d["adapter_params"] / 1e6:,.2f} M')] + [
+        (f'  {t} (rank {d["adapter_ranks"][t]})', f'{n / 1e6:,.2f} M')
+        for t, n in d['adapter_params_by_target'].items()] + [
+        ('trained parameters (gradients, AdamW state)', f'{d["trained_params"] / 1e9:,.2f} B')]
   width = max(len(k) for k, _ in rows)
   lines = [f'{name}', '-' * (width + 18)]
   lines += [f'{k:<{width}}  {v:>14}' for k, v in rows]
