@@ -65,11 +65,13 @@ CASES = {
     # Dense layers 0-1 (full attention in 0), MoE in 2; two windows + global tokens.
     'everything': dict({'attention.full_attention_layers': 1, 'moe.moe_every': 2,
                         'lora.train_only_adapters': False}),
-    # Chunk-summary memory (no global tokens: they do not combine with it).
-    'memory': dict({'attention.num_global_tokens': 0, 'memory.chunk_size': 8,
-                    'memory.summary_tokens': 2, 'memory.summarizer_layers': 2,
-                    'memory.summarizer_heads': 2, 'memory.bank_size': 4,
-                    'memory.layers': (1, 2), 'memory.short_term_tokens': 2}),
+    # Chunk-summary memory (no global tokens: they do not combine with it); layer 0
+    # dense, layer 1 MoE and reading the bank.
+    'memory': dict({'num_layers': 2, 'attention.num_global_tokens': 0,
+                    'memory.chunk_size': 8, 'memory.summary_tokens': 2,
+                    'memory.summarizer_layers': 2, 'memory.summarizer_heads': 2,
+                    'memory.bank_size': 4, 'memory.layers': (1,),
+                    'memory.short_term_tokens': 2}),
     # Stacks `dense_layers` [1, ...] and `moe_layers` [2, ...].
     'scan_layers': dict({'scan_layers': True}),
 }
