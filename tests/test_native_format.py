@@ -156,7 +156,7 @@ def test_round_trip_gives_the_same_model(saved, case):
     assert np.asarray(ours.memory.valid).any()
 
 
-def test_load_options(saved):
+def test_load_options(saved, tmp_path):
   module, params, path = saved['scan_layers']
   module2, _ = xenith.from_pretrained(path, dtype='bfloat16', moe_dispatch='dense')
   assert module2.config.dtype == 'bfloat16' and module2.config.moe.dispatch == 'dense'
@@ -164,6 +164,14 @@ def test_load_options(saved):
   with pytest.raises(HfFormatError, match='saved with scan_layers=True'):
     xenith.from_pretrained(path, scan_layers=False)
   assert xenith.load_config(path)['model_type'] == 'xenith'
+
+  # bfloat16 tensors: read back as the model's float32 params, rounded.
+  out = str(tmp_path / 'bf16')
+  xenith.save_pretrained(out, module, params, dtype='bfloat16')
+  assert xenith.load_config(out)['dtype'] == 'bfloat16'
+  _, loaded = xenith.from_pretrained(out)
+  _assert_same_params(jax.tree.map(
+      lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params), loaded)
 
 
 def _copy(path, tmp_path, name='copy'):

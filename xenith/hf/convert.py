@@ -77,7 +77,7 @@ def save(path: str, model: ml_collections.ConfigDict, params: dict,
   if not problems and not native_format:
     save_hf(path, model, params, hf_config, dtype)
     return []
-  why = '; '.join(problems) or 'native format asked for'
+  why = '; '.join(problems) or 'asked for (native=True)'
   if problems and not native_format:
     logging.warning('Mistral/Mixtral cannot express this model (%s): writing %s in '
                     "Xenith's native format, which xenith.from_pretrained loads and "

@@ -54,7 +54,7 @@ def native_config(model: ml_collections.ConfigDict, dtype: str, why: str) -> dic
       'dtype': dtype,
       'xenith_model_config': model.to_dict(),
       'note': ('A Xenith-native checkpoint: load it with xenith.from_pretrained; Hugging '
-               f'Face transformers cannot ({why}).'),
+               f'Face transformers cannot. Not in the Hugging Face format: {why}.'),
   }
 
 
