@@ -114,7 +114,10 @@ def param_shapes(model: ml_collections.ConfigDict) -> dict[str, Any]:
 
   # A memory model reads whole chunks.
   length = model.memory.chunk_size if model.get('memory') and model.memory.chunk_size else 8
-  shapes = jax.eval_shape(build.make_model(model).init, jax.random.key(0),
+  # Built from a copy: the frozen config shares its nested fields with the one it was
+  # made from, and a module may change them while tracing (MoeBlock's shared experts).
+  module = build.make_model(ml_collections.ConfigDict(model.to_dict()))
+  shapes = jax.eval_shape(module.init, jax.random.key(0),
                           jnp.zeros((1, length), jnp.int32))['params']
   return flatten(nn.meta.unbox(shapes))
 
@@ -171,6 +174,7 @@ def save(path: str, model: ml_collections.ConfigDict, params: dict, dtype: str,
   they are. why: the reason for the native format, kept in config.json's note.
   HfFormatError, before anything is written, unless `params` fit `model` exactly.
   """
+  config = native_config(model, dtype, why)
   check_params(params, model)
   np_dtype = weights.NUMPY_DTYPES[dtype]
   tensors = {}
@@ -178,7 +182,7 @@ def save(path: str, model: ml_collections.ConfigDict, params: dict, dtype: str,
     x = np.asarray(x)
     is_float = np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
     tensors[name] = x.astype(np_dtype) if is_float else x
-  safetensors_io.write(path, native_config(model, dtype, why), tensors)
+  safetensors_io.write(path, config, tensors)
 
 
 def load(path: str) -> tuple[ml_collections.ConfigDict, dict, dict[str, Any]]:

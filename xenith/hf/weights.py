@@ -33,7 +33,7 @@ import numpy as np
 from xenith.errors import HfFormatError
 
 NUMPY_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
-                 'float16': np.float16}
+                'float16': np.float16}
 
 
 def _fold_norm_scale(w: np.ndarray, factor: float) -> np.ndarray:
