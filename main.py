@@ -16,7 +16,9 @@ saved there by the previous call and saves it again.
 
 import_hf writes the Xenith config (xenith_config.json, config.py) and the params as an
 Orbax checkpoint (checkpoints/0); export_hf writes config.json + model.safetensors from
-the workdir's newest params (pass --config for a training run's workdir).
+the workdir's newest params (pass --config for a training run's workdir): the Hugging Face
+format, or for a model it cannot express Xenith's native one (a warning says why), which
+xenith.from_pretrained loads.
 
 A run over several processes (hosts) starts this same line on each; they find each other
 through --coordinator_address / --num_processes / --process_id or the cluster's
@@ -59,7 +61,8 @@ _MODE = flags.DEFINE_enum(
     'print parameters, FLOPs per token and memory per device, allocating nothing. '
     'import_hf: Hugging Face Mixtral/Mistral checkpoint --hf_dir -> Xenith config and '
     'Orbax checkpoint in --workdir. export_hf: newest params in --workdir -> Hugging Face '
-    'checkpoint --hf_dir (config from the import, or --config). generate: continue '
+    'checkpoint --hf_dir (config from the import, or --config; Xenith\'s native format '
+    'for a model HF cannot express). generate: continue '
     '--prompt with the newest params in --workdir and print the text.')
 _HF_DIR = flags.DEFINE_string(
     'hf_dir', None, 'import_hf / export_hf: the Hugging Face checkpoint directory '
@@ -235,8 +238,12 @@ def _import_hf():
 def _export_hf():
   from xenith import hf  # pylint: disable=g-import-not-at-top
   hf_dir, workdir = _hf_dirs()
-  hf.export_from_workdir(workdir, hf_dir, _CONFIG.value)
-  print(f'Exported {workdir} to {hf_dir}.')
+  # A model HF cannot express is written in Xenith's native format; why is logged.
+  if hf.export_from_workdir(workdir, hf_dir, _CONFIG.value):
+    print(f"Exported {workdir} to {hf_dir} in Xenith's native format (Hugging Face "
+          'cannot express the model; load it with xenith.from_pretrained).')
+  else:
+    print(f'Exported {workdir} to {hf_dir}.')
 
 
 if __name__ == '__main__':

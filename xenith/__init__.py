@@ -3,6 +3,11 @@
   module, params = xenith.from_pretrained(path)   # HF Mixtral/Mistral dir or an export
   hf_config = xenith.load_config(path)            # its config.json, as a dict
   xenith.save_pretrained(out, module, params, hf_config=hf_config)  # HF format again
+
+`save_pretrained` takes any Xenith model: one Mistral/Mixtral cannot express (LoRA
+adapters, chunk-summary memory, several windows, shared experts, ...) is written in
+Xenith's native format, which `from_pretrained` reads back as the same model
+(docs/hf.md).
 """
 
 __all__ = ['from_pretrained', 'load_config', 'save_pretrained']

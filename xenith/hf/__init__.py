@@ -5,11 +5,15 @@
   xenith.save_pretrained(out, module, params, hf_config=xenith.load_config(src))
 
 Xenith's export format is the Hugging Face one (config.json + model.safetensors, loadable
-by `transformers.AutoModelForCausalLM`). One job per module, lowest first:
+by `transformers.AutoModelForCausalLM`) for every model Mistral/Mixtral can express; any
+other Xenith model is written in Xenith's native format (the whole `config.model` and
+every param by its Flax path), which `from_pretrained` reads back as the same model.
+One job per module, lowest first:
   safetensors_io  the files of a checkpoint directory
   configs         config.json <-> `config.model`
   weights         HF tensors <-> Xenith params
-  convert         a checkpoint directory <-> (`config.model`, params)
+  native          Xenith's native format, for models HF cannot express
+  convert         a checkpoint directory <-> (`config.model`, params), HF or native
   workdir         main.py --mode=import_hf / export_hf
   pretrained      from_pretrained, load_config, save_pretrained
 """

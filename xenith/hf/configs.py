@@ -3,7 +3,8 @@
 Sliding window (`sliding_window`, when `use_sliding_window` is not False): every layer
 gets that window (`attention.window_sizes=(W,)`, no global tokens), the mask HF applies
 (query i sees key j iff i - j < W). Xenith models HF cannot express (several windows,
-global tokens, LoRA adapters, shared experts, ...) are refused on export.
+global tokens, LoRA adapters, shared experts, ...: `export_problems`) are saved in
+Xenith's native format instead (native.py).
 """
 
 from typing import Any
@@ -15,12 +16,29 @@ from xenith.errors import HfFormatError
 
 SUPPORTED_ARCHITECTURES = ('MistralForCausalLM', 'MixtralForCausalLM')
 _MODEL_TYPES = {'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'}
+# config.json of Xenith's native format (native.py), which transformers cannot load.
+NATIVE_ARCHITECTURE = 'XenithForCausalLM'
+NATIVE_MODEL_TYPE = 'xenith'
+
+
+def _architectures(hf_config: dict[str, Any]) -> list[str]:
+  archs = hf_config.get('architectures') or []
+  return [archs] if isinstance(archs, str) else archs
+
+
+def is_native(config_json: dict[str, Any]) -> bool:
+  """Whether a config.json (as a dict) describes a Xenith-native checkpoint."""
+  return (config_json.get('model_type') == NATIVE_MODEL_TYPE
+          or NATIVE_ARCHITECTURE in _architectures(config_json))
 
 
 def architecture(hf_config: dict[str, Any]) -> str:
   """'MistralForCausalLM' or 'MixtralForCausalLM'; HfFormatError for anything else."""
-  archs = hf_config.get('architectures') or []
-  archs = [archs] if isinstance(archs, str) else archs
+  if is_native(hf_config):
+    raise HfFormatError(
+        'This is a Xenith-native checkpoint (model_type "xenith": a model Mistral/Mixtral '
+        'cannot express), not a Hugging Face one; load it with xenith.from_pretrained.')
+  archs = _architectures(hf_config)
   arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get('model_type'))
   if arch not in SUPPORTED_ARCHITECTURES:
     raise HfFormatError(
@@ -124,8 +142,8 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ml_collections.ConfigDict
   return model
 
 
-def check_exportable(model: ml_collections.ConfigDict) -> None:
-  """HfFormatError, naming every reason, unless `model` has a Mistral/Mixtral equivalent."""
+def export_problems(model: ml_collections.ConfigDict) -> list[str]:
+  """Every reason why `model` has no Mistral/Mixtral equivalent; [] if it has one."""
   problems = []
   if model.norm != 'rmsnorm':
     problems.append(f'norm={model.norm!r} (HF has rmsnorm)')
@@ -151,6 +169,12 @@ def check_exportable(model: ml_collections.ConfigDict) -> None:
       problems.append('moe.normalize_top_k=False (Mixtral renormalises)')
     if (moe.expert_mlp_dim or model.mlp_dim) != model.mlp_dim:
       problems.append('moe.expert_mlp_dim != mlp_dim')
+  return problems
+
+
+def check_exportable(model: ml_collections.ConfigDict) -> None:
+  """HfFormatError, naming every reason, unless `model` has a Mistral/Mixtral equivalent."""
+  problems = export_problems(model)
   if problems:
     raise HfFormatError('This model has no Mistral/Mixtral equivalent: ' + '; '.join(problems))
 

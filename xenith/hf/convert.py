@@ -1,13 +1,19 @@
-"""A HF checkpoint directory <-> (Xenith `config.model`, params as NumPy arrays)."""
+"""A checkpoint directory <-> (Xenith `config.model`, params as NumPy arrays).
+
+The directory is a HF Mistral/Mixtral one when HF can express the model, else Xenith's
+native format (native.py); `save` picks, `load` reads either.
+"""
 
 import os
 from typing import Any
 
+from absl import logging
 import ml_collections
 
 from xenith import storage
 from xenith.errors import HfFormatError
 from xenith.hf import configs
+from xenith.hf import native
 from xenith.hf import safetensors_io
 from xenith.hf import weights
 
@@ -47,3 +53,52 @@ def save_hf(path: str, model: ml_collections.ConfigDict, params: dict,
   dtype = dtype or (configs.tensor_dtype(hf_config) if hf_config else 'float32')
   config = configs.hf_config_from_model(model, hf_config, dtype)  # Checks exportability.
   safetensors_io.write(path, config, weights.params_to_hf(params, model, dtype))
+
+
+def save(path: str, model: ml_collections.ConfigDict, params: dict,
+         hf_config: dict[str, Any] | None = None, dtype: str | None = None,
+         native_format: bool | None = None) -> list[str]:
+  """Writes `model` with `params` to `path`: HF format if it can express them, else native.
+
+  native_format: None picks; True always writes the native format; False writes HF or
+  raises HfFormatError. hf_config, dtype: as in `save_hf` (the native format keeps only
+  the dtype). Returns why HF cannot express the model ([] when HF format was written):
+  `configs.export_problems`, and any params no HF tensor holds (none is dropped).
+  """
+  dtype = dtype or (configs.tensor_dtype(hf_config) if hf_config else 'float32')
+  problems = configs.export_problems(model)
+  if not problems:
+    unmapped = weights.unmapped_params(params, model)
+    if unmapped:
+      problems.append(f'{len(unmapped)} params without a Mistral/Mixtral tensor '
+                      f'({", ".join(unmapped[:3])}{", ..." if len(unmapped) > 3 else ""})')
+  if native_format is False and problems:
+    raise HfFormatError('This model has no Mistral/Mixtral equivalent: ' + '; '.join(problems))
+  if not problems and not native_format:
+    save_hf(path, model, params, hf_config, dtype)
+    return []
+  why = '; '.join(problems) or 'asked for (native=True)'
+  if problems and not native_format:
+    logging.warning('Mistral/Mixtral cannot express this model (%s): writing %s in '
+                    "Xenith's native format, which xenith.from_pretrained loads and "
+                    'transformers does not.', why, path)
+  native.save(path, model, params, dtype, why)
+  return problems
+
+
+def load(path: str, *, scan_layers: bool | None = None
+         ) -> tuple[ml_collections.ConfigDict, dict, dict[str, Any]]:
+  """(`config.model`, float32 params, config.json) of the HF or native checkpoint `path`.
+
+  scan_layers: the layout of the params; None = that of a native checkpoint as saved
+  (HfFormatError if it is given and differs), False for HF.
+  """
+  config_json = safetensors_io.read_config(path)
+  if not configs.is_native(config_json):
+    return load_hf(path, scan_layers=bool(scan_layers))
+  model, params, config_json = native.load(path)
+  if scan_layers is not None and scan_layers != model.scan_layers:
+    raise HfFormatError(
+        f'{path} was saved with scan_layers={model.scan_layers}; a native checkpoint loads '
+        'in the layout it was saved in (pass scan_layers=None).')
+  return model, params, config_json

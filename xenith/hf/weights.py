@@ -33,8 +33,8 @@ import numpy as np
 from xenith.errors import HfFormatError
 from xenith.model import layer_stacks
 
-_NUMPY_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
-                 'float16': np.float16}
+NUMPY_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
+                'float16': np.float16}
 
 
 def _fold_norm_scale(w: np.ndarray, factor: float) -> np.ndarray:
@@ -195,11 +195,38 @@ def restack(params: dict, model: ml_collections.ConfigDict, scan_layers: bool) -
       layer_stacks.join_layers(blocks, rest, model, scan_layers))
 
 
+def _block_paths(model: ml_collections.ConfigDict) -> list[tuple[str, ...]]:
+  """The param paths within one block that HF tensors map to."""
+  paths = [('attn', n, 'kernel') for n in ('query', 'key', 'value', 'out')]
+  paths += [('attn_norm', 'scale'), ('mlp_norm', 'scale')]
+  if model.moe.num_experts:
+    return paths + [('moe', 'router', 'kernel')] + [('moe', 'experts', n)
+                                                   for n in ('gate', 'up', 'down')]
+  return paths + [('mlp', n, 'kernel') for n in ('gate', 'up', 'down')]
+
+
+def unmapped_params(params: dict, model: ml_collections.ConfigDict) -> list[str]:
+  """The params ('block_0/attn/query/lora_a') that no HF tensor of `model` holds: an
+  export to HF would drop them."""
+  mapped = {('embed', 'embedding'), ('final_norm', 'scale')}
+  if not model.tie_embeddings:
+    mapped.add(('head', 'kernel'))
+  layers = ([(_stack_name(model),)] if model.scan_layers else
+            [(f'block_{i}',) for i in range(model.num_layers)])
+  mapped.update(layer + path for layer in layers for path in _block_paths(model))
+  return sorted('/'.join(k) for k in traverse_util.flatten_dict(params) if k not in mapped)
+
+
 def params_to_hf(params: dict, model: ml_collections.ConfigDict,
                  dtype: str = 'float32') -> dict[str, np.ndarray]:
   """HF tensors (name -> array in `dtype`: 'float32', 'bfloat16' or 'float16') from
-  Xenith params laid out as `model` says; `model` must pass `configs.check_exportable`."""
-  np_dtype = _NUMPY_DTYPES[dtype]
+  Xenith params laid out as `model` says; `model` must pass `configs.check_exportable`.
+  HfFormatError if some param has no HF tensor (`unmapped_params`): none is dropped."""
+  unmapped = unmapped_params(params, model)
+  if unmapped:
+    raise HfFormatError(f'{len(unmapped)} params have no Mistral/Mixtral tensor: '
+                        f'{", ".join(unmapped[:6])}{" ..." if len(unmapped) > 6 else ""}')
+  np_dtype = NUMPY_DTYPES[dtype]
   flat = {k: _f32(v) for k, v in traverse_util.flatten_dict(params).items()}
   H, N, D = model.embed_dim, model.num_heads, model.head_dim
   out = {}

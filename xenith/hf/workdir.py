@@ -21,8 +21,8 @@ from xenith import atomic_files
 from xenith import config_defaults
 from xenith import storage
 from xenith.errors import HfFormatError
-from xenith.hf import configs
 from xenith.hf import convert
+from xenith.hf import native
 from xenith.hf import safetensors_io
 
 CONFIG_JSON = 'xenith_config.json'
@@ -137,15 +137,10 @@ def find_hf_config(workdir: str, config: ml_collections.ConfigDict
 def load_params(workdir: str, model: ml_collections.ConfigDict) -> dict:
   """The newest params in `workdir` (NumPy arrays), laid out as `model` says."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from xenith.train import checkpointing  # pylint: disable=g-import-not-at-top
-  from xenith.model import build  # pylint: disable=g-import-not-at-top
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = nn.meta.unbox(jax.eval_shape(
-      build.make_model(model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
-  )['params'])
+  shapes = native.unflatten(native.param_shapes(model))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
   return jax.tree.map(np.asarray, checkpointing.load_params(workdir, abstract))
@@ -153,15 +148,16 @@ def load_params(workdir: str, model: ml_collections.ConfigDict) -> dict:
 
 def export_from_workdir(workdir: str, hf_dir: str,
                         config: ml_collections.ConfigDict | None = None,
-                        dtype: str | None = None) -> None:
-  """The newest params in `workdir` (a train run or an import) -> HF checkpoint `hf_dir`.
+                        dtype: str | None = None) -> list[str]:
+  """The newest params in `workdir` (a train run or an import) -> checkpoint `hf_dir`.
 
-  config: the run's config; default `workdir`/xenith_config.json (written by the import).
-  dtype: of the tensors; default that of the imported checkpoint, else float32.
+  The HF format when Mistral/Mixtral can express the model, else Xenith's native one
+  (`convert.save`). config: the run's config; default `workdir`/xenith_config.json
+  (written by the import). dtype: of the tensors; default that of the imported checkpoint,
+  else float32. Returns why HF cannot express the model ([] for the HF format).
   """
   workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
   if config is None:
     config = read_config(workdir)
-  configs.check_exportable(config.model)  # Before the params are read.
-  convert.save_hf(hf_dir, config.model, load_params(workdir, config.model),
-                  find_hf_config(workdir, config), dtype)
+  return convert.save(hf_dir, config.model, load_params(workdir, config.model),
+                      find_hf_config(workdir, config), dtype)
