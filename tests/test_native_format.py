@@ -309,3 +309,11 @@ def test_main_export_hf_writes_the_native_format(saved, tmp_path):
   module2, params2 = xenith.from_pretrained(out)
   assert module2.config.to_dict() == module.config.to_dict()
   _assert_same_params(params, params2)
+
+
+def test_adapters_given_only_by_target_ranks_are_not_exportable_to_hf():
+  """lora.rank=0 with target_ranks.query > 0 still has adapters HF cannot hold."""
+  model = config_defaults.get_config().model
+  assert configs.export_problems(model) == []
+  model.lora.target_ranks.query = 2
+  assert any('LoRA' in p for p in configs.export_problems(model))

@@ -13,6 +13,7 @@ import ml_collections
 
 from xenith import config_defaults
 from xenith.errors import HfFormatError
+from xenith.model import lora
 
 SUPPORTED_ARCHITECTURES = ('MistralForCausalLM', 'MixtralForCausalLM')
 _MODEL_TYPES = {'mistral': 'MistralForCausalLM', 'mixtral': 'MixtralForCausalLM'}
@@ -149,7 +150,7 @@ def export_problems(model: ml_collections.ConfigDict) -> list[str]:
     problems.append(f'norm={model.norm!r} (HF has rmsnorm)')
   if model.rope_scaling.type != 'none':
     problems.append(f'rope_scaling.type={model.rope_scaling.type!r}')
-  if model.get('lora') and model.lora.rank:
+  if lora.enabled(model):
     problems.append('LoRA adapters (merge them first: launch/merge_lora.py)')
   memory = model.get('memory')
   if memory and memory.chunk_size:

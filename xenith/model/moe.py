@@ -170,7 +170,8 @@ class MoeBlock(nn.Module):
 
     if moe.num_shared_experts:
       # k shared experts of width m equal one SwiGLU of width k * m (hidden units concat).
-      shared_cfg = cfg.as_configdict()
+      # A copy: as_configdict() returns the frozen config's own mutable dict.
+      shared_cfg = ml_collections.ConfigDict(cfg.to_dict())
       shared_cfg.mlp_dim = moe.num_shared_experts * expert_mlp_dim(cfg)
       y = y + mlp.Mlp(ml_collections.FrozenConfigDict(shared_cfg), name='shared')(x)
 
