@@ -244,6 +244,61 @@ def test_memory_with_moe_layers():
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, atol=2e-5, rtol=2e-5)
 
 
+def _memory_and_plain(short, attention=(), num_chunks=4):
+  """A memory model reading no bank (short-term memory R = `short`) and the plain
+  `Decoder` with the same params and attention pattern (`attention`: field pairs):
+  (memory config, jitted memory forward, jitted plain logits, params)."""
+  cfg = _config((('layers', ()), ('short_term_tokens', short)))
+  cfg.attention.update(dict(attention))
+  cfg.max_seq_len = num_chunks * CHUNK
+  decoder = model.make_model(cfg)
+  params = nn.unbox(jax.jit(decoder.init)(jax.random.key(1),
+                                          jnp.zeros((2, CHUNK), jnp.int32)))['params']
+  plain_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  plain_cfg.memory.chunk_size = 0
+  plain = model.make_model(plain_cfg)
+  shared = {k: v for k, v in params.items() if k != 'summarizer'}
+  plain_apply = jax.jit(lambda t, s: plain.apply({'params': shared}, t, segment_ids=s))
+  return decoder, _memory_apply(decoder), plain_apply, params
+
+
+def _two_documents(length):
+  """[2, length] segment ids: row 1 starts a second document at token 13."""
+  segments = np.ones((2, length), np.int32)
+  segments[1, 13:] = 2
+  return jnp.asarray(segments)
+
+
+@pytest.mark.parametrize('windows', [(), (6, 20)], ids=['full', 'windows'])
+def test_short_term_memory_of_all_earlier_chunks_is_the_plain_decoder(windows):
+  """R = 3 chunks + 1 >= everything before the last chunk, no bank reads: every chunk
+  sees all earlier tokens (their keys with RoPE at their stream positions), so the logits
+  are the plain `Decoder`'s on the whole sequence (with two documents in row 1), with
+  full attention and with windows 6 and 20 (20 > 2 chunks: the window must still cut the
+  short-term keys). Token-by-token decoding agrees, and R = 1 chunk does not."""
+  decoder, apply, plain, params = _memory_and_plain(
+      3 * CHUNK + 1, (('window_sizes', windows),))
+  tokens = _tokens(9, 4 * CHUNK)
+  segments = _two_documents(4 * CHUNK)
+  want = plain(tokens, segments)
+  logits, state, _ = apply({'params': params}, tokens, segment_ids=segments)
+  np.testing.assert_allclose(logits, want, atol=2e-5, rtol=2e-5)
+  # The short-term memory: the last R tokens of the stream (R > C), with their documents.
+  np.testing.assert_array_equal(state.short_positions[0], np.arange(CHUNK - 1, 4 * CHUNK))
+  np.testing.assert_array_equal(state.short_segments, segments[:, CHUNK - 1:])
+  decode = _memory_apply(decoder, decode=True)
+  one_doc, _, _ = apply({'params': params}, tokens)
+  decoded, step_state, _ = decode({'params': params}, tokens[:, :CHUNK + 3])
+  more, step_state, _ = decode({'params': params}, tokens[:, CHUNK + 3:], memory=step_state)
+  np.testing.assert_allclose(jnp.concatenate([decoded, more], axis=1), one_doc,
+                             atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(one_doc, plain(tokens, None), atol=2e-5, rtol=2e-5)
+  _, short, plain_again, short_params = _memory_and_plain(
+      CHUNK, (('window_sizes', windows),))
+  less, _, _ = short({'params': short_params}, tokens)
+  assert np.abs(less - plain_again(tokens, None)).max() > 1e-3
+
+
 def test_load_bank_rejects_another_shape(tmp_path):
   cfg = ml_collections.FrozenConfigDict(_config())
   path = str(tmp_path / 'bank.npz')
@@ -287,7 +342,7 @@ def _full_config(**memory_fields):
     (dict(layers=(2,)), 'layers'),
     (dict(layers=(-1,)), 'layers'),
     (dict(bank_size=1), 'bank_size'),
-    (dict(short_term_tokens=17), 'short_term_tokens'),
+    (dict(short_term_tokens=-1), 'short_term_tokens'),
     (dict(summarizer_heads=3), 'summarizer_heads'),
     (dict(tbptt_chunks=-1), 'tbptt_chunks'),
     (dict(usage_decay=1.5), 'usage_decay'),

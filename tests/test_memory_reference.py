@@ -46,19 +46,22 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 BANK_FIELDS = ('summaries', 'valid', 'usage', 'age')
 SHORT_FIELDS = ('short_keys', 'short_values', 'short_positions', 'short_segments')
 
-# name -> (num_layers, memory layers, window_sizes).
+# name -> (num_layers, memory layers, window_sizes, other memory fields).
 CONFIGS = {
-    'full': (2, (0, 1), ()),
+    'full': (2, (0, 1), (), {}),
     # KV head 0 sees 6 tokens, head 1 10; a chunk's last query reaches 7 + R = 10 tokens
     # back, past both windows, so both cut keys (layer 0 reads no bank).
-    'windows': (2, (1,), (6, 10)),
-    'one_layer': (1, (0,), ()),
-    'one_layer_no_bank': (1, (), ()),
+    'windows': (2, (1,), (6, 10), {}),
+    # R = 2 chunks + 3 > C: the short-term memory spans three chunks; window 20 > 2 C
+    # still cuts it.
+    'long_short': (2, (1,), (6, 20), dict(short_term_tokens=2 * CHUNK + 3)),
+    'one_layer': (1, (0,), (), {}),
+    'one_layer_no_bank': (1, (), (), {}),
 }
 
 
 def _config(name: str) -> ml_collections.FrozenConfigDict:
-  num_layers, memory_layers, windows = CONFIGS[name]
+  num_layers, memory_layers, windows, extra = CONFIGS[name]
   cfg = default.get_config('size=tiny').model
   cfg.update(dict(vocab_size=VOCAB, embed_dim=32, num_layers=num_layers, num_heads=4,
                   num_kv_heads=2, head_dim=8, mlp_dim=48))
@@ -67,6 +70,7 @@ def _config(name: str) -> ml_collections.FrozenConfigDict:
   cfg.memory.update(dict(chunk_size=CHUNK, summary_tokens=2, summarizer_heads=2,
                          summarizer_layers=2, bank_size=BANK, layers=memory_layers,
                          tbptt_chunks=0, short_term_tokens=SHORT, usage_decay=DECAY))
+  cfg.memory.update(extra)
   return ml_collections.FrozenConfigDict(cfg)
 
 
@@ -173,7 +177,7 @@ def _np_summarize(p, cfg, hidden, segments):
 
 
 def _np_init_state(cfg, batch):
-  layers_, r, kv, d = cfg.num_layers, SHORT, cfg.num_kv_heads, cfg.head_dim
+  layers_, r, kv, d = cfg.num_layers, cfg.memory.short_term_tokens, cfg.num_kv_heads, cfg.head_dim
   return {
       'summaries': np.zeros((batch, BANK, cfg.embed_dim)),
       'valid': np.zeros((batch, BANK), bool),
@@ -271,10 +275,13 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
   summaries = _np_summarize(p['summarizer'], cfg, x, segments)
   usage = np.where(state['valid'], DECAY * state['usage'] + mass, 0.0)
   new = _np_write(state, usage, summaries)
-  new['short_keys'] = np.stack(keys)[:, :, c - SHORT:]  # The last R tokens.
-  new['short_values'] = np.stack(values)[:, :, c - SHORT:]
-  new['short_positions'] = pos[:, c - SHORT:]
-  new['short_segments'] = segments[:, c - SHORT:]
+  r = cfg.memory.short_term_tokens  # The last R tokens of [old short-term, the chunk].
+  new['short_keys'] = np.concatenate([state['short_keys'], np.stack(keys)], axis=2)[:, :, c:]
+  new['short_values'] = np.concatenate([state['short_values'], np.stack(values)],
+                                       axis=2)[:, :, c:]
+  new['short_positions'] = np.concatenate([state['short_positions'], pos], axis=1)[:, c:]
+  new['short_segments'] = np.concatenate([state['short_segments'], segments], axis=1)[:, c:]
+  assert new['short_positions'].shape[1] == r
   new['position'] = state['position'] + c
   return logits, new, {'hidden': x, 'summaries': summaries, 'mass': mass}
 
@@ -315,7 +322,7 @@ def _assert_state(state, ref, fields, msg=''):
 # ---------------------------------------------------------------- Tests.
 
 
-@pytest.mark.parametrize('name', ['full', 'windows'])
+@pytest.mark.parametrize('name', ['full', 'windows', 'long_short'])
 def test_logits_match_the_numpy_reference(name):
   """Every chunk's logits (chunk-by-chunk calls; for 'full' also one call on all chunks,
   with its final state) equal NumPy's. From chunk 2 on they depend on the bank (2 of 4
@@ -326,7 +333,9 @@ def test_logits_match_the_numpy_reference(name):
     np.testing.assert_allclose(got[c][0], want[c][0], err_msg=f'chunk {c + 1}', **TOL)
   before = want[1][1]  # The reference state chunk 2 starts from.
   np.testing.assert_array_equal(before['valid'], [[True, True, False, False]] * 2)
-  np.testing.assert_array_equal(before['short_positions'], [[5, 6, 7]] * 2)
+  r = cfg.memory.short_term_tokens  # Chunk 1's last R tokens, -1 before the stream.
+  np.testing.assert_array_equal(before['short_positions'],
+                                [np.arange(CHUNK - r, CHUNK).clip(-1)] * 2)
   tokens, segments = _inputs()
   part = slice(CHUNK, 2 * CHUNK)
   p = _np_params(params)
@@ -385,16 +394,22 @@ def test_usage_is_the_decayed_attention_mass_on_the_bank(name):
     assert ((want[c][1]['usage'] > 0.05).sum(-1) == 2).all(), f'chunk {c + 1}'
 
 
-def test_short_term_memory_is_the_chunks_last_tokens():
-  """After each chunk short_keys / short_values are its last R tokens' keys (with RoPE at
-  their stream positions) / values in every layer, with their positions and documents."""
-  got, want = _runs('full')
+@pytest.mark.parametrize('name', ['full', 'long_short'])
+def test_short_term_memory_is_the_last_tokens_of_the_stream(name):
+  """After each chunk short_keys / short_values are the stream's last R tokens' keys
+  (with RoPE at their stream positions) / values in every layer, with their positions
+  and documents: R = 3 < C the chunk's last 3; R = 2 C + 3 the last 19 tokens, reaching
+  back over three chunks (empty slots, position -1, until the stream is that long)."""
+  got, want = _runs(name)
+  cfg = _built(name)[0]
+  r = cfg.memory.short_term_tokens
   _, segments = _inputs()
   for c in range(NUM_CHUNKS):
     state, ref = got[c][1], want[c][2]
-    last = np.arange((c + 1) * CHUNK - SHORT, (c + 1) * CHUNK)
-    np.testing.assert_array_equal(state['short_positions'], [last] * 2)
-    np.testing.assert_array_equal(state['short_segments'], segments[:, last])
+    last = np.arange((c + 1) * CHUNK - r, (c + 1) * CHUNK)
+    np.testing.assert_array_equal(state['short_positions'], [last.clip(-1)] * 2)
+    np.testing.assert_array_equal(state['short_segments'],
+                                  np.where(last >= 0, segments[:, last.clip(0)], 0))
     _assert_state(state, ref, ('short_keys', 'short_values'), f'chunk {c + 1}')
     assert int(state['position']) == (c + 1) * CHUNK
 

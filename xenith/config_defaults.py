@@ -106,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.memory.bank_size = 16  # M: summaries kept; then the least-used are evicted.
   config.model.memory.layers = ()  # Layers whose attention also attends to the bank.
   config.model.memory.tbptt_chunks = 2  # K: gradients reach back at most K chunks; 0 = all.
-  # Last tokens of the previous chunk whose keys/values the next chunk also sees; 0 = none.
+  # R: the stream's last R tokens before a chunk whose keys/values it also sees (per layer;
+  # may exceed chunk_size, spanning several chunks); 0 = none.
   config.model.memory.short_term_tokens = 0
   config.model.memory.usage_decay = 0.9  # Bank usage = decay * usage + attention mass, per chunk.
   # Mixture-of-Experts (xenith/model/moe.py) in place of the MLP in some layers;

@@ -179,9 +179,8 @@ def _validate_memory(config) -> None:
     raise ConfigError(f + 'layers', f'{tuple(layers_)!r} has duplicates')
   _require(config, f + 'tbptt_chunks', lambda v: isinstance(v, int) and v >= 0,
            'must be an int >= 0 (0 = no truncation)')
-  _require(config, f + 'short_term_tokens',
-           lambda v: isinstance(v, int) and 0 <= v <= mem.chunk_size,
-           f'must be an int in [0, chunk_size={mem.chunk_size}]')
+  _require(config, f + 'short_term_tokens', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (it may span several chunks)')
   _require(config, f + 'usage_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   if m.scan_layers:
     raise ConfigError('model.scan_layers', f'True: chunk-summary memory '

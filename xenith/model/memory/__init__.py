@@ -2,7 +2,7 @@
 
 With `config.model.memory.chunk_size` C > 0, `build.make_model` gives a `MemoryDecoder`
 (`decoder.py`), which reads its input as consecutive chunks of C tokens. Each chunk
-attends to itself, to the previous chunk's last keys (short-term memory) and, in the
+attends to itself, to the stream's last R keys before it (short-term memory) and, in the
 memory layers, to the bank's summaries (`attention.py`). After each chunk the
 `Summarizer` (`summarizer.py`: S learned queries cross-attending to the chunk's final
 hidden states) writes S summaries into the bank, evicting the least used (`bank.py`).

@@ -3,9 +3,10 @@
 Each chunk attends
 
 - to itself, causally (with the layer's sliding windows, measured in stream positions),
-- to the layer's past keys/values: the previous chunk's last `short_term_tokens` (and,
-  when decoding token by token, the current chunk's earlier tokens), masked by stream
-  position, window and document like the KV cache,
+- to the layer's past keys/values: the stream's last `short_term_tokens` tokens before
+  the chunk (any number, spanning several chunks; and, when decoding token by token, the
+  current chunk's earlier tokens), masked by stream position, window and document like
+  the KV cache,
 - in the layers listed in `memory.layers`, to the summaries in the bank (long-term
   memory), in the same softmax as the local keys, masked by the bank's `valid`.
 
@@ -131,8 +132,8 @@ class MemoryAttention(attention.Attention):
 
     def attend_group(n, g, q, k, v):
       del n
-      window = g.window if g.window is not None and g.window < 2 * chunk else None
-      mask = local_mask(q_pos, k_pos, q_seg, k_seg, window)[:, None]
+      # Always masked: with R > C the short-term keys reach back past 2 chunks.
+      mask = local_mask(q_pos, k_pos, q_seg, k_seg, g.window)[:, None]
       hs, ks = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv), slice(g.kv_start, g.kv_end)
       out, m = attention_with_memory(
           q, k, v, mask, plain_query[:, :, hs],

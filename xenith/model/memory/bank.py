@@ -55,16 +55,22 @@ def close_chunk(state: MemoryState, mass: jax.Array, summaries: jax.Array, keys:
   queries and memory layers); summaries: [batch, S, embed] the summarizer's output;
   keys, values: [layers, batch, C, kv_heads, head_dim] the chunk's; stream_positions,
   segments: [batch, C]. Usage decays and adds `mass` before the write, so the new
-  summaries start unused; the short-term memory becomes the chunk's last R tokens.
+  summaries start unused; the short-term memory becomes the last R tokens of (the old
+  short-term memory, the chunk): R may exceed C, spanning several earlier chunks.
   """
   keep = state.short_positions.shape[1]
   chunk = stream_positions.shape[1]
+
+  def last(old, new, axis):  # The last R of [old short-term (R), the chunk (C)].
+    both = jnp.concatenate([old, new.astype(old.dtype)], axis=axis)
+    return jax.lax.slice_in_dim(both, chunk, chunk + keep, axis=axis)
+
   new = write(add_usage(state, mass, usage_decay), summaries.astype(jnp.float32))
   return new.replace(
-      short_keys=keys[:, :, chunk - keep:].astype(jnp.float32),
-      short_values=values[:, :, chunk - keep:].astype(jnp.float32),
-      short_positions=stream_positions[:, chunk - keep:],
-      short_segments=segments[:, chunk - keep:],
+      short_keys=last(state.short_keys, keys, 2),
+      short_values=last(state.short_values, values, 2),
+      short_positions=last(state.short_positions, stream_positions, 1),
+      short_segments=last(state.short_segments, segments, 1),
       position=state.position + chunk,
       chunk_keys=jnp.zeros_like(state.chunk_keys),
       chunk_values=jnp.zeros_like(state.chunk_values),
