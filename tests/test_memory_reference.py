@@ -55,6 +55,8 @@ CONFIGS = {
     # R = 2 chunks + 3 > C: the short-term memory spans three chunks; window 20 > 2 C
     # still cuts it.
     'long_short': (2, (1,), (6, 20), dict(short_term_tokens=2 * CHUNK + 3)),
+    # A transformer summarizer: self-attention among the summaries in each layer.
+    'self_attention': (2, (0, 1), (), dict(summarizer_self_attention=True)),
     'one_layer': (1, (0,), (), {}),
     'one_layer_no_bank': (1, (), (), {}),
 }
@@ -94,7 +96,8 @@ def _built(name: str):
       return (1.0 + 0.5 * noise).astype(np.float32)
     if kind == 'kernel':  # Output projections contract [heads, head_dim].
       layer = path[-2].key
-      fan_in = np.prod(shape[:2]) if layer == 'out' or layer.startswith('o_') else shape[0]
+      out = layer == 'out' or layer.startswith(('o_', 'self_o_'))
+      fan_in = np.prod(shape[:2]) if out else shape[0]
       return (noise / np.sqrt(fan_in)).astype(np.float32)
     return noise.astype(np.float32)  # embedding, summarizer queries.
 
@@ -162,6 +165,13 @@ def _np_summarize(p, cfg, hidden, segments):
   eps = cfg.norm_eps
   x = np.broadcast_to(p['queries'], (hidden.shape[0],) + p['queries'].shape)
   for i in range(cfg.memory.summarizer_layers):
+    if cfg.memory.summarizer_self_attention:  # Every summary reads every summary.
+      h = _rms(x, p[f'self_norm_{i}']['scale'], eps)
+      q, k, v = (np.einsum('bse,ehd->bshd', h, p[f'self_{n}_{i}']['kernel'])
+                 for n in 'qkv')  # [batch, S, heads, head_dim]
+      probs = _softmax(np.einsum('bshd,bthd->bhst', q, k) / np.sqrt(head_dim))
+      x = x + np.einsum('bshd,hde->bse', np.einsum('bhst,bthd->bshd', probs, v),
+                        p[f'self_o_{i}']['kernel'])
     q = np.einsum('bse,ehd->bshd', _rms(x, p[f'query_norm_{i}']['scale'], eps),
                   p[f'q_{i}']['kernel'])  # [batch, S, heads, head_dim]
     ctx = _rms(hidden, p[f'context_norm_{i}']['scale'], eps)
@@ -322,7 +332,7 @@ def _assert_state(state, ref, fields, msg=''):
 # ---------------------------------------------------------------- Tests.
 
 
-@pytest.mark.parametrize('name', ['full', 'windows', 'long_short'])
+@pytest.mark.parametrize('name', ['full', 'windows', 'long_short', 'self_attention'])
 def test_logits_match_the_numpy_reference(name):
   """Every chunk's logits (chunk-by-chunk calls; for 'full' also one call on all chunks,
   with its final state) equal NumPy's. From chunk 2 on they depend on the bank (2 of 4
@@ -349,12 +359,15 @@ def test_logits_match_the_numpy_reference(name):
   _assert_state(state, want[-1][2], BANK_FIELDS + SHORT_FIELDS, 'whole call')
 
 
-def test_summarizer_matches_numpy_and_fills_the_bank():
-  """`Summarizer` on chunk 1's final hidden states equals NumPy's; the bank after chunk 1
-  holds those summaries in slots 0, 1, and after every later chunk the reference's
-  (free slots first, then the least-used evicted)."""
-  got, want = _runs('full')
-  cfg, _, params, _ = _built('full')
+@pytest.mark.parametrize('name', ['full', 'self_attention'])
+def test_summarizer_matches_numpy_and_fills_the_bank(name):
+  """`Summarizer` on chunk 1's final hidden states equals NumPy's (cross-attention and
+  MLP; with 'self_attention' first self-attention among the summaries in each layer);
+  the bank after chunk 1 holds those summaries in slots 0, 1, and after every later
+  chunk the reference's (free slots first, then the least-used evicted)."""
+  got, want = _runs(name)
+  cfg, _, params, _ = _built(name)
+  assert ('self_q_0' in params['summarizer']) == (name == 'self_attention')
   _, segments = _inputs()
   summarize = jax.jit(memory.summarizer.Summarizer(cfg).apply)
   for c in (0, NUM_CHUNKS - 1):  # A plain chunk; one with 2 padding tokens in row 1.
@@ -371,8 +384,8 @@ def test_summarizer_matches_numpy_and_fills_the_bank():
   np.testing.assert_array_equal(state['age'], 0)
   for c in range(1, NUM_CHUNKS):
     _assert_state(got[c][1], want[c][2], ('summaries', 'valid', 'age'), f'chunk {c + 1}')
-  # Chunk 4's write kept a slot of chunk 3 (age 1) and evicted an older one: usage decides.
-  assert (want[-1][2]['age'] == 1).any()
+  if name == 'full':  # Chunk 4's write kept a slot of chunk 3 (age 1), evicted older ones.
+    assert (want[-1][2]['age'] == 1).any()
 
 
 @pytest.mark.parametrize('name', ['full', 'windows'])

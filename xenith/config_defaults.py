@@ -103,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.memory.summary_tokens = 4  # S: learned queries (summaries) per chunk.
   config.model.memory.summarizer_layers = 1  # Cross-attention + MLP layers of the summarizer.
   config.model.memory.summarizer_heads = 4  # Heads of the summarizer's cross-attention.
+  # Each summarizer layer starts with self-attention among the S summaries (a transformer
+  # summarizer; new params); False = cross-attention and MLP only (older checkpoints).
+  config.model.memory.summarizer_self_attention = False
   config.model.memory.bank_size = 16  # M: summaries kept; then the least-used are evicted.
   config.model.memory.layers = ()  # Layers whose attention also attends to the bank.
   config.model.memory.tbptt_chunks = 2  # K: gradients reach back at most K chunks; 0 = all.

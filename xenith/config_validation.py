@@ -182,6 +182,8 @@ def _validate_memory(config) -> None:
   _require(config, f + 'short_term_tokens', lambda v: isinstance(v, int) and v >= 0,
            'must be an int >= 0 (it may span several chunks)')
   _require(config, f + 'usage_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
+  _require(config, f + 'summarizer_self_attention', lambda v: isinstance(v, bool),
+           'must be True or False')
   if m.scan_layers:
     raise ConfigError('model.scan_layers', f'True: chunk-summary memory '
                       f'(config.{f}chunk_size={mem.chunk_size}) needs it off')
