@@ -346,7 +346,6 @@ def _full_config(**memory_fields):
     (dict(summarizer_heads=3), 'summarizer_heads'),
     (dict(tbptt_chunks=-1), 'tbptt_chunks'),
     (dict(usage_decay=1.5), 'usage_decay'),
-    (dict(summarizer_self_attention=1), 'summarizer_self_attention'),
 ])
 def test_config_validation_rejects_bad_memory_fields(fields, bad):
   with pytest.raises(config_validation.ConfigError, match=bad):
