@@ -63,13 +63,15 @@ def _tokens(seed, length, batch=2, low=0, high=VOCAB):
   return jax.random.randint(jax.random.key(seed), (batch, length), low, high)
 
 
-def _bank(valid, usage, age, m=4, embed=3):
+def _bank(valid, usage, age, last_read=None, m=4, embed=3):
   """A state whose bank is given; the fields `write` and `add_usage` do not read are 0."""
   batch = len(valid)
   unused = {k: jnp.zeros(()) for k in memory.state.FIELDS}
+  last_read = np.zeros(np.shape(valid), np.int32) if last_read is None else last_read
   return memory.MemoryState(**{
-      **unused, 'summaries': jnp.zeros((batch, m, embed)), 'valid': jnp.array(valid),
-      'usage': jnp.array(usage, jnp.float32), 'age': jnp.array(age, jnp.int32)})
+      **unused, 'summaries': jnp.zeros((batch, len(valid[0]), embed)),
+      'valid': jnp.array(valid), 'usage': jnp.array(usage, jnp.float32),
+      'age': jnp.array(age, jnp.int32), 'last_read': jnp.array(last_read, jnp.int32)})
 
 
 def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
@@ -88,6 +90,40 @@ def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
   np.testing.assert_array_equal(out.usage, [[5, 3, 0, 0]])
   with pytest.raises(ValueError, match='5 summaries do not fit a bank of 4 slots'):
     memory.bank.write(bank, jnp.ones((1, 5, 3)))
+
+
+def test_least_used_and_lru_evict_different_slots():
+  """Slot 0 was read heavily long ago (usage 5, last read 6 chunks back), slot 1 lightly
+  in the latest chunk (usage 0.2, last_read 0): 'least_used' evicts slot 1, 'lru' slot 0.
+  Ties in last_read go to the oldest; the written slot restarts at usage, age and
+  last_read 0."""
+  bank = _bank([[True, True, True]], [[5.0, 0.2, 1.0]], [[9, 2, 4]], [[6, 0, 2]])
+  new = jnp.full((1, 1, 3), 7.0)
+  least_used = memory.bank.write(bank, new, 'least_used')
+  lru = memory.bank.write(bank, new, 'lru')
+  np.testing.assert_array_equal(least_used.summaries[0, :, 0], [0, 7, 0])
+  np.testing.assert_array_equal(lru.summaries[0, :, 0], [7, 0, 0])
+  np.testing.assert_array_equal(lru.last_read, [[0, 0, 2]])
+  np.testing.assert_array_equal(lru.age, [[0, 3, 5]])
+  np.testing.assert_allclose(lru.usage, [[0, 0.2, 1.0]])
+  tie = _bank([[True, True, True]], [[0.0, 0.0, 9.0]], [[1, 5, 3]], [[4, 1, 4]])
+  np.testing.assert_array_equal(memory.bank.write(tie, new, 'lru').summaries[0, :, 0],
+                                [0, 0, 7])  # last_read 4 twice: the older (age 3) goes.
+  with pytest.raises(ValueError, match="eviction='oldest' is not one of"):
+    memory.bank.write(bank, new, 'oldest')
+
+
+def test_a_slot_is_read_when_its_mean_probability_per_query_exceeds_the_threshold():
+  """mark_reads: mass / (queries x memory layers) > threshold resets last_read to 0,
+  other valid slots count one more chunk, free slots stay 0."""
+  bank = _bank([[True, True, True, False]], [[0.0] * 4], [[0] * 4], [[3, 3, 3, 0]])
+  mass = jnp.array([[0.5, 0.05, 0.0, 3.0]])  # Over 10 queries: 0.05, 0.005, 0, (free).
+  out = memory.bank.mark_reads(bank, mass, 10, 0.01)
+  np.testing.assert_array_equal(out.last_read, [[0, 4, 4, 0]])
+  out = memory.bank.mark_reads(bank, mass, 100, 0.001)  # The same mass over 100: 0.005.
+  np.testing.assert_array_equal(out.last_read, [[0, 4, 4, 0]])
+  out = memory.bank.mark_reads(bank, mass, 100, 0.01)
+  np.testing.assert_array_equal(out.last_read, [[4, 4, 4, 0]])
 
 
 def test_usage_accumulates_with_decay_on_valid_slots():
@@ -299,6 +335,33 @@ def test_short_term_memory_of_all_earlier_chunks_is_the_plain_decoder(windows):
   assert np.abs(less - plain_again(tokens, None)).max() > 1e-3
 
 
+@pytest.mark.parametrize('split, num_global', [('heads', 3), ('layers', 3), ('heads', 11)],
+                         ids=['heads', 'layers', 'more_than_a_chunk'])
+def test_global_tokens_with_memory_are_the_plain_decoders(split, num_global):
+  """Every layer windowed (4 and 6, split by heads or by layers), G global tokens, R = 6
+  >= the largest window, no bank reads: the memory model equals the plain `Decoder` with
+  the same windows and global tokens on the whole 4-chunk sequence (two documents in row
+  1; the second has no global tokens), also with G = 11 > C. The state keeps the first G
+  tokens' keys; token-by-token decoding agrees with the whole-chunk pass."""
+  attention = (('window_sizes', (4, 6)), ('full_attention_layers', 0),
+               ('num_global_tokens', num_global), ('window_split', split))
+  decoder, apply, plain, params = _memory_and_plain(6, attention)
+  tokens = _tokens(10, 4 * CHUNK)
+  segments = _two_documents(4 * CHUNK)
+  logits, state, _ = apply({'params': params}, tokens, segment_ids=segments)
+  np.testing.assert_allclose(logits, plain(tokens, segments), atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(state.global_positions, [np.arange(num_global)] * 2)
+  assert state.global_keys.shape == (2, 2, num_global, 2, 16)
+  one_doc, whole_state, _ = apply({'params': params}, tokens)
+  decode = _memory_apply(decoder, decode=True)
+  first, step_state, _ = decode({'params': params}, tokens[:, :CHUNK + 3])
+  rest, step_state, _ = decode({'params': params}, tokens[:, CHUNK + 3:], memory=step_state)
+  np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), one_doc,
+                             atol=2e-5, rtol=2e-5)
+  for k, v in whole_state.arrays().items():
+    np.testing.assert_allclose(getattr(step_state, k), v, atol=2e-5, rtol=2e-5, err_msg=k)
+
+
 def test_load_bank_rejects_another_shape(tmp_path):
   cfg = ml_collections.FrozenConfigDict(_config())
   path = str(tmp_path / 'bank.npz')
@@ -346,6 +409,8 @@ def _full_config(**memory_fields):
     (dict(summarizer_heads=3), 'summarizer_heads'),
     (dict(tbptt_chunks=-1), 'tbptt_chunks'),
     (dict(usage_decay=1.5), 'usage_decay'),
+    (dict(eviction='oldest'), 'eviction'),
+    (dict(lru_read_threshold=-0.1), 'lru_read_threshold'),
 ])
 def test_config_validation_rejects_bad_memory_fields(fields, bad):
   with pytest.raises(config_validation.ConfigError, match=bad):
@@ -359,6 +424,9 @@ def test_config_validation_accepts_memory_and_rejects_scan_layers():
   with pytest.raises(config_validation.ConfigError, match='passkey.lengths'):
     config_validation.validate(config, num_devices=1)
   config_validation.validate(memory_experiment.get_config('size=tiny'), num_devices=1)
+  config = _full_config(short_term_tokens=40, eviction='lru', summarizer_self_attention=True)
+  config.model.attention.update(dict(window_sizes=(8,), num_global_tokens=20))
+  config_validation.validate(config, num_devices=1)  # R > C, global tokens: all combine.
   config = _full_config()
   config.model.scan_layers = True
   with pytest.raises(config_validation.ConfigError, match='scan_layers'):

@@ -43,7 +43,8 @@ BANK = 4  # M slots: chunk 3's write evicts.
 NUM_CHUNKS = 4
 DECAY = 0.3
 TOL = dict(rtol=1e-4, atol=1e-4)
-BANK_FIELDS = ('summaries', 'valid', 'usage', 'age')
+LRU_THRESHOLD = 0.08
+BANK_FIELDS = ('summaries', 'valid', 'usage', 'age', 'last_read')
 SHORT_FIELDS = ('short_keys', 'short_values', 'short_positions', 'short_segments')
 
 # name -> (num_layers, memory layers, window_sizes, other memory fields).
@@ -57,6 +58,8 @@ CONFIGS = {
     'long_short': (2, (1,), (6, 20), dict(short_term_tokens=2 * CHUNK + 3)),
     # A transformer summarizer: self-attention among the summaries in each layer.
     'self_attention': (2, (0, 1), (), dict(summarizer_self_attention=True)),
+    # Least recently read evicted; read = mean probability per query and layer > 0.08.
+    'lru': (2, (0, 1), (), dict(eviction='lru', lru_read_threshold=LRU_THRESHOLD)),
     'one_layer': (1, (0,), (), {}),
     'one_layer_no_bank': (1, (), (), {}),
 }
@@ -193,6 +196,7 @@ def _np_init_state(cfg, batch):
       'valid': np.zeros((batch, BANK), bool),
       'usage': np.zeros((batch, BANK)),
       'age': np.zeros((batch, BANK), np.int64),
+      'last_read': np.zeros((batch, BANK), np.int64),
       'position': 0,
       'short_keys': np.zeros((layers_, batch, r, kv, d)),
       'short_values': np.zeros((layers_, batch, r, kv, d)),
@@ -201,13 +205,16 @@ def _np_init_state(cfg, batch):
   }
 
 
-def _np_write(state, usage, summaries):
-  """Free slots first (lowest index), then ascending usage, ties the oldest first."""
+def _np_write(state, usage, last_read, summaries, eviction):
+  """Free slots first (lowest index), then ascending usage ('least_used') or descending
+  last_read ('lru'), ties the oldest first, then the lowest index."""
   out = {k: np.array(state[k]) for k in ('summaries', 'valid', 'age')}
   out['usage'] = np.array(usage)
+  out['last_read'] = np.array(last_read)
   for b in range(usage.shape[0]):
     valid, age = state['valid'][b], state['age'][b]
-    order = sorted(range(BANK), key=lambda j: (bool(valid[j]), usage[b, j] if valid[j]
+    rank = usage[b] if eviction == 'least_used' else -last_read[b]
+    order = sorted(range(BANK), key=lambda j: (bool(valid[j]), rank[j] if valid[j]
                                                else 0.0, -age[j] if valid[j] else 0, j))
     out['age'][b] = np.where(valid, age + 1, 0)
     for s, slot in enumerate(order[:summaries.shape[1]]):
@@ -215,6 +222,7 @@ def _np_write(state, usage, summaries):
       out['valid'][b, slot] = True
       out['usage'][b, slot] = 0.0
       out['age'][b, slot] = 0
+      out['last_read'][b, slot] = 0
   return out
 
 
@@ -284,7 +292,10 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
   logits = _rms(x, p['final_norm']['scale'], eps) @ table.T / np.sqrt(cfg.embed_dim)
   summaries = _np_summarize(p['summarizer'], cfg, x, segments)
   usage = np.where(state['valid'], DECAY * state['usage'] + mass, 0.0)
-  new = _np_write(state, usage, summaries)
+  # Read: mean probability per query and memory layer above the threshold.
+  read = mass / (c * max(len(tuple(cfg.memory.layers)), 1)) > cfg.memory.lru_read_threshold
+  last_read = np.where(state['valid'], np.where(read, 0, state['last_read'] + 1), 0)
+  new = _np_write(state, usage, last_read, summaries, cfg.memory.eviction)
   r = cfg.memory.short_term_tokens  # The last R tokens of [old short-term, the chunk].
   new['short_keys'] = np.concatenate([state['short_keys'], np.stack(keys)], axis=2)[:, :, c:]
   new['short_values'] = np.concatenate([state['short_values'], np.stack(values)],
@@ -293,7 +304,7 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
   new['short_segments'] = np.concatenate([state['short_segments'], segments], axis=1)[:, c:]
   assert new['short_positions'].shape[1] == r
   new['position'] = state['position'] + c
-  return logits, new, {'hidden': x, 'summaries': summaries, 'mass': mass}
+  return logits, new, {'hidden': x, 'summaries': summaries, 'mass': mass, 'read': read}
 
 
 # ---------------------------------------------------------------- Runs.
@@ -332,7 +343,7 @@ def _assert_state(state, ref, fields, msg=''):
 # ---------------------------------------------------------------- Tests.
 
 
-@pytest.mark.parametrize('name', ['full', 'windows', 'long_short', 'self_attention'])
+@pytest.mark.parametrize('name', ['full', 'windows', 'long_short', 'self_attention', 'lru'])
 def test_logits_match_the_numpy_reference(name):
   """Every chunk's logits (chunk-by-chunk calls; for 'full' also one call on all chunks,
   with its final state) equal NumPy's. From chunk 2 on they depend on the bank (2 of 4
@@ -405,6 +416,27 @@ def test_usage_is_the_decayed_attention_mass_on_the_bank(name):
   # Chunks 3 and 4 start with used slots (usage > 0), so the decay shows.
   for c in (2, 3):
     assert ((want[c][1]['usage'] > 0.05).sum(-1) == 2).all(), f'chunk {c + 1}'
+
+
+def test_lru_eviction_matches_numpy():
+  """eviction='lru': after every chunk the bank (summaries, valid, age, usage, last_read)
+  is the reference's, where a slot is read when its mass / (C x memory layers) exceeds
+  the threshold and a full bank evicts the least recently read, then the oldest. Chunk
+  3 reads some slots and not others, and there 'lru' evicts other slots than
+  'least_used' would on the same state."""
+  got, want = _runs('lru')
+  for c in range(NUM_CHUNKS):
+    _assert_state(got[c][1], want[c][2], BANK_FIELDS, f'chunk {c + 1}')
+    per_query = want[c][3]['mass'] / (CHUNK * 2)
+    assert np.abs(per_query - LRU_THRESHOLD).min() > 1e-3  # No near-ties: robust reads.
+  _, before, after, details = want[2]
+  assert details['read'].any() and not details['read'].all()
+  evicted = after['age'] == 0
+  usage = np.where(before['valid'], DECAY * before['usage'] + details['mass'], 0.0)
+  least_used = _np_write(before, usage, after['last_read'], details['summaries'],
+                         'least_used')['age'] == 0
+  assert (evicted != least_used).any()
+  np.testing.assert_array_equal(evicted.sum(-1), [2, 2])
 
 
 @pytest.mark.parametrize('name', ['full', 'long_short'])

@@ -113,6 +113,12 @@ def get_config() -> ml_collections.ConfigDict:
   # may exceed chunk_size, spanning several chunks); 0 = none.
   config.model.memory.short_term_tokens = 0
   config.model.memory.usage_decay = 0.9  # Bank usage = decay * usage + attention mass, per chunk.
+  # Which full-bank slots a write evicts: 'least_used' (lowest usage) or 'lru' (least
+  # recently read); ties: the oldest.
+  config.model.memory.eviction = 'least_used'
+  # 'lru': a slot is read in a chunk when the attention probability it gets, averaged
+  # over the chunk's queries and the memory layers (mean over heads), exceeds this.
+  config.model.memory.lru_read_threshold = 0.01
   # Mixture-of-Experts (xenith/model/moe.py) in place of the MLP in some layers;
   # experiments/moe.py turns it on.
   config.model.moe = ml_collections.ConfigDict()

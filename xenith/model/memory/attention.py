@@ -7,6 +7,9 @@ Each chunk attends
   the chunk (any number, spanning several chunks; and, when decoding token by token, the
   current chunk's earlier tokens), masked by stream position, window and document like
   the KV cache,
+- in windowed layers with global tokens, to the stream's first G tokens beyond the
+  window (those of earlier chunks from the state's global_* fields, so each key is seen
+  once),
 - in the layers listed in `memory.layers`, to the summaries in the bank (long-term
   memory), in the same softmax as the local keys, masked by the bank's `valid`.
 
@@ -40,6 +43,13 @@ class LayerMemory:
   past_segments: jax.Array     # [batch, P] int32.
   summaries: jax.Array | None = None  # [batch, M, embed]; None: not a memory layer.
   valid: jax.Array | None = None      # [batch, M] bool.
+  # The stored global tokens (keys with RoPE, values [batch, G, kv_heads, head_dim],
+  # stream positions (-1 = empty) and documents [batch, G]) of earlier chunks; None:
+  # the layer has none (full attention, or G = 0).
+  global_keys: jax.Array | None = None
+  global_values: jax.Array | None = None
+  global_positions: jax.Array | None = None
+  global_segments: jax.Array | None = None
 
 
 class Record(NamedTuple):
@@ -88,17 +98,34 @@ def attention_with_memory(query, key, value, mask, mem_query, mem_key, mem_value
   return out, mass
 
 
-def local_mask(q_pos, k_pos, q_seg, k_seg, window):
+def local_mask(q_pos, k_pos, q_seg, k_seg, window, global_from=None, num_global=0):
   """[batch, q, k] bool: key valid (pos >= 0), not later, same document, in the window.
 
-  Positions are stream positions (they order tokens across chunks).
+  Positions are stream positions (they order tokens across chunks). Keys at positions
+  in [global_from, num_global) (the current chunk's global tokens; global_from [batch,
+  q], the query's chunk start) are seen whatever the window.
   """
   q = q_pos[:, :, None]
   k = k_pos[:, None, :]
   mask = (k >= 0) & (k <= q) & (q_seg[:, :, None] == k_seg[:, None, :])
   if window is not None:
-    mask &= q - k < window
+    in_window = q - k < window
+    if num_global:
+      in_window |= (k < num_global) & (k >= global_from[:, :, None])
+    mask &= in_window
   return mask
+
+
+def global_mask(q_pos, g_pos, q_seg, g_seg, window):
+  """[batch, q, G] bool: the stored global tokens a query sees beyond its window.
+
+  Within the window the same tokens come from the short-term memory, so each key is
+  counted once.
+  """
+  q = q_pos[:, :, None]
+  k = g_pos[:, None, :]
+  return ((k >= 0) & (k <= q) & (q_seg[:, :, None] == g_seg[:, None, :])
+          & (q - k >= window))
 
 
 class MemoryAttention(attention.Attention):
@@ -119,11 +146,18 @@ class MemoryAttention(attention.Attention):
     chunk = cfg.memory.chunk_size  # Not L: decoding feeds 1 token at a time.
     groups = attention_pattern.layer_head_groups(cfg, self.layer, chunk)
     q_per_kv = cfg.num_heads // cfg.num_kv_heads
-    keys = jnp.concatenate([memory.past_keys.astype(key.dtype), key], axis=1)
-    values = jnp.concatenate([memory.past_values.astype(value.dtype), value], axis=1)
+    num_global = attention_pattern.num_global_tokens(cfg, self.layer)
+    has_global = num_global > 0 and memory.global_keys is not None
+    stored = [memory.global_keys] if has_global else []
+    stored_v = [memory.global_values] if has_global else []
+    keys = jnp.concatenate([a.astype(key.dtype) for a in stored + [memory.past_keys]]
+                           + [key], axis=1)
+    values = jnp.concatenate([a.astype(value.dtype) for a in stored_v + [memory.past_values]]
+                             + [value], axis=1)
     k_pos = jnp.concatenate([memory.past_positions, memory.stream_positions], axis=1)
     k_seg = jnp.concatenate([memory.past_segments, memory.segments], axis=1)
     q_pos, q_seg = memory.stream_positions, memory.segments
+    chunk_start = q_pos - q_pos % chunk  # Chunks start at multiples of C in the stream.
     mem_key = mem_value = None
     if memory.summaries is not None:
       summaries = memory.summaries.astype(layers.compute_dtype(cfg))
@@ -133,7 +167,13 @@ class MemoryAttention(attention.Attention):
     def attend_group(n, g, q, k, v):
       del n
       # Always masked: with R > C the short-term keys reach back past 2 chunks.
-      mask = local_mask(q_pos, k_pos, q_seg, k_seg, g.window)[:, None]
+      mask = local_mask(q_pos, k_pos, q_seg, k_seg, g.window, chunk_start, num_global)
+      if has_global:  # Earlier chunks' global tokens, beyond the window.
+        far = (global_mask(q_pos, memory.global_positions, q_seg, memory.global_segments,
+                           g.window) if g.window is not None
+               else jnp.zeros(mask.shape[:2] + (num_global,), bool))
+        mask = jnp.concatenate([far, mask], axis=-1)
+      mask = mask[:, None]
       hs, ks = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv), slice(g.kv_start, g.kv_end)
       out, m = attention_with_memory(
           q, k, v, mask, plain_query[:, :, hs],
