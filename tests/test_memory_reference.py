@@ -8,17 +8,20 @@ Here a plain NumPy forward pass, written from the params and the documented sema
 
 - the logits: each chunk attends, in one softmax, to the bank's summaries (this layer's
   key/value projections, no RoPE, scored against the queries without RoPE, masked by
-  `valid`; memory layers only), the previous chunk's last R keys (with RoPE) and itself,
-  masked by stream position (causal, the KV head's window) and document;
-- the summarizer (learned queries cross-attending to the chunk's final hidden states,
-  pre-norms, GELU MLP, final norm) and the bank it fills, eviction included;
+  `valid`; memory layers only), the stream's last R keys before it (with RoPE; R < C and
+  R > C) and itself, masked by stream position (causal, the KV head's window) and
+  document;
+- the summarizer (learned queries, optionally self-attending, cross-attending to the
+  chunk's final hidden states, pre-norms, GELU MLP, final norm) and the bank it fills,
+  eviction included (least used, or least recently read with eviction='lru');
 - the usage: decay * old usage + the attention mass the bank received (summed over the
-  chunk's queries and the memory layers, mean over heads), on valid slots;
-- the short-term memory: the chunk's last R keys (with RoPE), values, positions, documents;
+  chunk's queries and the memory layers, mean over heads), on valid slots; last_read;
+- the short-term memory: the stream's last R keys (with RoPE), values, positions,
+  documents;
 - that chunk 1 reaches chunk 2 only through the bank and the short-term memory.
 
-Tiny float32 models (1-2 layers, embed 32, 4 heads on 2 KV heads, chunks of 8, R = 3,
-a bank of 4) with params drawn here (norm scales away from 1); the reference runs in
+Tiny float32 models (1-2 layers, embed 32, 4 heads on 2 KV heads, chunks of 8, R = 3 or
+19, a bank of 4) with params drawn here (norm scales away from 1); the reference runs in
 float64.
 """
 
