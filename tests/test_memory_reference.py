@@ -63,6 +63,9 @@ CONFIGS = {
     'self_attention': (2, (0, 1), (), dict(summarizer_self_attention=True)),
     # Least recently read evicted; read = mean probability per query and layer > 0.08.
     'lru': (2, (0, 1), (), dict(eviction='lru', lru_read_threshold=LRU_THRESHOLD)),
+    # 10 global tokens (> C): every later query sees them beyond its window (6 or 10,
+    # wider than R = 3 + C), so from chunk 3 on they come from the state.
+    'global': (2, (1,), (6, 10), dict(num_global_tokens=10)),
     'one_layer': (1, (0,), (), {}),
     'one_layer_no_bank': (1, (), (), {}),
 }
@@ -78,6 +81,8 @@ def _config(name: str) -> ml_collections.FrozenConfigDict:
   cfg.memory.update(dict(chunk_size=CHUNK, summary_tokens=2, summarizer_heads=2,
                          summarizer_layers=2, bank_size=BANK, layers=memory_layers,
                          tbptt_chunks=0, short_term_tokens=SHORT, usage_decay=DECAY))
+  extra = dict(extra)
+  cfg.attention.num_global_tokens = extra.pop('num_global_tokens', 0)
   cfg.memory.update(extra)
   return ml_collections.FrozenConfigDict(cfg)
 
@@ -205,7 +210,16 @@ def _np_init_state(cfg, batch):
       'short_values': np.zeros((layers_, batch, r, kv, d)),
       'short_positions': np.full((batch, r), -1),
       'short_segments': np.zeros((batch, r), np.int64),
+      'global_keys': np.zeros((layers_, batch, _num_global(cfg), kv, d)),
+      'global_values': np.zeros((layers_, batch, _num_global(cfg), kv, d)),
+      'global_positions': np.full((batch, _num_global(cfg)), -1),
+      'global_segments': np.zeros((batch, _num_global(cfg)), np.int64),
   }
+
+
+def _num_global(cfg):
+  """G: global tokens (every layer is windowed when there are windows here)."""
+  return cfg.attention.num_global_tokens if cfg.attention.window_sizes else 0
 
 
 def _np_write(state, usage, last_read, summaries, eviction):
@@ -229,13 +243,19 @@ def _np_write(state, usage, last_read, summaries, eviction):
   return out
 
 
-def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
+def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True,
+              use_global=True):
   """One chunk of the memory model in NumPy.
 
   tokens, segments: [batch, C]. Returns (logits [batch, C, vocab], the state after the
   chunk, details: 'hidden' [batch, C, embed], 'summaries' [batch, S, embed], 'mass'
-  [batch, M]). use_bank / use_short=False hide the bank / short-term keys (for checks
-  that the comparison is sensitive to them).
+  [batch, M]). use_bank / use_short / use_global=False hide the bank / short-term keys /
+  stored global tokens (for checks that the comparison is sensitive to them).
+
+  Global tokens: a query sees key position k if it is causal, of its document and either
+  (in the short-term memory or the chunk, and within the window) or k < G; a stored
+  global token whose position the short-term memory or the chunk also holds is that same
+  key, so it is counted once (from there).
   """
   batch, c = tokens.shape
   heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -255,7 +275,15 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
     local &= (k_pos >= pos[:, :1])[:, None, :]
   in_window = (pos[:, :, None] - k_pos[:, None, :])[:, None] < window[kv_of_head][
       None, :, None, None]  # [batch, heads, C, R + C]
-  local = local[:, None] & in_window
+  num_global = _num_global(cfg)
+  local = local[:, None] & (in_window | (k_pos < num_global)[:, None, None, :])
+  g_pos, g_seg = state['global_positions'], state['global_segments']  # [batch, G]
+  held = (g_pos[:, :, None] == k_pos[:, None, :]).any(-1)  # Also a local key.
+  stored = ((g_pos[:, None, :] >= 0) & (g_pos[:, None, :] <= pos[:, :, None])
+            & (g_seg[:, None, :] == segments[:, :, None]) & ~held[:, None, :]
+            & use_global)  # [batch, C, G]
+  local = np.concatenate([np.broadcast_to(stored[:, None], (batch, heads) + stored.shape[1:]),
+                          local], axis=-1)  # [batch, heads, C, G + R + C]
   x = p['embed']['embedding'][tokens]  # [batch, C, embed]
   mass = np.zeros((batch, BANK))
   keys, values = [], []
@@ -266,8 +294,10 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
     k = np.einsum('bse,ehd->bshd', h, blk['attn']['key']['kernel'])  # [b, C, kv, d]
     v = np.einsum('bse,ehd->bshd', h, blk['attn']['value']['kernel'])
     q_rot, k_rot = _rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)
-    all_k = np.concatenate([state['short_keys'][i], k_rot], axis=1)[:, :, kv_of_head]
-    all_v = np.concatenate([state['short_values'][i], v], axis=1)[:, :, kv_of_head]
+    all_k = np.concatenate([state['global_keys'][i], state['short_keys'][i], k_rot],
+                           axis=1)[:, :, kv_of_head]
+    all_v = np.concatenate([state['global_values'][i], state['short_values'][i], v],
+                           axis=1)[:, :, kv_of_head]
     scores = np.einsum('bqhd,bkhd->bhqk', q_rot, all_k) / np.sqrt(d)
     scores = np.where(local, scores, -np.inf)  # [batch, heads, C, R + C]
     reads_bank = i in tuple(cfg.memory.layers)
@@ -299,6 +329,7 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
   read = mass / (c * max(len(tuple(cfg.memory.layers)), 1)) > cfg.memory.lru_read_threshold
   last_read = np.where(state['valid'], np.where(read, 0, state['last_read'] + 1), 0)
   new = _np_write(state, usage, last_read, summaries, cfg.memory.eviction)
+  keys_all, values_all = np.stack(keys), np.stack(values)  # [layers, batch, C, kv, d]
   r = cfg.memory.short_term_tokens  # The last R tokens of [old short-term, the chunk].
   new['short_keys'] = np.concatenate([state['short_keys'], np.stack(keys)], axis=2)[:, :, c:]
   new['short_values'] = np.concatenate([state['short_values'], np.stack(values)],
@@ -306,6 +337,15 @@ def _np_chunk(p, cfg, state, tokens, segments, use_bank=True, use_short=True):
   new['short_positions'] = np.concatenate([state['short_positions'], pos], axis=1)[:, c:]
   new['short_segments'] = np.concatenate([state['short_segments'], segments], axis=1)[:, c:]
   assert new['short_positions'].shape[1] == r
+  new.update({k: np.array(state[k]) for k in ('global_keys', 'global_values',
+                                               'global_positions', 'global_segments')})
+  for t in range(c):  # The tokens at stream positions < G are kept for good.
+    j = pos[0, t]
+    if j < num_global:
+      new['global_keys'][:, :, j] = keys_all[:, :, t]
+      new['global_values'][:, :, j] = values_all[:, :, t]
+      new['global_positions'][:, j] = j
+      new['global_segments'][:, j] = segments[:, t]
   new['position'] = state['position'] + c
   return logits, new, {'hidden': x, 'summaries': summaries, 'mass': mass, 'read': read}
 
@@ -346,7 +386,8 @@ def _assert_state(state, ref, fields, msg=''):
 # ---------------------------------------------------------------- Tests.
 
 
-@pytest.mark.parametrize('name', ['full', 'windows', 'long_short', 'self_attention', 'lru'])
+@pytest.mark.parametrize('name', ['full', 'windows', 'long_short', 'self_attention', 'lru',
+                                  'global'])
 def test_logits_match_the_numpy_reference(name):
   """Every chunk's logits (chunk-by-chunk calls; for 'full' also one call on all chunks,
   with its final state) equal NumPy's. From chunk 2 on they depend on the bank (2 of 4
@@ -419,6 +460,28 @@ def test_usage_is_the_decayed_attention_mass_on_the_bank(name):
   # Chunks 3 and 4 start with used slots (usage > 0), so the decay shows.
   for c in (2, 3):
     assert ((want[c][1]['usage'] > 0.05).sum(-1) == 2).all(), f'chunk {c + 1}'
+
+
+def test_global_tokens_are_kept_in_the_state_and_match_numpy():
+  """G = 10 > C global tokens, windows 6 / 10, R = 3: after each chunk the state keeps
+  the stream's first G tokens' keys, values, positions and documents (filled over two
+  chunks), as the reference does; chunks 2 to 4 read them beyond the window (hiding the
+  stored ones changes the reference's logits, and the model matches the unhidden ones)."""
+  got, want = _runs('global')
+  cfg, _, params, _ = _built('global')
+  fields = ('global_keys', 'global_values', 'global_positions', 'global_segments')
+  for c in range(NUM_CHUNKS):
+    _assert_state(got[c][1], want[c][2], fields + SHORT_FIELDS, f'chunk {c + 1}')
+  np.testing.assert_array_equal(got[0][1]['global_positions'],
+                                [list(range(CHUNK)) + [-1, -1]] * 2)
+  np.testing.assert_array_equal(got[1][1]['global_positions'], [np.arange(10)] * 2)
+  tokens, segments = _inputs()
+  p = _np_params(params)
+  for c in range(1, NUM_CHUNKS):
+    part = slice(c * CHUNK, (c + 1) * CHUNK)
+    hidden = _np_chunk(p, cfg, want[c][1], tokens[:, part], segments[:, part],
+                       use_global=False)[0]
+    assert np.abs(hidden[0] - want[c][0][0]).max() > 1e-2, f'chunk {c + 1}'
 
 
 def test_lru_eviction_matches_numpy():

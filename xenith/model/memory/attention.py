@@ -7,9 +7,9 @@ Each chunk attends
   the chunk (any number, spanning several chunks; and, when decoding token by token, the
   current chunk's earlier tokens), masked by stream position, window and document like
   the KV cache,
-- in windowed layers with global tokens, to the stream's first G tokens beyond the
-  window (those of earlier chunks from the state's global_* fields, so each key is seen
-  once),
+- in windowed layers with global tokens, to the stream's first G tokens whatever the
+  window (from the local keys where they hold them, else from the state's global_*
+  fields, so each key is seen once),
 - in the layers listed in `memory.layers`, to the summaries in the bank (long-term
   memory), in the same softmax as the local keys, masked by the bank's `valid`.
 
@@ -98,34 +98,31 @@ def attention_with_memory(query, key, value, mask, mem_query, mem_key, mem_value
   return out, mass
 
 
-def local_mask(q_pos, k_pos, q_seg, k_seg, window, global_from=None, num_global=0):
+def local_mask(q_pos, k_pos, q_seg, k_seg, window, num_global=0):
   """[batch, q, k] bool: key valid (pos >= 0), not later, same document, in the window.
 
   Positions are stream positions (they order tokens across chunks). Keys at positions
-  in [global_from, num_global) (the current chunk's global tokens; global_from [batch,
-  q], the query's chunk start) are seen whatever the window.
+  < num_global (global tokens) are seen whatever the window.
   """
   q = q_pos[:, :, None]
   k = k_pos[:, None, :]
   mask = (k >= 0) & (k <= q) & (q_seg[:, :, None] == k_seg[:, None, :])
   if window is not None:
-    in_window = q - k < window
-    if num_global:
-      in_window |= (k < num_global) & (k >= global_from[:, :, None])
-    mask &= in_window
+    mask &= (q - k < window) | (k < num_global)
   return mask
 
 
-def global_mask(q_pos, g_pos, q_seg, g_seg, window):
-  """[batch, q, G] bool: the stored global tokens a query sees beyond its window.
+def global_mask(q_pos, g_pos, q_seg, g_seg, held_from):
+  """[batch, q, G] bool: the stored global tokens a query sees.
 
-  Within the window the same tokens come from the short-term memory, so each key is
-  counted once.
+  Those at stream positions >= held_from [batch, q] (the first short-term position) are
+  also local keys (the short-term memory holds the R positions before the chunk), which
+  `local_mask` shows whatever the window, so each key is counted once.
   """
   q = q_pos[:, :, None]
   k = g_pos[:, None, :]
   return ((k >= 0) & (k <= q) & (q_seg[:, :, None] == g_seg[:, None, :])
-          & (q - k >= window))
+          & (k < held_from[:, :, None]))
 
 
 class MemoryAttention(attention.Attention):
@@ -157,7 +154,9 @@ class MemoryAttention(attention.Attention):
     k_pos = jnp.concatenate([memory.past_positions, memory.stream_positions], axis=1)
     k_seg = jnp.concatenate([memory.past_segments, memory.segments], axis=1)
     q_pos, q_seg = memory.stream_positions, memory.segments
-    chunk_start = q_pos - q_pos % chunk  # Chunks start at multiples of C in the stream.
+    # The short-term memory holds the R stream positions before the query's chunk
+    # (chunks start at multiples of C); stored global tokens before those are not local.
+    held_from = q_pos - q_pos % chunk - cfg.memory.short_term_tokens
     mem_key = mem_value = None
     if memory.summaries is not None:
       summaries = memory.summaries.astype(layers.compute_dtype(cfg))
@@ -167,11 +166,12 @@ class MemoryAttention(attention.Attention):
     def attend_group(n, g, q, k, v):
       del n
       # Always masked: with R > C the short-term keys reach back past 2 chunks.
-      mask = local_mask(q_pos, k_pos, q_seg, k_seg, g.window, chunk_start, num_global)
-      if has_global:  # Earlier chunks' global tokens, beyond the window.
-        far = (global_mask(q_pos, memory.global_positions, q_seg, memory.global_segments,
-                           g.window) if g.window is not None
-               else jnp.zeros(mask.shape[:2] + (num_global,), bool))
+      mask = local_mask(q_pos, k_pos, q_seg, k_seg, g.window, num_global)
+      if has_global:  # Earlier chunks' global tokens that are not local keys.
+        far = global_mask(q_pos, memory.global_positions, q_seg, memory.global_segments,
+                          held_from)
+        if g.window is None:  # (Not in sparse layers.) Local keys show what is there.
+          far = jnp.zeros_like(far)
         mask = jnp.concatenate([far, mask], axis=-1)
       mask = mask[:, None]
       hs, ks = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv), slice(g.kv_start, g.kv_end)
