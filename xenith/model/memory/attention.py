@@ -145,12 +145,12 @@ class MemoryAttention(attention.Attention):
     q_per_kv = cfg.num_heads // cfg.num_kv_heads
     num_global = attention_pattern.num_global_tokens(cfg, self.layer)
     has_global = num_global > 0 and memory.global_keys is not None
-    stored = [memory.global_keys] if has_global else []
-    stored_v = [memory.global_values] if has_global else []
-    keys = jnp.concatenate([a.astype(key.dtype) for a in stored + [memory.past_keys]]
-                           + [key], axis=1)
-    values = jnp.concatenate([a.astype(value.dtype) for a in stored_v + [memory.past_values]]
-                             + [value], axis=1)
+    # Keys: [stored global tokens (G, windowed layers only), past (P), new (L)].
+    past_k = [memory.global_keys, memory.past_keys] if has_global else [memory.past_keys]
+    past_v = ([memory.global_values, memory.past_values] if has_global
+              else [memory.past_values])
+    keys = jnp.concatenate([a.astype(key.dtype) for a in past_k] + [key], axis=1)
+    values = jnp.concatenate([a.astype(value.dtype) for a in past_v] + [value], axis=1)
     k_pos = jnp.concatenate([memory.past_positions, memory.stream_positions], axis=1)
     k_seg = jnp.concatenate([memory.past_segments, memory.segments], axis=1)
     q_pos, q_seg = memory.stream_positions, memory.segments

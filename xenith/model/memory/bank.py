@@ -110,8 +110,8 @@ def close_chunk(state: MemoryState, mass: jax.Array, summaries: jax.Array, keys:
   segments: [batch, C]; mem: `config.memory`. Usage decays and adds `mass`, and the
   slots read in the chunk are marked (`mark_reads`), before the write, so the new
   summaries start unused and just read; the chunk's global tokens (stream positions
-  < G) join the global_* fields; the short-term memory becomes the last R tokens of (the old
-  short-term memory, the chunk): R may exceed C, spanning several earlier chunks.
+  < G) join the global_* fields; the short-term memory becomes the last R tokens of
+  (the old short-term memory, the chunk): R may exceed C, spanning several chunks.
   """
   keep = state.short_positions.shape[1]
   chunk = stream_positions.shape[1]

@@ -132,8 +132,9 @@ class MemoryDecoder(transformer.Decoder):
 
     Each layer's new tokens attend to themselves and to its past keys/values: the
     short-term ones, then (decoding) the first `num_chunk_keys` slots' worth of the
-    state's chunk_* buffers (windowed layers also the stored global tokens), at stream positions `past_positions` [batch, past] (-1 =
-    empty) in documents `past_segments`; memory layers also attend to the bank.
+    state's chunk_* buffers, at stream positions `past_positions` [batch, past] (-1 =
+    empty) in documents `past_segments`; windowed layers also attend to the stored
+    global tokens, memory layers to the bank.
     Returns the new x and {'keys', 'values': [layers, batch, L, kv_heads, head_dim],
     'mass': [batch, M] summed over layers, 'moe': {'layer_<i>': router stats} of the
     MoE layers}. Blocks are created in `module`'s scope (a remat block closed over from
