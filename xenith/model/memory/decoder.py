@@ -12,6 +12,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from xenith.model import attention_pattern
 from xenith.model import moe
 from xenith.model import transformer
 from xenith.model.memory import bank
@@ -105,7 +106,7 @@ class MemoryDecoder(transformer.Decoder):
           state.short_positions, state.short_segments, 0)
       summarizer = Summarizer(cfg, name='summarizer', parent=module)
       new = bank.close_chunk(state, out['mass'], summarizer(x, segments_c), out['keys'],
-                             out['values'], stream_c, segments_c, mem.usage_decay)
+                             out['values'], stream_c, segments_c, mem)
       if mem.tbptt_chunks:  # Truncate after every K-th chunk of this call.
         cut = (index + 1) % mem.tbptt_chunks == 0
         new = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), new)
@@ -132,7 +133,8 @@ class MemoryDecoder(transformer.Decoder):
     Each layer's new tokens attend to themselves and to its past keys/values: the
     short-term ones, then (decoding) the first `num_chunk_keys` slots' worth of the
     state's chunk_* buffers, at stream positions `past_positions` [batch, past] (-1 =
-    empty) in documents `past_segments`; memory layers also attend to the bank.
+    empty) in documents `past_segments`; windowed layers also attend to the stored
+    global tokens, memory layers to the bank.
     Returns the new x and {'keys', 'values': [layers, batch, L, kv_heads, head_dim],
     'mass': [batch, M] summed over layers, 'moe': {'layer_<i>': router stats} of the
     MoE layers}. Blocks are created in `module`'s scope (a remat block closed over from
@@ -147,11 +149,16 @@ class MemoryDecoder(transformer.Decoder):
         past_keys = jnp.concatenate([past_keys, state.chunk_keys[i]], axis=1)
         past_values = jnp.concatenate([past_values, state.chunk_values[i]], axis=1)
       reads_bank = is_memory_layer(cfg, i)
+      has_global = attention_pattern.num_global_tokens(cfg, i) > 0
       layer_memory = LayerMemory(
           stream_positions=stream, segments=segments, past_keys=past_keys,
           past_values=past_values, past_positions=past_positions,
           past_segments=past_segments, summaries=state.summaries if reads_bank else None,
-          valid=state.valid if reads_bank else None)
+          valid=state.valid if reads_bank else None,
+          global_keys=state.global_keys[i] if has_global else None,
+          global_values=state.global_values[i] if has_global else None,
+          global_positions=state.global_positions if has_global else None,
+          global_segments=state.global_segments if has_global else None)
       blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
                   parent=module)
       x, (record, stats) = blk(x, segment_ids, positions, deterministic, layer_memory)
@@ -188,8 +195,7 @@ class MemoryDecoder(transformer.Decoder):
       state = state.replace(position=start)  # close_chunk advances by a whole chunk.
       return bank.close_chunk(
           state, state.chunk_mass, summarizer(state.chunk_hidden, segments),
-          state.chunk_keys, state.chunk_values, chunk_positions, segments,
-          mem.usage_decay)
+          state.chunk_keys, state.chunk_values, chunk_positions, segments, mem)
 
     def keep(module, state, start):
       del module, start
