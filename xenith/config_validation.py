@@ -234,9 +234,6 @@ def _validate_memory(config) -> None:
   _one_of(config, f + 'eviction', ('least_used', 'lru'))
   _require(config, f + 'lru_read_threshold', lambda v: 0 <= v < 1,
            'must be in [0, 1) (a mean attention probability per query)')
-  if m.scan_layers:
-    raise ConfigError('model.scan_layers', f'True: chunk-summary memory '
-                      f'(config.{f}chunk_size={mem.chunk_size}) needs it off')
   lengths = config.passkey.lengths if 'passkey' in config else ()
   if not isinstance(lengths, (int, str)) and any(
       isinstance(n, int) and n % mem.chunk_size for n in lengths):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from xenith.model import attention_pattern
+from xenith.model import layer_stacks
 from xenith.model import moe
 from xenith.model import transformer
 from xenith.model.memory import bank
@@ -23,18 +24,38 @@ from xenith.model.memory.summarizer import Summarizer
 
 
 class MemoryBlock(transformer.DecoderBlock):
-  """A `DecoderBlock` whose attention reads a `LayerMemory`; returns (x, (record,
-  MoE stats or None)) with the attention's `attention.Record`."""
+  """A `DecoderBlock` whose attention reads the memory; returns (x, (record, MoE stats
+  or None)) with the attention's `attention.Record`.
 
-  def attend(self, x, segment_ids, positions, memory: LayerMemory):
+  It takes the memory as `shared` (what every layer sees: positions, documents, the bank)
+  and `per_layer` (this layer's past and global keys/values), so that a scanned stack
+  can slice `per_layer` by layer; the block's `layer` decides whether it reads the bank
+  and the global tokens.
+  """
+
+  def attend(self, x, segment_ids, positions, shared: dict, per_layer: dict):
     del segment_ids  # The memory's segments mask the local keys.
-    return MemoryAttention(self.config, layer=self.layer, name='attn')(x, positions, memory)
+    cfg = self.config
+    reads_bank = is_memory_layer(cfg, self.layer)
+    has_global = attention_pattern.num_global_tokens(cfg, self.layer) > 0
+    memory = LayerMemory(
+        stream_positions=shared['stream_positions'], segments=shared['segments'],
+        past_keys=per_layer['past_keys'], past_values=per_layer['past_values'],
+        past_positions=shared['past_positions'], past_segments=shared['past_segments'],
+        summaries=shared['summaries'] if reads_bank else None,
+        valid=shared['valid'] if reads_bank else None,
+        global_keys=per_layer['global_keys'] if has_global else None,
+        global_values=per_layer['global_values'] if has_global else None,
+        global_positions=shared['global_positions'] if has_global else None,
+        global_segments=shared['global_segments'] if has_global else None)
+    return MemoryAttention(cfg, layer=self.layer, name='attn')(x, positions, memory)
 
 
 class MemoryDecoder(transformer.Decoder):
   """`Decoder` with chunk-summary memory (`config.memory.chunk_size` > 0).
 
-  Params are the plain decoder's (blocks unscanned, `block_<i>`) plus `summarizer`.
+  Params are the plain decoder's (`block_<i>`, or with `scan_layers` the stacks of
+  `layer_stacks.plan`) plus `summarizer`.
   `forward` also takes and returns the memory state (`MemoryState`).
   """
 
@@ -64,8 +85,6 @@ class MemoryDecoder(transformer.Decoder):
     mem = cfg.memory
     batch, seq_len = inputs.shape
     chunk = mem.chunk_size
-    if cfg.scan_layers:
-      raise ValueError('Chunk-summary memory does not combine with scan_layers.')
     if memory is None:
       memory = init_state(cfg, batch)
     else:
@@ -141,34 +160,45 @@ class MemoryDecoder(transformer.Decoder):
     outside a scan would leak tracers) with the names of the plain model's blocks.
     """
     cfg = self.config
+    per_layer = {'past_keys': state.short_keys, 'past_values': state.short_values,
+                 'global_keys': state.global_keys, 'global_values': state.global_values}
+    if num_chunk_keys:  # [layers, batch, R + C, kv_heads, head_dim]
+      per_layer['past_keys'] = jnp.concatenate([state.short_keys, state.chunk_keys], axis=2)
+      per_layer['past_values'] = jnp.concatenate([state.short_values, state.chunk_values],
+                                                 axis=2)
+    shared = {'stream_positions': stream, 'segments': segments,
+              'past_positions': past_positions, 'past_segments': past_segments,
+              'summaries': state.summaries, 'valid': state.valid,
+              'global_positions': state.global_positions,
+              'global_segments': state.global_segments}
+    records, moe_stats = [None] * cfg.num_layers, {}
+    if cfg.scan_layers:
+      for stack in layer_stacks.plan(cfg):
+        # The unit's j-th layers are every unit-th layer of the stack: a strided slice.
+        sliced = tuple(jax.tree.map(lambda a, j=j: a[stack.first + j:stack.end:stack.unit],
+                                    per_layer) for j in range(stack.unit))
+        x, outs = module.scan_stack(stack, block, x, segment_ids, positions, deterministic,
+                                    shared, sliced, per_layer_last=True)
+        for j, (record, stats) in enumerate(outs):
+          for r in range(stack.repeats):
+            layer = stack.layer(r, j)
+            records[layer] = jax.tree.map(lambda a, r=r: a[r], record)
+            if stats is not None:
+              moe_stats[f'layer_{layer}'] = jax.tree.map(lambda a, r=r: a[r], stats)
+    else:
+      for i in range(cfg.num_layers):
+        blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
+                    parent=module)
+        x, (records[i], stats) = blk(x, segment_ids, positions, deterministic, shared,
+                                     jax.tree.map(lambda a, i=i: a[i], per_layer))
+        if stats is not None:
+          moe_stats[f'layer_{i}'] = stats
     mass = jnp.zeros(state.usage.shape, jnp.float32)
-    keys, values, moe_stats = [], [], {}
-    for i in range(cfg.num_layers):
-      past_keys, past_values = state.short_keys[i], state.short_values[i]
-      if num_chunk_keys:
-        past_keys = jnp.concatenate([past_keys, state.chunk_keys[i]], axis=1)
-        past_values = jnp.concatenate([past_values, state.chunk_values[i]], axis=1)
-      reads_bank = is_memory_layer(cfg, i)
-      has_global = attention_pattern.num_global_tokens(cfg, i) > 0
-      layer_memory = LayerMemory(
-          stream_positions=stream, segments=segments, past_keys=past_keys,
-          past_values=past_values, past_positions=past_positions,
-          past_segments=past_segments, summaries=state.summaries if reads_bank else None,
-          valid=state.valid if reads_bank else None,
-          global_keys=state.global_keys[i] if has_global else None,
-          global_values=state.global_values[i] if has_global else None,
-          global_positions=state.global_positions if has_global else None,
-          global_segments=state.global_segments if has_global else None)
-      blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
-                  parent=module)
-      x, (record, stats) = blk(x, segment_ids, positions, deterministic, layer_memory)
+    for record in records:
       if record.mass is not None:
         mass = mass + record.mass
-      keys.append(record.keys)
-      values.append(record.values)
-      if stats is not None:
-        moe_stats[f'layer_{i}'] = stats
-    return x, {'keys': jnp.stack(keys), 'values': jnp.stack(values), 'mass': mass,
+    return x, {'keys': jnp.stack([r.keys for r in records]),
+               'values': jnp.stack([r.values for r in records]), 'mass': mass,
                'moe': moe_stats}
 
   def _decode(self, x_all, state, block):
