@@ -234,6 +234,7 @@ class Decoder(nn.Module):
         split_rngs={'params': True, 'dropout': True},
         in_axes=(nn.broadcast,) * len(args),
         length=stack.repeats,
+        unroll=stack.repeats if stack.unrolled else 1,
         metadata_params={nn.PARTITION_NAME: 'layers'},
     )
     if stack.unit == 1:
