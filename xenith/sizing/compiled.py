@@ -168,34 +168,39 @@ def run(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
           'device_kind': jax.devices()[0].device_kind}
 
 
+def _bytes(n: float) -> str:
+  return f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.2f} MiB'
+
+
 def format_comparison(d: dict[str, Any], c: dict[str, Any]) -> str:
   """describe's estimates (`d`) beside the compiled figures (`c`, from `run`)."""
-  gib = lambda b: f'{b / 2**30:,.2f} GiB'
   mem, fl = c['memory'], c['flops']
   rows = [
-      ('parameters: describe / compiled state',
-       f'{d["total_params"] / 1e9:,.2f} B / {mem["params"] / 1e9:,.2f} B'),
+      ('parameters (describe)', f'{d["total_params"]:,}'),
+      ('parameters (the compiled train state)', f'{int(mem["params"]):,}'),
       (f'XLA:CPU compile\'s buffers per device on {d["num_devices"]} devices '
        '(an estimate of accelerator memory):', ''),
-      ('  arguments (params, optimizer state, batch)', gib(mem['argument_size_in_bytes'])),
-      ('  outputs', gib(mem['output_size_in_bytes'])),
-      ('  temporaries (activations, gradients, ...)', gib(mem['temp_size_in_bytes'])),
-      ('  aliased (donated state, counted once)', gib(mem['alias_size_in_bytes'])),
-      ('  total (arguments + outputs + temporaries - aliased)', gib(mem['total_bytes'])),
-      ('  describe: params + grads + AdamW state', gib(d['per_device_train_state_gib'] * 2**30)),
-      (f'training FLOPs per token: describe (seq {d["seq_len"]:,})',
+      ('  arguments (params, AdamW state, batch)', _bytes(mem['argument_size_in_bytes'])),
+      ('  outputs (new state, metrics)', _bytes(mem['output_size_in_bytes'])),
+      ('  temporaries (activations, gradients, ...)', _bytes(mem['temp_size_in_bytes'])),
+      ('  aliased (donated state, counted once)', _bytes(mem['alias_size_in_bytes'])),
+      ('  total (arguments + outputs + temporaries - aliased)', _bytes(mem['total_bytes'])),
+      ('  describe: params + grads + AdamW state', _bytes(d['per_device_train_state_gib'] * 2**30)),
+      (f'training FLOPs per token (seq {d["seq_len"]:,}): describe',
        f'{d["train_flops_per_token"]:.3e}'),
-      ('  describe, every key scored (as the dense kernel)',
-       f'{c["dense_attention_train_flops_per_token"]:.3e}'),
-      (f'  XLA cost analysis (seq {fl["seq_len"]:,}, stacks scaled from 1-2 repeats)',
+      (f'  XLA cost analysis (seq {fl["seq_len"]:,}; stacks scaled from 1-2 repeats)',
        f'{fl["train_flops_per_token"]:.3e}'),
   ]
-  width = max(len(k) for k, _ in rows)
-  lines = [f'Compiled (XLA:CPU, {d["num_devices"]} simulated devices; memory compile '
-           f'{mem["seconds"]:.0f} s, FLOP compiles {fl["seconds"]:.0f} s)', '-' * (width + 26)]
-  lines += [f'{k:<{width}}  {v:>24}' if v else k for k, v in rows]
-  lines.append('(FLOP compiles: dense attention, capacity-1 MoE dispatch, no remat, one '
-               'device; see xenith/sizing/compiled.py.)')
+  if c['dense_attention_train_flops_per_token'] != d['train_flops_per_token']:  # Windows.
+    rows.insert(-1, ('  describe with every key scored (as the dense kernel)',
+                     f'{c["dense_attention_train_flops_per_token"]:.3e}'))
+  width = max(len(k) for k, v in rows if v)
+  lines = [f'Compiled train step (XLA:CPU, {d["num_devices"]} simulated devices; memory '
+           f'compile {mem["seconds"]:.0f} s, FLOP compiles {fl["seconds"]:.0f} s)',
+           '-' * (width + 20)]
+  lines += [f'{k:<{width}}  {v:>18}' if v else k for k, v in rows]
+  lines.append('(FLOP compiles: dense attention, MoE capacity dispatch at factor 1, no remat, '
+               'one device; xenith/sizing/compiled.py says why.)')
   return '\n'.join(lines)
 
 
