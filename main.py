@@ -6,6 +6,11 @@
 
 Running the same command again resumes from the workdir's latest checkpoint.
 
+  python main.py --config=experiments/xenith_mini.py --mode=describe --num_devices=16 --compile
+
+sizes a config for 16 devices without them; --compile adds XLA's per-device memory and
+FLOPs of the real train step, compiled for 16 simulated CPU devices (docs/describe.md).
+
   python main.py --mode=import_hf --hf_dir=<HF Mixtral/Mistral dir> --workdir=runs/imported
   python main.py --mode=export_hf --workdir=runs/imported --hf_dir=<out dir>
   python main.py --config=experiments/default.py --workdir=runs/default --mode=generate \
