@@ -1,9 +1,9 @@
-"""Chunk-summary memory (xenith/model/memory.py) on the default decoder.
+"""Chunk-summary memory (xenith/model/memory/) on the default decoder.
 
 Each training sequence is read as chunks of `chunk_size` tokens; every chunk attends to
-itself, the last `short_term_tokens` keys/values of the previous chunk and, in the layers
-listed in `memory.layers`, to a bank of summaries written by the summarizer after each
-earlier chunk. Gradients reach back `tbptt_chunks` chunks.
+itself, the keys/values of the stream's last `short_term_tokens` tokens before it and, in
+the layers listed in `memory.layers`, to a bank of summaries written by the summarizer
+after each earlier chunk. Gradients reach back `tbptt_chunks` chunks.
 
   python main.py --config=experiments/memory.py:size=tiny --workdir=runs/memory_tiny
   python main.py --config=experiments/memory.py --workdir=runs/memory

@@ -1,46 +1,122 @@
-"""xenith_mini, the first seed model: 64 layers (8 dense + 56 MoE), 32 experts top-6.
+"""xenith_mini, the first seed model, with every feature its seed names.
 
-Shapes from the project's seed document. It cannot train here; use it
-to size runs: `python main.py --config=experiments/xenith_mini.py --mode=describe
---num_devices=16` (a TPU v4-32 has 16 chips). The seed's "~50B parameters, ~10B
-active" is not what these shapes give: docs/describe.md has the real figures.
+  python main.py --config=experiments/xenith_mini.py --mode=describe --num_devices=16
+  python main.py --config=experiments/xenith_mini.py:size=small --workdir=runs/mini_small
+  python main.py --config=experiments/xenith_mini.py:size=tiny,memory=off ...
+
+The seed: 64 layers (8 dense + 56 MoE, 32 experts top-6, FFN 24,576 / 3,072 per expert),
+64 query / 16 KV heads, 256k context, multi-scale sliding windows 512 / 1024 / 2048 with 256
+global tokens, short-term memory of 16k tokens and long-term memory "in 32k chunks" filled
+by a 4-layer, 16-head transformer summarizer, rank-128 LoRA on all linear layers, the
+Mixtral 32k tokenizer, a TPU v4-32 (16 chips). Config arguments (comma-separated):
+
+  size=full|small|tiny  full: the seed (sizing and compiling only: --mode=describe);
+                        small / tiny: twins with every feature at a width that trains on
+                        2 CPU cores (small: a few hundred steps in ~15 min; tiny: tests).
+  lora=R                the seed's fine-tuning variant: rank-R adapters on every linear
+                        layer (attention, MLP, experts, head), the base frozen; set
+                        config.init_from_checkpoint to the pre-trained run.
+  memory=off            the same model without chunk-summary memory (for comparisons).
+
+How the seed's memory is read (its text is ambiguous, docs/seed_models.md says more):
+the model reads 4096-token chunks; short-term memory is the last 16k tokens' keys and
+values (the 4 previous chunks), seen by the full-attention layers; long-term memory is a
+bank of 32,768 summary vectors ("32k" read as the bank's capacity, as a 16k short-term
+memory spanning several chunks rules out 32k-token chunks), 512 per chunk, so the bank holds
+the whole 256k context compressed 8:1; the summarizer compresses each chunk as it leaves
+the working set. Assumptions where the seed is silent: the 8 dense layers are the
+full-attention ones; every 8th layer reads the bank; windows split the 16 KV heads 6/5/5.
 """
 
 from experiments import default
 
+# Per size: width, depth and the memory/attention lengths. Ratios follow the seed (dense
+# FFN 3x embed, experts 3/8 embed, 1 dense layer in 8, 4 query heads per KV head, windows
+# 1:2:4, short-term memory 4 chunks, 8:1 summaries).
+SIZES = {
+    'full': dict(embed_dim=8192, num_layers=64, num_heads=64, num_kv_heads=16, head_dim=128,
+                 mlp_dim=24_576, expert_mlp_dim=3072, num_experts=32, top_k=6,
+                 vocab_size=32_000, max_seq_len=262_144, global_batch_size=16,
+                 windows=(512, 1024, 2048), num_global=256, chunk=4096, summary=512,
+                 bank=32_768, summarizer_layers=4, summarizer_heads=16, memory_every=8),
+    'small': dict(embed_dim=128, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=16,
+                  mlp_dim=384, expert_mlp_dim=48, num_experts=8, top_k=2,
+                  vocab_size=2048, max_seq_len=512, global_batch_size=8,
+                  windows=(16, 32, 64), num_global=8, chunk=128, summary=16, bank=64,
+                  summarizer_layers=2, summarizer_heads=4, memory_every=4),
+    'tiny': dict(embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=8,
+                 mlp_dim=96, expert_mlp_dim=12, num_experts=4, top_k=2,
+                 vocab_size=512, max_seq_len=64, global_batch_size=4,
+                 windows=(4, 8, 16), num_global=2, chunk=16, summary=2, bank=8,
+                 summarizer_layers=1, summarizer_heads=2, memory_every=2),
+}
+_DENSE_SHARE = 8  # One layer in 8 is a dense full-attention layer (8 of 64).
+
 
 def get_config(arg: str | None = None):
-  """The seed shapes; `arg` is unused (there is one size)."""
-  del arg
-  config = default.get_config('size=base')
-  config.size = 'xenith_mini'
-  config.max_seq_len = 262_144  # 256k context (dense attention until sparse attention lands).
-  config.global_batch_size = 16
-  config.data.tokenizer = 'mixtral'  # Mistral/Mixtral 32k SentencePiece vocabulary.
+  """xenith_mini at `size` (full, small, tiny), optionally `lora=R` or `memory=off`."""
+  args = default.parse_arg(arg)
+  size = args.pop('size', 'full')
+  lora_rank = int(args.pop('lora', 0))
+  memory_on = args.pop('memory', 'on')
+  if args:
+    raise ValueError(f'Unknown config argument(s) {sorted(args)}; known: size, lora, memory.')
+  if size not in SIZES:
+    raise ValueError(f'Unknown size {size!r}; choose one of {sorted(SIZES)}.')
+  if memory_on not in ('on', 'off'):
+    raise ValueError(f'memory={memory_on!r}: choose on or off.')
+  s = SIZES[size]
+  config = default.get_config('size=base' if size == 'full' else f'size={size}')
+  config.size = f'xenith_mini_{size}'
+  config.max_seq_len = s['max_seq_len']
+  config.global_batch_size = s['global_batch_size']
+  if size == 'full':
+    config.data.tokenizer = 'mixtral'  # Mistral/Mixtral 32k SentencePiece vocabulary.
 
   m = config.model
-  m.vocab_size = 32_000
-  m.embed_dim = 8192
-  m.num_layers = 64
-  m.num_heads = 64
-  m.num_kv_heads = 16
-  m.head_dim = 128
-  m.mlp_dim = 24_576  # Dense FFN of the first 8 layers.
+  for field in ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads',
+                'head_dim', 'mlp_dim'):
+    m[field] = s[field]
+  num_dense = max(1, s["num_layers"] // _DENSE_SHARE)
   m.tie_embeddings = False
-  m.dtype = 'bfloat16'
-  m.remat = 'full'
+  m.dtype = 'bfloat16' if size == 'full' else 'float32'
+  m.remat = 'full' if size == 'full' else 'none'
   m.scan_layers = True
-  m.moe.num_experts = 32
-  m.moe.num_experts_per_token = 6
-  m.moe.expert_mlp_dim = 3072
-  m.moe.first_dense_layers = 8
-  # The seed's "rank-128 LoRA in all linear layers" is for fine-tuning: set
-  # --config.model.lora.rank=128 (the seven projections) and, for the head and the experts
-  # too, --config.model.lora.target_ranks.head=128 --config.model.lora.target_ranks.experts=128
-  # on a fine-tuning run, not in pre-training (docs/lora.md).
+  m.moe.num_experts = s['num_experts']
+  m.moe.num_experts_per_token = s['top_k']
+  m.moe.expert_mlp_dim = s['expert_mlp_dim']
+  m.moe.first_dense_layers = num_dense
+
+  a = m.attention
+  a.window_sizes = s['windows']  # Multi-scale: each window takes a group of KV heads.
+  a.window_split = 'heads'
+  a.full_attention_layers = num_dense  # Assumed: the dense layers attend fully.
+  a.num_global_tokens = s['num_global']
+  a.window_reference_length = s['max_seq_len']
+
+  if memory_on == 'on':
+    mem = m.memory
+    mem.chunk_size = s['chunk']
+    mem.short_term_tokens = 4 * s['chunk']  # 16k: the 4 previous chunks.
+    mem.summary_tokens = s['summary']
+    mem.bank_size = s['bank']
+    mem.summarizer_layers = s['summarizer_layers']
+    mem.summarizer_heads = s['summarizer_heads']
+    mem.summarizer_self_attention = True  # A transformer: summaries also attend to each other.
+    every = s['memory_every']
+    mem.layers = tuple(range(every - 1, s['num_layers'], every))  # Assumed: every 8th layer.
+    mem.tbptt_chunks = 2
+
+  if lora_rank:
+    m.lora.rank = lora_rank
+    m.lora.targets = ('query', 'key', 'value', 'out', 'gate', 'up', 'down', 'head',
+                      'experts')
+    m.lora.train_only_adapters = True
 
   config.mesh.data = 1
   config.mesh.fsdp = -1
   config.mesh.tensor = 1
-  config.mesh.expert = 8
+  config.mesh.expert = min(8, s['num_experts'])
+  if size != 'full':
+    config.mesh.fsdp, config.mesh.data, config.mesh.expert = 1, -1, 1
   return config

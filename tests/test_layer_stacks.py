@@ -152,3 +152,41 @@ def test_split_and_join_convert_between_layouts():
   assert back.keys() == traverse_util.flatten_dict(params).keys()
   for key, value in traverse_util.flatten_dict(params).items():
     np.testing.assert_array_equal(back[key], value)
+
+
+def test_scanned_memory_model_equals_the_layer_loop():
+  """Chunk-summary memory with scanned stacks (bank-reading layers every other layer,
+  windows, global tokens, a short-term memory over 2 chunks): logits, the memory state
+  and gradients over 3 chunks, and token-by-token decoding, equal the layer loop's."""
+  fields = {'attention.window_sizes': (4, 8), 'attention.full_attention_layers': 1,
+            'attention.num_global_tokens': 3, 'memory.chunk_size': 8,
+            'memory.short_term_tokens': 16, 'memory.layers': (2, 4), 'memory.bank_size': 4,
+            'memory.summary_tokens': 2, 'memory.summarizer_heads': 2,
+            'memory.summarizer_self_attention': True, 'memory.eviction': 'lru',
+            'moe.num_experts': 4, 'moe.expert_mlp_dim': 16, 'moe.first_dense_layers': 1,
+            'moe.dispatch': 'dense'}
+  loop, scan = _model(5, **fields), _model(5, scan_layers=True, **fields)
+  # Layer 0 full + dense; 1-4 windowed MoE, 2 and 4 reading the bank: a unit of 2.
+  assert _plan(scan) == [('layers_0', 0, 1, 1), ('layers_1_4', 1, 2, 2)]
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 64)
+  loop_model, scan_model = build.make_model(loop), build.make_model(scan)
+  params = nn.unbox(loop_model.init(jax.random.key(0), tokens))['params']
+  scan_params = _to_scanned(params, scan)
+
+  def loss(model, p):
+    out = model.apply({'params': p}, tokens, method='forward')
+    return jnp.mean(out.logits ** 2), (out.logits, out.memory)
+
+  (_, (want, want_memory)), want_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, loop_model), has_aux=True))(params)
+  (_, (got, got_memory)), got_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, scan_model), has_aux=True))(scan_params)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               got_memory, want_memory)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               got_grads, _to_scanned(want_grads, scan))
+  decode = jax.jit(lambda p, t: scan_model.apply({'params': p}, t, decode=True,
+                                                 method='forward'))
+  decoded = decode(scan_params, tokens[:, :11])
+  np.testing.assert_allclose(decoded.logits, want[:, :11], atol=1e-5, rtol=1e-5)

@@ -63,13 +63,15 @@ def _tokens(seed, length, batch=2, low=0, high=VOCAB):
   return jax.random.randint(jax.random.key(seed), (batch, length), low, high)
 
 
-def _bank(valid, usage, age, m=4, embed=3):
+def _bank(valid, usage, age, last_read=None, m=4, embed=3):
   """A state whose bank is given; the fields `write` and `add_usage` do not read are 0."""
   batch = len(valid)
   unused = {k: jnp.zeros(()) for k in memory.state.FIELDS}
+  last_read = np.zeros(np.shape(valid), np.int32) if last_read is None else last_read
   return memory.MemoryState(**{
-      **unused, 'summaries': jnp.zeros((batch, m, embed)), 'valid': jnp.array(valid),
-      'usage': jnp.array(usage, jnp.float32), 'age': jnp.array(age, jnp.int32)})
+      **unused, 'summaries': jnp.zeros((batch, len(valid[0]), embed)),
+      'valid': jnp.array(valid), 'usage': jnp.array(usage, jnp.float32),
+      'age': jnp.array(age, jnp.int32), 'last_read': jnp.array(last_read, jnp.int32)})
 
 
 def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
@@ -88,6 +90,40 @@ def test_write_fills_free_slots_first_then_evicts_least_used_then_oldest():
   np.testing.assert_array_equal(out.usage, [[5, 3, 0, 0]])
   with pytest.raises(ValueError, match='5 summaries do not fit a bank of 4 slots'):
     memory.bank.write(bank, jnp.ones((1, 5, 3)))
+
+
+def test_least_used_and_lru_evict_different_slots():
+  """Slot 0 was read heavily long ago (usage 5, last read 6 chunks back), slot 1 lightly
+  in the latest chunk (usage 0.2, last_read 0): 'least_used' evicts slot 1, 'lru' slot 0.
+  Ties in last_read go to the oldest; the written slot restarts at usage, age and
+  last_read 0."""
+  bank = _bank([[True, True, True]], [[5.0, 0.2, 1.0]], [[9, 2, 4]], [[6, 0, 2]])
+  new = jnp.full((1, 1, 3), 7.0)
+  least_used = memory.bank.write(bank, new, 'least_used')
+  lru = memory.bank.write(bank, new, 'lru')
+  np.testing.assert_array_equal(least_used.summaries[0, :, 0], [0, 7, 0])
+  np.testing.assert_array_equal(lru.summaries[0, :, 0], [7, 0, 0])
+  np.testing.assert_array_equal(lru.last_read, [[0, 0, 2]])
+  np.testing.assert_array_equal(lru.age, [[0, 3, 5]])
+  np.testing.assert_allclose(lru.usage, [[0, 0.2, 1.0]])
+  tie = _bank([[True, True, True]], [[0.0, 0.0, 9.0]], [[1, 5, 3]], [[4, 1, 4]])
+  np.testing.assert_array_equal(memory.bank.write(tie, new, 'lru').summaries[0, :, 0],
+                                [0, 0, 7])  # last_read 4 twice: the older (age 3) goes.
+  with pytest.raises(ValueError, match="eviction='oldest' is not one of"):
+    memory.bank.write(bank, new, 'oldest')
+
+
+def test_a_slot_is_read_when_its_mean_probability_per_query_exceeds_the_threshold():
+  """mark_reads: mass / (queries x memory layers) > threshold resets last_read to 0,
+  other valid slots count one more chunk, free slots stay 0."""
+  bank = _bank([[True, True, True, False]], [[0.0] * 4], [[0] * 4], [[3, 3, 3, 0]])
+  mass = jnp.array([[0.5, 0.05, 0.0, 3.0]])  # Over 10 queries: 0.05, 0.005, 0, (free).
+  out = memory.bank.mark_reads(bank, mass, 10, 0.01)
+  np.testing.assert_array_equal(out.last_read, [[0, 4, 4, 0]])
+  out = memory.bank.mark_reads(bank, mass, 100, 0.001)  # The same mass over 100: 0.005.
+  np.testing.assert_array_equal(out.last_read, [[0, 4, 4, 0]])
+  out = memory.bank.mark_reads(bank, mass, 100, 0.01)
+  np.testing.assert_array_equal(out.last_read, [[4, 4, 4, 0]])
 
 
 def test_usage_accumulates_with_decay_on_valid_slots():
@@ -244,6 +280,81 @@ def test_memory_with_moe_layers():
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, atol=2e-5, rtol=2e-5)
 
 
+def _memory_and_plain(short, attention=(), num_chunks=4):
+  """A memory model reading no bank (short-term memory R = `short`) and the plain
+  `Decoder` with the same params and attention pattern (`attention`: field pairs):
+  (memory config, jitted memory forward, jitted plain logits, params)."""
+  cfg = _config((('layers', ()), ('short_term_tokens', short)))
+  cfg.attention.update(dict(attention))
+  cfg.max_seq_len = num_chunks * CHUNK
+  decoder = model.make_model(cfg)
+  params = nn.unbox(jax.jit(decoder.init)(jax.random.key(1),
+                                          jnp.zeros((2, CHUNK), jnp.int32)))['params']
+  plain_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  plain_cfg.memory.chunk_size = 0
+  plain = model.make_model(plain_cfg)
+  shared = {k: v for k, v in params.items() if k != 'summarizer'}
+  plain_apply = jax.jit(lambda t, s: plain.apply({'params': shared}, t, segment_ids=s))
+  return decoder, _memory_apply(decoder), plain_apply, params
+
+
+def _two_documents(length):
+  """[2, length] segment ids: row 1 starts a second document at token 13."""
+  segments = np.ones((2, length), np.int32)
+  segments[1, 13:] = 2
+  return jnp.asarray(segments)
+
+
+@pytest.mark.parametrize('windows', [(), (6, 20)], ids=['full', 'windows'])
+def test_short_term_memory_of_all_earlier_chunks_is_the_plain_decoder(windows):
+  """R = 3 chunks + 1 >= everything before the last chunk, no bank reads: every chunk
+  sees all earlier tokens (their keys with RoPE at their stream positions), so the logits
+  are the plain `Decoder`'s on the whole sequence (with two documents in row 1), with
+  full attention and with windows 6 and 20 (20 > 2 chunks: the window must still cut the
+  short-term keys). Token-by-token decoding agrees with the whole-chunk pass."""
+  decoder, apply, plain, params = _memory_and_plain(
+      3 * CHUNK + 1, (('window_sizes', windows),))
+  tokens = _tokens(9, 4 * CHUNK)
+  segments = _two_documents(4 * CHUNK)
+  want = plain(tokens, segments)
+  logits, state, _ = apply({'params': params}, tokens, segment_ids=segments)
+  np.testing.assert_allclose(logits, want, atol=2e-5, rtol=2e-5)
+  # The short-term memory: the last R tokens of the stream (R > C), with their documents.
+  np.testing.assert_array_equal(state.short_positions[0], np.arange(CHUNK - 1, 4 * CHUNK))
+  np.testing.assert_array_equal(state.short_segments, segments[:, CHUNK - 1:])
+  one_doc, whole_state, _ = apply({'params': params}, tokens,
+                                  segment_ids=jnp.ones_like(segments))
+  decoded, step_state, _ = _memory_apply(decoder, decode=True)({'params': params}, tokens)
+  np.testing.assert_allclose(decoded, one_doc, atol=2e-5, rtol=2e-5)
+  for k, v in whole_state.arrays().items():
+    np.testing.assert_allclose(getattr(step_state, k), v, atol=2e-5, rtol=2e-5, err_msg=k)
+
+
+@pytest.mark.parametrize('split, num_global', [('heads', 3), ('layers', 3), ('heads', 11)],
+                         ids=['heads', 'layers', 'more_than_a_chunk'])
+def test_global_tokens_with_memory_are_the_plain_decoders(split, num_global):
+  """Every layer windowed (4 and 6, split by heads or by layers), G global tokens, R = 6
+  >= the largest window, no bank reads: the memory model equals the plain `Decoder` with
+  the same windows and global tokens on the whole 4-chunk sequence (two documents in row
+  1; the second has no global tokens), also with G = 11 > C. The state keeps the first G
+  tokens' keys; token-by-token decoding agrees with the whole-chunk pass."""
+  attention = (('window_sizes', (4, 6)), ('full_attention_layers', 0),
+               ('num_global_tokens', num_global), ('window_split', split))
+  decoder, apply, plain, params = _memory_and_plain(6, attention)
+  tokens = _tokens(10, 4 * CHUNK)
+  segments = _two_documents(4 * CHUNK)
+  logits, state, _ = apply({'params': params}, tokens, segment_ids=segments)
+  np.testing.assert_allclose(logits, plain(tokens, segments), atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(state.global_positions, [np.arange(num_global)] * 2)
+  assert state.global_keys.shape == (2, 2, num_global, 2, 16)
+  one_doc, whole_state, _ = apply({'params': params}, tokens,
+                                  segment_ids=jnp.ones_like(segments))
+  decoded, step_state, _ = _memory_apply(decoder, decode=True)({'params': params}, tokens)
+  np.testing.assert_allclose(decoded, one_doc, atol=2e-5, rtol=2e-5)
+  for k, v in whole_state.arrays().items():
+    np.testing.assert_allclose(getattr(step_state, k), v, atol=2e-5, rtol=2e-5, err_msg=k)
+
+
 def test_load_bank_rejects_another_shape(tmp_path):
   cfg = ml_collections.FrozenConfigDict(_config())
   path = str(tmp_path / 'bank.npz')
@@ -287,27 +398,30 @@ def _full_config(**memory_fields):
     (dict(layers=(2,)), 'layers'),
     (dict(layers=(-1,)), 'layers'),
     (dict(bank_size=1), 'bank_size'),
-    (dict(short_term_tokens=17), 'short_term_tokens'),
+    (dict(short_term_tokens=-1), 'short_term_tokens'),
     (dict(summarizer_heads=3), 'summarizer_heads'),
     (dict(tbptt_chunks=-1), 'tbptt_chunks'),
     (dict(usage_decay=1.5), 'usage_decay'),
+    (dict(eviction='oldest'), 'eviction'),
+    (dict(lru_read_threshold=-0.1), 'lru_read_threshold'),
 ])
 def test_config_validation_rejects_bad_memory_fields(fields, bad):
   with pytest.raises(config_validation.ConfigError, match=bad):
     config_validation.validate(_full_config(**fields), num_devices=1)
 
 
-def test_config_validation_accepts_memory_and_rejects_scan_layers():
+def test_config_validation_accepts_memory_with_every_feature():
   config_validation.validate(_full_config(), num_devices=1)
   config = _full_config()
   config.passkey.lengths = (64, 100)
   with pytest.raises(config_validation.ConfigError, match='passkey.lengths'):
     config_validation.validate(config, num_devices=1)
   config_validation.validate(memory_experiment.get_config('size=tiny'), num_devices=1)
-  config = _full_config()
-  config.model.scan_layers = True
-  with pytest.raises(config_validation.ConfigError, match='scan_layers'):
-    config_validation.validate(config, num_devices=1)
+  config = _full_config(short_term_tokens=40, eviction='lru', summarizer_self_attention=True)
+  config.model.attention.update(dict(window_sizes=(8,), num_global_tokens=20))
+  config_validation.validate(config, num_devices=1)  # R > C, global tokens: all combine.
+  config.model.scan_layers = True  # And scanned layers (tests/test_layer_stacks.py).
+  config_validation.validate(config, num_devices=1)
 
 
 def test_train_steps_with_memory():

@@ -49,6 +49,62 @@ def test_a_failed_save_leaves_the_old_bank(tmp_path, monkeypatch):
   assert int(memory.load_bank(path, like=_like()).position) == 37
 
 
+def test_save_and_load_round_trip_last_read(tmp_path):
+  """last_read (what eviction='lru' evicts by) is saved and read back."""
+  path = str(tmp_path / 'bank.npz')
+  last_read = np.arange(_like().last_read.size, dtype=np.int32).reshape(_like().last_read.shape)
+  memory.save_bank(path, _like().replace(last_read=last_read))
+  np.testing.assert_array_equal(memory.load_bank(path, like=_like()).last_read, last_read)
+
+
+def test_a_bank_written_before_last_read_existed_still_loads(tmp_path):
+  """A file without last_read (written before LRU eviction) loads with last_read 0
+  everywhere (every slot counts as just read, so 'lru' first evicts the oldest); its
+  other fields are as written."""
+  path = tmp_path / 'old.npz'
+  age = np.arange(_SUMMARIES[1], dtype=np.int32)[None]
+  _with_arrays(path, last_read=None, age=age)
+  state = memory.load_bank(str(path), like=_like())
+  np.testing.assert_array_equal(state.last_read, np.zeros(_SUMMARIES[:2], np.int32))
+  assert state.last_read.dtype == np.int32
+  np.testing.assert_array_equal(state.age, age)
+
+
+def _global_like():
+  """A state of the tiny memory model with windows and 3 global tokens (batch 1)."""
+  config = _config()
+  config.model.attention.window_sizes = (8,)
+  config.model.attention.num_global_tokens = 3
+  return memory.init_state(config.model, 1)
+
+
+def test_global_tokens_round_trip_and_older_files(tmp_path):
+  """global_* fields are saved and read back. A file written before they existed loads
+  into a model with global tokens only at stream position 0 (empty slots, position -1);
+  a document already under way is refused (its global tokens were never saved)."""
+  like = _global_like()
+  assert like.global_keys.shape[2] == 3 and _like().global_keys.shape[2] == 0
+  path = str(tmp_path / 'bank.npz')
+  keys = np.random.default_rng(0).standard_normal(like.global_keys.shape).astype(np.float32)
+  memory.save_bank(path, like.replace(global_keys=keys, global_positions=np.array(
+      [[0, 1, 2]], np.int32), position=np.int32(9)))
+  state = memory.load_bank(path, like=like)
+  np.testing.assert_array_equal(state.global_keys, keys)
+  np.testing.assert_array_equal(state.global_positions, [[0, 1, 2]])
+  old = tmp_path / 'old.npz'
+  _with_arrays(old, global_keys=None, global_values=None, global_positions=None,
+               global_segments=None, last_read=None)
+  assert memory.load_bank(str(old)).global_keys.shape[2] == 0  # Without like: G = 0.
+  state = memory.load_bank(str(old), like=like)
+  np.testing.assert_array_equal(state.global_positions, [[-1, -1, -1]])
+  assert state.global_keys.shape == like.global_keys.shape
+  _with_arrays(old, global_keys=None, global_values=None, global_positions=None,
+               global_segments=None, position=np.int32(5))
+  with pytest.raises(MemoryBankError, match='written without global tokens .* keeps its '
+                                            'first 3 tokens.* 5 tokens in'):
+    memory.load_bank(str(old), like=like)
+
+
 def _truncated(path):
   data = open(_good_bank(path), 'rb').read()
   path.write_bytes(data[:len(data) // 2])

@@ -104,12 +104,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.memory.summary_tokens = 4  # S: learned queries (summaries) per chunk.
   config.model.memory.summarizer_layers = 1  # Cross-attention + MLP layers of the summarizer.
   config.model.memory.summarizer_heads = 4  # Heads of the summarizer's cross-attention.
+  # Each summarizer layer starts with self-attention among the S summaries (a transformer
+  # summarizer; new params); False = cross-attention and MLP only (older checkpoints).
+  config.model.memory.summarizer_self_attention = False
   config.model.memory.bank_size = 16  # M: summaries kept; then the least-used are evicted.
   config.model.memory.layers = ()  # Layers whose attention also attends to the bank.
   config.model.memory.tbptt_chunks = 2  # K: gradients reach back at most K chunks; 0 = all.
-  # Last tokens of the previous chunk whose keys/values the next chunk also sees; 0 = none.
+  # R: the stream's last R tokens before a chunk whose keys/values it also sees (per layer;
+  # may exceed chunk_size, spanning several chunks); 0 = none.
   config.model.memory.short_term_tokens = 0
   config.model.memory.usage_decay = 0.9  # Bank usage = decay * usage + attention mass, per chunk.
+  # Which full-bank slots a write evicts: 'least_used' (lowest usage) or 'lru' (least
+  # recently read); ties: the oldest.
+  config.model.memory.eviction = 'least_used'
+  # 'lru': a slot is read in a chunk when the attention probability it gets, averaged
+  # over the chunk's queries and the memory layers (mean over heads), exceeds this.
+  config.model.memory.lru_read_threshold = 0.01
   # Mixture-of-Experts (xenith/model/moe.py) in place of the MLP in some layers;
   # experiments/moe.py turns it on.
   config.model.moe = ml_collections.ConfigDict()

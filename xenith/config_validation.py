@@ -226,16 +226,14 @@ def _validate_memory(config) -> None:
     raise ConfigError(f + 'layers', f'{tuple(layers_)!r} has duplicates')
   _require(config, f + 'tbptt_chunks', lambda v: isinstance(v, int) and v >= 0,
            'must be an int >= 0 (0 = no truncation)')
-  _require(config, f + 'short_term_tokens',
-           lambda v: isinstance(v, int) and 0 <= v <= mem.chunk_size,
-           f'must be an int in [0, chunk_size={mem.chunk_size}]')
+  _require(config, f + 'short_term_tokens', lambda v: isinstance(v, int) and v >= 0,
+           'must be an int >= 0 (it may span several chunks)')
   _require(config, f + 'usage_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
-  if m.scan_layers:
-    raise ConfigError('model.scan_layers', f'True: chunk-summary memory '
-                      f'(config.{f}chunk_size={mem.chunk_size}) needs it off')
-  if 'attention' in m and m.attention.window_sizes and m.attention.num_global_tokens:
-    raise ConfigError('model.attention.num_global_tokens', 'global tokens do not '
-                      'combine with chunk-summary memory; set it to 0')
+  _require(config, f + 'summarizer_self_attention', lambda v: isinstance(v, bool),
+           'must be True or False')
+  _one_of(config, f + 'eviction', ('least_used', 'lru'))
+  _require(config, f + 'lru_read_threshold', lambda v: 0 <= v < 1,
+           'must be in [0, 1) (a mean attention probability per query)')
   lengths = config.passkey.lengths if 'passkey' in config else ()
   if not isinstance(lengths, (int, str)) and any(
       isinstance(n, int) and n % mem.chunk_size for n in lengths):

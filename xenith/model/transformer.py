@@ -116,14 +116,18 @@ class LayerGroup(nn.Module):
   block: type[nn.Module]
   first: int
   unit: int
+  # The last argument is a tuple with one entry per layer of the unit (e.g. each memory
+  # layer's own past keys); block j gets entry j.
+  per_layer_last: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *args) -> tuple[jax.Array, tuple]:
     outputs = []
     for j in range(self.unit):
       layer = self.first + j
+      block_args = args[:-1] + (args[-1][j],) if self.per_layer_last else args
       x, out = self.block(self.config, use_moe=moe.is_moe_layer(self.config, layer),
-                          layer=layer, name=f'block_{j}')(x, *args)
+                          layer=layer, name=f'block_{j}')(x, *block_args)
       outputs.append(out)
     return x, tuple(outputs)
 
@@ -224,25 +228,34 @@ class Decoder(nn.Module):
     return self.output_head(x, embed, features_only).replace(moe_stats=moe_stats)
 
   def scan_stack(self, stack: layer_stacks.Stack, block: type[nn.Module], x: jax.Array,
-                 *args) -> tuple[jax.Array, tuple]:
+                 *args, per_layer_last: bool = False) -> tuple[jax.Array, tuple]:
     """`stack`'s layers on x [batch, seq, embed] as one `nn.scan`: (x, per unit position
-    j the stacked outputs (MoE router stats or None) of its layers, [repeats, ...])."""
+    j the stacked outputs (e.g. MoE router stats or None) of its layers, [repeats, ...]).
+
+    `args` go to every block; with `per_layer_last` the last one is a tuple over the
+    unit's positions j of pytrees with a leading [repeats] axis, sliced per layer.
+    """
     unit = block if stack.unit == 1 else LayerGroup
+    in_axes = (nn.broadcast,) * len(args)
+    if per_layer_last:
+      in_axes = in_axes[:-1] + (0,)
     scan = nn.scan(
         unit,
         variable_axes={'params': 0, 'cache': 0},
         split_rngs={'params': True, 'dropout': True},
-        in_axes=(nn.broadcast,) * len(args),
+        in_axes=in_axes,
         length=stack.repeats,
         unroll=stack.repeats if stack.unrolled else 1,
         metadata_params={nn.PARTITION_NAME: 'layers'},
     )
     if stack.unit == 1:
-      x, stats = scan(self.config, use_moe=moe.is_moe_layer(self.config, stack.first),
-                      layer=stack.first, name=stack.name)(x, *args)
-      return x, (stats,)
+      if per_layer_last:
+        args = args[:-1] + (args[-1][0],)
+      x, out = scan(self.config, use_moe=moe.is_moe_layer(self.config, stack.first),
+                    layer=stack.first, name=stack.name)(x, *args)
+      return x, (out,)
     return scan(self.config, block=block, first=stack.first, unit=stack.unit,
-                name=stack.name)(x, *args)
+                per_layer_last=per_layer_last, name=stack.name)(x, *args)
 
   def make_embed(self) -> embed_lib.Embed:
     """The token embedding (params 'embed'; also the tied output head)."""

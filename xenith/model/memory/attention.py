@@ -3,9 +3,13 @@
 Each chunk attends
 
 - to itself, causally (with the layer's sliding windows, measured in stream positions),
-- to the layer's past keys/values: the previous chunk's last `short_term_tokens` (and,
-  when decoding token by token, the current chunk's earlier tokens), masked by stream
-  position, window and document like the KV cache,
+- to the layer's past keys/values: the stream's last `short_term_tokens` tokens before
+  the chunk (any number, spanning several chunks; and, when decoding token by token, the
+  current chunk's earlier tokens), masked by stream position, window and document like
+  the KV cache,
+- in windowed layers with global tokens, to the stream's first G tokens whatever the
+  window (from the local keys where they hold them, else from the state's global_*
+  fields, so each key is seen once),
 - in the layers listed in `memory.layers`, to the summaries in the bank (long-term
   memory), in the same softmax as the local keys, masked by the bank's `valid`.
 
@@ -39,6 +43,13 @@ class LayerMemory:
   past_segments: jax.Array     # [batch, P] int32.
   summaries: jax.Array | None = None  # [batch, M, embed]; None: not a memory layer.
   valid: jax.Array | None = None      # [batch, M] bool.
+  # The stored global tokens (keys with RoPE, values [batch, G, kv_heads, head_dim],
+  # stream positions (-1 = empty) and documents [batch, G]) of earlier chunks; None:
+  # the layer has none (full attention, or G = 0).
+  global_keys: jax.Array | None = None
+  global_values: jax.Array | None = None
+  global_positions: jax.Array | None = None
+  global_segments: jax.Array | None = None
 
 
 class Record(NamedTuple):
@@ -87,17 +98,31 @@ def attention_with_memory(query, key, value, mask, mem_query, mem_key, mem_value
   return out, mass
 
 
-def local_mask(q_pos, k_pos, q_seg, k_seg, window):
+def local_mask(q_pos, k_pos, q_seg, k_seg, window, num_global=0):
   """[batch, q, k] bool: key valid (pos >= 0), not later, same document, in the window.
 
-  Positions are stream positions (they order tokens across chunks).
+  Positions are stream positions (they order tokens across chunks). Keys at positions
+  < num_global (global tokens) are seen whatever the window.
   """
   q = q_pos[:, :, None]
   k = k_pos[:, None, :]
   mask = (k >= 0) & (k <= q) & (q_seg[:, :, None] == k_seg[:, None, :])
   if window is not None:
-    mask &= q - k < window
+    mask &= (q - k < window) | (k < num_global)
   return mask
+
+
+def global_mask(q_pos, g_pos, q_seg, g_seg, held_from):
+  """[batch, q, G] bool: the stored global tokens a query sees.
+
+  Those at stream positions >= held_from [batch, q] (the first short-term position) are
+  also local keys (the short-term memory holds the R positions before the chunk), which
+  `local_mask` shows whatever the window, so each key is counted once.
+  """
+  q = q_pos[:, :, None]
+  k = g_pos[:, None, :]
+  return ((k >= 0) & (k <= q) & (q_seg[:, :, None] == g_seg[:, None, :])
+          & (k < held_from[:, :, None]))
 
 
 class MemoryAttention(attention.Attention):
@@ -118,11 +143,20 @@ class MemoryAttention(attention.Attention):
     chunk = cfg.memory.chunk_size  # Not L: decoding feeds 1 token at a time.
     groups = attention_pattern.layer_head_groups(cfg, self.layer, chunk)
     q_per_kv = cfg.num_heads // cfg.num_kv_heads
-    keys = jnp.concatenate([memory.past_keys.astype(key.dtype), key], axis=1)
-    values = jnp.concatenate([memory.past_values.astype(value.dtype), value], axis=1)
+    num_global = attention_pattern.num_global_tokens(cfg, self.layer)
+    has_global = num_global > 0 and memory.global_keys is not None
+    # Keys: [stored global tokens (G, windowed layers only), past (P), new (L)].
+    past_k = [memory.global_keys, memory.past_keys] if has_global else [memory.past_keys]
+    past_v = ([memory.global_values, memory.past_values] if has_global
+              else [memory.past_values])
+    keys = jnp.concatenate([a.astype(key.dtype) for a in past_k] + [key], axis=1)
+    values = jnp.concatenate([a.astype(value.dtype) for a in past_v] + [value], axis=1)
     k_pos = jnp.concatenate([memory.past_positions, memory.stream_positions], axis=1)
     k_seg = jnp.concatenate([memory.past_segments, memory.segments], axis=1)
     q_pos, q_seg = memory.stream_positions, memory.segments
+    # The short-term memory holds the R stream positions before the query's chunk
+    # (chunks start at multiples of C); stored global tokens before those are not local.
+    held_from = q_pos - q_pos % chunk - cfg.memory.short_term_tokens
     mem_key = mem_value = None
     if memory.summaries is not None:
       summaries = memory.summaries.astype(layers.compute_dtype(cfg))
@@ -131,8 +165,15 @@ class MemoryAttention(attention.Attention):
 
     def attend_group(n, g, q, k, v):
       del n
-      window = g.window if g.window is not None and g.window < 2 * chunk else None
-      mask = local_mask(q_pos, k_pos, q_seg, k_seg, window)[:, None]
+      # Always masked: with R > C the short-term keys reach back past 2 chunks.
+      mask = local_mask(q_pos, k_pos, q_seg, k_seg, g.window, num_global)
+      if has_global:  # Earlier chunks' global tokens that are not local keys.
+        far = global_mask(q_pos, memory.global_positions, q_seg, memory.global_segments,
+                          held_from)
+        if g.window is None:  # (Not in sparse layers.) Local keys show what is there.
+          far = jnp.zeros_like(far)
+        mask = jnp.concatenate([far, mask], axis=-1)
+      mask = mask[:, None]
       hs, ks = slice(g.kv_start * q_per_kv, g.kv_end * q_per_kv), slice(g.kv_start, g.kv_end)
       out, m = attention_with_memory(
           q, k, v, mask, plain_query[:, :, hs],

@@ -12,6 +12,8 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from xenith.model import attention_pattern
+from xenith.model import layer_stacks
 from xenith.model import moe
 from xenith.model import transformer
 from xenith.model.memory import bank
@@ -22,18 +24,38 @@ from xenith.model.memory.summarizer import Summarizer
 
 
 class MemoryBlock(transformer.DecoderBlock):
-  """A `DecoderBlock` whose attention reads a `LayerMemory`; returns (x, (record,
-  MoE stats or None)) with the attention's `attention.Record`."""
+  """A `DecoderBlock` whose attention reads the memory; returns (x, (record, MoE stats
+  or None)) with the attention's `attention.Record`.
 
-  def attend(self, x, segment_ids, positions, memory: LayerMemory):
+  It takes the memory as `shared` (what every layer sees: positions, documents, the bank)
+  and `per_layer` (this layer's past and global keys/values), so that a scanned stack
+  can slice `per_layer` by layer; the block's `layer` decides whether it reads the bank
+  and the global tokens.
+  """
+
+  def attend(self, x, segment_ids, positions, shared: dict, per_layer: dict):
     del segment_ids  # The memory's segments mask the local keys.
-    return MemoryAttention(self.config, layer=self.layer, name='attn')(x, positions, memory)
+    cfg = self.config
+    reads_bank = is_memory_layer(cfg, self.layer)
+    has_global = attention_pattern.num_global_tokens(cfg, self.layer) > 0
+    memory = LayerMemory(
+        stream_positions=shared['stream_positions'], segments=shared['segments'],
+        past_keys=per_layer['past_keys'], past_values=per_layer['past_values'],
+        past_positions=shared['past_positions'], past_segments=shared['past_segments'],
+        summaries=shared['summaries'] if reads_bank else None,
+        valid=shared['valid'] if reads_bank else None,
+        global_keys=per_layer['global_keys'] if has_global else None,
+        global_values=per_layer['global_values'] if has_global else None,
+        global_positions=shared['global_positions'] if has_global else None,
+        global_segments=shared['global_segments'] if has_global else None)
+    return MemoryAttention(cfg, layer=self.layer, name='attn')(x, positions, memory)
 
 
 class MemoryDecoder(transformer.Decoder):
   """`Decoder` with chunk-summary memory (`config.memory.chunk_size` > 0).
 
-  Params are the plain decoder's (blocks unscanned, `block_<i>`) plus `summarizer`.
+  Params are the plain decoder's (`block_<i>`, or with `scan_layers` the stacks of
+  `layer_stacks.plan`) plus `summarizer`.
   `forward` also takes and returns the memory state (`MemoryState`).
   """
 
@@ -63,8 +85,6 @@ class MemoryDecoder(transformer.Decoder):
     mem = cfg.memory
     batch, seq_len = inputs.shape
     chunk = mem.chunk_size
-    if cfg.scan_layers:
-      raise ValueError('Chunk-summary memory does not combine with scan_layers.')
     if memory is None:
       memory = init_state(cfg, batch)
     else:
@@ -105,7 +125,7 @@ class MemoryDecoder(transformer.Decoder):
           state.short_positions, state.short_segments, 0)
       summarizer = Summarizer(cfg, name='summarizer', parent=module)
       new = bank.close_chunk(state, out['mass'], summarizer(x, segments_c), out['keys'],
-                             out['values'], stream_c, segments_c, mem.usage_decay)
+                             out['values'], stream_c, segments_c, mem)
       if mem.tbptt_chunks:  # Truncate after every K-th chunk of this call.
         cut = (index + 1) % mem.tbptt_chunks == 0
         new = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), new)
@@ -132,36 +152,53 @@ class MemoryDecoder(transformer.Decoder):
     Each layer's new tokens attend to themselves and to its past keys/values: the
     short-term ones, then (decoding) the first `num_chunk_keys` slots' worth of the
     state's chunk_* buffers, at stream positions `past_positions` [batch, past] (-1 =
-    empty) in documents `past_segments`; memory layers also attend to the bank.
+    empty) in documents `past_segments`; windowed layers also attend to the stored
+    global tokens, memory layers to the bank.
     Returns the new x and {'keys', 'values': [layers, batch, L, kv_heads, head_dim],
     'mass': [batch, M] summed over layers, 'moe': {'layer_<i>': router stats} of the
     MoE layers}. Blocks are created in `module`'s scope (a remat block closed over from
     outside a scan would leak tracers) with the names of the plain model's blocks.
     """
     cfg = self.config
+    per_layer = {'past_keys': state.short_keys, 'past_values': state.short_values,
+                 'global_keys': state.global_keys, 'global_values': state.global_values}
+    if num_chunk_keys:  # [layers, batch, R + C, kv_heads, head_dim]
+      per_layer['past_keys'] = jnp.concatenate([state.short_keys, state.chunk_keys], axis=2)
+      per_layer['past_values'] = jnp.concatenate([state.short_values, state.chunk_values],
+                                                 axis=2)
+    shared = {'stream_positions': stream, 'segments': segments,
+              'past_positions': past_positions, 'past_segments': past_segments,
+              'summaries': state.summaries, 'valid': state.valid,
+              'global_positions': state.global_positions,
+              'global_segments': state.global_segments}
+    records, moe_stats = [None] * cfg.num_layers, {}
+    if cfg.scan_layers:
+      for stack in layer_stacks.plan(cfg):
+        # The unit's j-th layers are every unit-th layer of the stack: a strided slice.
+        sliced = tuple(jax.tree.map(lambda a, j=j: a[stack.first + j:stack.end:stack.unit],
+                                    per_layer) for j in range(stack.unit))
+        x, outs = module.scan_stack(stack, block, x, segment_ids, positions, deterministic,
+                                    shared, sliced, per_layer_last=True)
+        for j, (record, stats) in enumerate(outs):
+          for r in range(stack.repeats):
+            layer = stack.layer(r, j)
+            records[layer] = jax.tree.map(lambda a, r=r: a[r], record)
+            if stats is not None:
+              moe_stats[f'layer_{layer}'] = jax.tree.map(lambda a, r=r: a[r], stats)
+    else:
+      for i in range(cfg.num_layers):
+        blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
+                    parent=module)
+        x, (records[i], stats) = blk(x, segment_ids, positions, deterministic, shared,
+                                     jax.tree.map(lambda a, i=i: a[i], per_layer))
+        if stats is not None:
+          moe_stats[f'layer_{i}'] = stats
     mass = jnp.zeros(state.usage.shape, jnp.float32)
-    keys, values, moe_stats = [], [], {}
-    for i in range(cfg.num_layers):
-      past_keys, past_values = state.short_keys[i], state.short_values[i]
-      if num_chunk_keys:
-        past_keys = jnp.concatenate([past_keys, state.chunk_keys[i]], axis=1)
-        past_values = jnp.concatenate([past_values, state.chunk_values[i]], axis=1)
-      reads_bank = is_memory_layer(cfg, i)
-      layer_memory = LayerMemory(
-          stream_positions=stream, segments=segments, past_keys=past_keys,
-          past_values=past_values, past_positions=past_positions,
-          past_segments=past_segments, summaries=state.summaries if reads_bank else None,
-          valid=state.valid if reads_bank else None)
-      blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
-                  parent=module)
-      x, (record, stats) = blk(x, segment_ids, positions, deterministic, layer_memory)
+    for record in records:
       if record.mass is not None:
         mass = mass + record.mass
-      keys.append(record.keys)
-      values.append(record.values)
-      if stats is not None:
-        moe_stats[f'layer_{i}'] = stats
-    return x, {'keys': jnp.stack(keys), 'values': jnp.stack(values), 'mass': mass,
+    return x, {'keys': jnp.stack([r.keys for r in records]),
+               'values': jnp.stack([r.values for r in records]), 'mass': mass,
                'moe': moe_stats}
 
   def _decode(self, x_all, state, block):
@@ -188,8 +225,7 @@ class MemoryDecoder(transformer.Decoder):
       state = state.replace(position=start)  # close_chunk advances by a whole chunk.
       return bank.close_chunk(
           state, state.chunk_mass, summarizer(state.chunk_hidden, segments),
-          state.chunk_keys, state.chunk_values, chunk_positions, segments,
-          mem.usage_decay)
+          state.chunk_keys, state.chunk_values, chunk_positions, segments, mem)
 
     def keep(module, state, start):
       del module, start

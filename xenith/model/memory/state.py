@@ -23,6 +23,7 @@ import numpy as np
 from xenith import atomic_files
 from xenith import storage
 from xenith.errors import MemoryBankError
+from xenith.model.memory import config as memory_config
 
 
 @struct.dataclass
@@ -33,12 +34,22 @@ class MemoryState:
   valid: jax.Array           # [batch, M] bool: the slot holds a summary.
   usage: jax.Array           # [batch, M] float32: decayed attention mass received.
   age: jax.Array             # [batch, M] int32: writes since filled (larger = older).
+  # [batch, M] int32: chunks since the slot was last read (0: read in the latest chunk or
+  # just written; see bank.mark_reads); what eviction='lru' evicts by.
+  last_read: jax.Array
   position: jax.Array        # [] int32: stream position of the next token.
   # [layers, batch, R, kv_heads, head_dim] float32 (keys already carry RoPE).
   short_keys: jax.Array
   short_values: jax.Array
   short_positions: jax.Array  # [batch, R] int32: stream position (-1 = empty).
   short_segments: jax.Array   # [batch, R] int32: document.
+  # [layers, batch, G, kv_heads, head_dim] float32: the keys (with RoPE) and values of
+  # the stream's first G tokens (global tokens of the windowed layers), slot j = stream
+  # position j, once its chunk is complete.
+  global_keys: jax.Array
+  global_values: jax.Array
+  global_positions: jax.Array  # [batch, G] int32: stream position (-1 = not yet seen).
+  global_segments: jax.Array   # [batch, G] int32: document.
   # [layers, batch, C, kv_heads, head_dim] float32: the current chunk's keys (with
   # RoPE) and values so far, when decoding.
   chunk_keys: jax.Array
@@ -54,11 +65,38 @@ class MemoryState:
 FIELDS = tuple(f.name for f in dataclasses.fields(MemoryState))
 
 
+
+def _no_global_tokens(arrays, like, k, fill):
+  """An older file's global_* field: no global tokens kept (G = 0, or `like`'s G empty)."""
+  if like is not None:
+    return np.full(getattr(like, k).shape, fill, np.asarray(getattr(like, k)).dtype)
+  shape = np.shape(arrays['short_keys' if k in ('global_keys', 'global_values')
+                          else 'short_positions'])
+  shape = shape[:-3] + (0,) + shape[-2:] if len(shape) == 5 else shape[:-1] + (0,)
+  return np.full(shape, fill, np.float32 if k in ('global_keys', 'global_values')
+                 else np.int32)
+
+
+# Fields added after banks were first written: {field: its value for an older file, from
+# that file's arrays and `like`}. last_read 0: every slot counts as just read, so 'lru'
+# eviction first falls back to age (the oldest). global_*: no global tokens kept (older
+# files come from models without them; one continuing a document past its global tokens
+# is refused in `load_bank`).
+LATER_FIELDS = {
+    'last_read': lambda a, like: np.zeros(np.shape(a['age']), np.int32),
+    'global_keys': lambda a, like: _no_global_tokens(a, like, 'global_keys', 0),
+    'global_values': lambda a, like: _no_global_tokens(a, like, 'global_values', 0),
+    'global_positions': lambda a, like: _no_global_tokens(a, like, 'global_positions', -1),
+    'global_segments': lambda a, like: _no_global_tokens(a, like, 'global_segments', 0),
+}
+
+
 def state_shapes(config: ml_collections.FrozenConfigDict, batch: int) -> dict:
   """{field: (shape, dtype)} of the memory state of `batch` rows."""
   mem = config.memory
-  m, r = mem.bank_size, mem.short_term_tokens
+  m, r, g = mem.bank_size, mem.short_term_tokens, memory_config.num_global_tokens(config)
   kv = (config.num_layers, batch, r, config.num_kv_heads, config.head_dim)
+  global_kv = (config.num_layers, batch, g, config.num_kv_heads, config.head_dim)
   chunk_kv = (config.num_layers, batch, mem.chunk_size, config.num_kv_heads,
               config.head_dim)
   return {
@@ -66,11 +104,16 @@ def state_shapes(config: ml_collections.FrozenConfigDict, batch: int) -> dict:
       'valid': ((batch, m), np.bool_),
       'usage': ((batch, m), np.float32),
       'age': ((batch, m), np.int32),
+      'last_read': ((batch, m), np.int32),
       'position': ((), np.int32),
       'short_keys': (kv, np.float32),
       'short_values': (kv, np.float32),
       'short_positions': ((batch, r), np.int32),
       'short_segments': ((batch, r), np.int32),
+      'global_keys': (global_kv, np.float32),
+      'global_values': (global_kv, np.float32),
+      'global_positions': ((batch, g), np.int32),
+      'global_segments': ((batch, g), np.int32),
       'chunk_keys': (chunk_kv, np.float32),
       'chunk_values': (chunk_kv, np.float32),
       'chunk_hidden': ((batch, mem.chunk_size, config.embed_dim), np.float32),
@@ -83,6 +126,7 @@ def init_state(config: ml_collections.ConfigDict, batch: int) -> MemoryState:
   config = ml_collections.FrozenConfigDict(config)
   arrays = {k: jnp.zeros(s, d) for k, (s, d) in state_shapes(config, batch).items()}
   arrays['short_positions'] = jnp.full_like(arrays['short_positions'], -1)
+  arrays['global_positions'] = jnp.full_like(arrays['global_positions'], -1)
   return MemoryState(**arrays)
 
 
@@ -136,11 +180,22 @@ def _read_arrays(path: str) -> dict[str, np.ndarray]:
 def load_bank(path: str, like: MemoryState | None = None) -> MemoryState:
   """Reads a state written by `save_bank`; with `like` (e.g. `init_state(...)`) checks it.
 
+  A file written before a field of `LATER_FIELDS` existed gets that field's default.
   Raises MemoryBankError (a ValueError) naming the path and the problem: a missing,
   empty, truncated or non-.npz file, a folder, a field missing or extra, non-finite
   values in a float field, or (with `like`) a field of another shape or dtype.
   """
   arrays = _read_arrays(path)
+  if set(FIELDS) - set(LATER_FIELDS) <= set(arrays):  # An older file: fill the newer.
+    missing = [k for k in LATER_FIELDS if k not in arrays]
+    if ('global_keys' in missing and like is not None and like.global_positions.shape[1]
+        and int(arrays['position']) > 0):
+      raise MemoryBankError(
+          f'{path}: written without global tokens (an older bank file), but this model '
+          f'keeps its first {like.global_positions.shape[1]} tokens\' keys and the '
+          f'document is {int(arrays["position"])} tokens in; start it again.')
+    for k in missing:
+      arrays[k] = LATER_FIELDS[k](arrays, like)
   if set(arrays) != set(FIELDS):
     raise MemoryBankError(f'{path}: memory fields {sorted(arrays)} differ from the expected '
                           f'{sorted(FIELDS)}.')
