@@ -196,3 +196,21 @@ def test_main_describe_compile():
        '--workdir=/nonexistent'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert refused.returncode != 0
   assert '--compile works with --mode=describe only' in refused.stderr
+
+
+def test_compiled_flops_of_a_scanned_memory_model_match_its_unrolled_layers():
+  """Chunk-summary memory with scan_layers (2 stacks; the layers a sizing compile leaves
+  out reuse a built layer's keys for the state): the FLOPs scaled from 1-2 unrolled
+  repeats of each stack equal XLA's count of the same model with every layer unrolled
+  (scan_layers off: no layer loop to under-count)."""
+  config = memory_experiment.get_config('size=tiny')
+  config.model.scan_layers = True
+  config.model.num_layers, config.model.memory.layers = 3, (1, 2)
+  stacks = layer_stacks.plan(ml_collections.FrozenConfigDict(config.model))
+  assert [s.repeats for s in stacks] == [1, 2]
+  scaled = compiled.train_flops_per_token(config)
+  assert set(scaled['per_repeat_flops_per_token']) == {stacks[1].name}
+  config.model.scan_layers = False
+  unrolled = compiled.train_flops_per_token(config)
+  assert scaled['train_flops_per_token'] == pytest.approx(
+      unrolled['train_flops_per_token'], rel=0.01)
