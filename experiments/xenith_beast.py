@@ -118,6 +118,16 @@ def get_config(arg: str | None = None):
     m.lora.target_ranks.head = lora_rank
     m.lora.train_only_adapters = True
 
+  if size != 'full':  # The twins train here: a short schedule and passkey at 1x-4x.
+    length = s['max_seq_len']
+    config.passkey.lengths = (length, 2 * length, 4 * length)
+    config.passkey.num_examples = 8
+    if size == 'small':
+      config.num_train_steps = 250
+      config.optimizer.warmup_steps = 25
+      config.log_every_steps = 25
+      config.eval_every_steps = config.checkpoint_every_steps = 125
+
   config.mesh.data = 1
   config.mesh.fsdp = -1
   config.mesh.tensor = 1

@@ -74,6 +74,43 @@ def test_attention_flops_count_windows():
   assert flops.attention_flops_per_token(model, 1024) == pytest.approx(full * (1 + 192 / 1024) / 2)
 
 
+def _memory_flops_per_token(**fields):
+  """(XLA's FLOPs per token of one chunk's forward pass, ours) for the tiny memory
+  model with `fields` ('memory.x' or 'attention.x') changed."""
+  config = memory_experiment.get_config('size=tiny')
+  m = config.model
+  for key, value in fields.items():
+    group, name = key.split('.')
+    m[group][name] = value
+  m.attention.implementation = 'dense'  # Memory chunks use the dense kernel too.
+  length = m.memory.chunk_size
+  model = make_model(m)
+  tokens = jnp.zeros((1, length), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  cost = jax.jit(lambda p, t: model.apply(p, t, method='forward')).lower(
+      params, tokens).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return cost['flops'] / length, 2 * flops.matmul_params(m) + flops.attention_flops_per_token(
+      m, length)
+
+
+@pytest.mark.parametrize('base,changed', [
+    # Global tokens kept in the state: G more keys per query in windowed layers.
+    ({'attention.window_sizes': (8,)}, {'attention.num_global_tokens': 32}),
+    # The summarizer's self-attention: q, k, v, o of the S summaries and S^2 scores.
+    ({'memory.summary_tokens': 8}, {'memory.summarizer_self_attention': True}),
+    # A short-term memory over 3 chunks instead of 1.
+    ({'memory.short_term_tokens': 16}, {'memory.short_term_tokens': 48}),
+], ids=['global_tokens', 'summarizer_self_attention', 'long_short_term'])
+def test_seed_memory_features_flops_match_xla(base, changed):
+  """What each seed memory feature adds per token is within 20% of what XLA counts
+  (XLA also counts the masking and softmax on the extra scores, ~15% of their dots)."""
+  xla_base, ours_base = _memory_flops_per_token(**base)
+  xla_changed, ours_changed = _memory_flops_per_token(**{**base, **changed})
+  assert xla_changed > xla_base
+  assert ours_changed - ours_base == pytest.approx(xla_changed - xla_base, rel=0.2)
+
+
 def test_memory_flops_match_the_compiled_chunk():
   """What chunk-summary memory adds per token (summarizer, bank projections, the bank
   and short-term keys in the scores) is within 15% of what XLA's cost analysis counts

@@ -49,6 +49,10 @@ def _decode(model, params, tokens, cache_length, steps):
     # Windows by layer, MoE blocks, the blocks scanned.
     {'attention.window_sizes': (5,), 'attention.num_global_tokens': 2,
      'moe.num_experts': 4, 'moe.expert_mlp_dim': 32, 'scan_layers': True},
+    # Layers that differ, scanned as a full layer then 2 x (window 4, window 6).
+    {'num_layers': 5, 'attention.window_sizes': (4, 6), 'attention.window_split': 'layers',
+     'attention.full_attention_layers': 1, 'attention.num_global_tokens': 2,
+     'scan_layers': True},
 ])
 def test_token_by_token_equals_one_shot(overrides):
   config = _config(**overrides)

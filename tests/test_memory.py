@@ -441,6 +441,15 @@ def test_train_steps_with_memory():
     state, metrics = step(state, batch, jax.random.key(1))
     losses.append(float(metrics.compute()['loss']))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  # Bank metrics, by hand: 4 chunks x 2 summaries fill all 8 slots; the last chunk's
+  # summaries were just written (0 chunks since read), the first chunk's 3 chunks ago at
+  # most, so the mean over filled slots is in [0, 3] and their usage is >= 0.
+  mem = config.model.memory
+  assert (seq // mem.chunk_size) * mem.summary_tokens == mem.bank_size
+  bank_metrics = metrics.compute()['moe']
+  assert float(bank_metrics['memory_bank_fill']) == 1.0
+  assert 0.0 <= float(bank_metrics['memory_chunks_since_read']) <= 3.0
+  assert float(bank_metrics['memory_bank_usage']) >= 0.0
   summarizer_delta = jax.tree.map(lambda a, b: jnp.abs(a - b).max(),
                                   state.params['summarizer'], params['summarizer'])
   assert max(jax.tree.leaves(summarizer_delta)) > 0

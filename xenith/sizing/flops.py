@@ -56,7 +56,10 @@ def memory_matmul_params(model: ml_collections.ConfigDict) -> float:
     return 0.0
   mem, d = model.memory, model.embed_dim
   per_chunk = mem.summary_tokens / mem.chunk_size
-  summarizer = mem.summarizer_layers * (2 * d * d + per_chunk * (2 * d * d + 2 * d * model.mlp_dim))
+  # With self-attention, the S summaries' own q, k, v, o projections, once per chunk.
+  self_attention = 4 * d * d if mem.get('summarizer_self_attention') else 0
+  summarizer = mem.summarizer_layers * (
+      2 * d * d + per_chunk * (2 * d * d + 2 * d * model.mlp_dim + self_attention))
   bank = len(mem.layers) * mem.bank_size / mem.chunk_size * 2 * d * model.num_kv_heads * model.head_dim
   return summarizer + bank
 
@@ -68,12 +71,14 @@ def attention_keys_per_query(model: ml_collections.ConfigDict, layer: int,
   The full sequence for full attention (the whole score matrix, as the dense causal
   kernel computes it); window + global tokens (at most seq_len) for windowed heads.
   With chunk-summary memory every query scores its chunk and the short-term keys (the
-  dense kernel per chunk), plus the bank in memory layers.
+  dense kernel per chunk), plus the stored global tokens in windowed layers and the bank
+  in memory layers.
   """
   if memory.enabled(model):
     mem = model.memory
     bank = mem.bank_size if layer in tuple(mem.layers) else 0
-    return mem.chunk_size + mem.short_term_tokens + bank
+    num_global = attention_pattern.num_global_tokens(model, layer)
+    return mem.chunk_size + mem.short_term_tokens + num_global + bank
   groups = attention_pattern.layer_head_groups(model, layer, seq_len)
   num_global = attention_pattern.num_global_tokens(model, layer)
   keys = [seq_len if g.window is None else min(seq_len, g.window + num_global)
@@ -84,14 +89,18 @@ def attention_keys_per_query(model: ml_collections.ConfigDict, layer: int,
 def attention_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
   """Forward FLOPs per token of the attention scores and their weighted sum (no params).
 
-  With memory, also the summarizer's: S queries score the C chunk tokens per layer.
+  With memory, also the summarizer's: S queries score the C chunk tokens per layer
+  (and, with self-attention, each other: S^2 scores per chunk).
   """
   total = sum(4 * model.num_heads * model.head_dim
               * attention_keys_per_query(model, layer, seq_len)
               for layer in range(model.num_layers))
   if memory.enabled(model):
     mem = model.memory
-    total += mem.summarizer_layers * 4 * model.embed_dim * mem.summary_tokens
+    keys = mem.summary_tokens
+    if mem.get('summarizer_self_attention'):
+      keys += mem.summary_tokens ** 2 / mem.chunk_size
+    total += mem.summarizer_layers * 4 * model.embed_dim * keys
   return total
 
 

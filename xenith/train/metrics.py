@@ -26,7 +26,9 @@ def _finite_steps(name):
 
 @flax.struct.dataclass
 class MoeAverage(metrics.Metric):
-  """Per-step average of each MoE metric (`moe.aux_loss_and_metrics`); empty when dense.
+  """Per-step average of each model metric: MoE router losses and loads
+  (`moe.aux_loss_and_metrics`), memory bank use (`memory.bank.metrics`); empty when the
+  model has neither.
 
   Steps with `finite` False (skipped non-finite steps) are left out, as for the loss.
   """
@@ -76,7 +78,7 @@ class TrainMetrics(metrics.Collection):
   grad_norm: metrics.Average.from_fun(_finite_steps('grad_norm'))
   param_norm: metrics.LastValue.from_output('param_norm')
   nonfinite_steps: Sum.from_fun(lambda finite, **_: (~finite).astype(jnp.float32)[None])
-  moe: MoeAverage  # Router losses and expert loads of a MoE model; see `moe_scalars`.
+  moe: MoeAverage  # MoE router losses and loads, memory bank use; see `moe_scalars`.
 
 
 @flax.struct.dataclass

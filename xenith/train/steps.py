@@ -9,7 +9,9 @@ from xenith import sharding
 from xenith.train.metrics import EvalMetrics, TrainMetrics
 from xenith.model import chunked_loss
 from xenith.model import lora
+from xenith.model import memory
 from xenith.model import moe
+from xenith.model.memory import bank
 from xenith.train.train_state import TrainState
 
 
@@ -58,13 +60,17 @@ def loss_chunk_size(model: nn.Module) -> int:
 
 
 def _apply(model: nn.Module, params, batch: dict, **kwargs):
-  """(logits, or (hidden, head) with `features_only`), (MoE aux loss or None, MoE metrics)."""
+  """(logits, or (hidden, head) with `features_only`), (MoE aux loss or None, model
+  metrics: MoE router losses and loads, memory bank use)."""
   out = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
                     method='forward', **kwargs)
   outputs = out.features if out.logits is None else out.logits
-  if not moe.enabled(model.config):
-    return outputs, (None, {})
-  return outputs, moe.aux_loss_and_metrics(out.moe_stats)
+  aux_loss, model_metrics = None, {}
+  if moe.enabled(model.config):
+    aux_loss, model_metrics = moe.aux_loss_and_metrics(out.moe_stats)
+  if memory.enabled(model.config):
+    model_metrics = {**model_metrics, **bank.metrics(out.memory)}
+  return outputs, (aux_loss, model_metrics)
 
 
 def make_loss_fn(model: nn.Module, with_aux: bool = False):

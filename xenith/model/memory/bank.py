@@ -135,3 +135,18 @@ def close_chunk(state: MemoryState, mass: jax.Array, summaries: jax.Array, keys:
       chunk_values=jnp.zeros_like(state.chunk_values),
       chunk_hidden=jnp.zeros_like(state.chunk_hidden),
       chunk_mass=jnp.zeros_like(state.chunk_mass))
+
+
+def metrics(state: MemoryState) -> dict[str, jax.Array]:
+  """Scalars on how the bank is used, after a batch (train/eval metrics, TensorBoard).
+
+  memory_bank_fill: share of slots holding a summary; memory_bank_usage: mean usage
+  (decayed attention mass) of the filled slots; memory_chunks_since_read: mean chunks
+  since a filled slot was last read (`lru_read_threshold`), large when the model
+  ignores its bank.
+  """
+  filled = state.valid.astype(jnp.float32)
+  count = jnp.maximum(filled.sum(), 1.0)
+  return {'memory_bank_fill': filled.mean(),
+          'memory_bank_usage': (state.usage * filled).sum() / count,
+          'memory_chunks_since_read': (state.last_read * filled).sum() / count}
