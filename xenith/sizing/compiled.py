@@ -22,14 +22,13 @@ batch are `jax.ShapeDtypeStruct`s carrying their shardings.
   tokens * k / E rows per expert when that divides, the k of E that describe counts),
   full logits (no chunked-loss scan), no remat (model FLOPs: remat's recomputation is
   not the model's), the global batch of rows of `max_seq_len` (with chunk-summary memory
-  of one chunk: every chunk does the same work), on one device. XLA also counts elementwise work (norms,
-  softmax, the optimizer update) that describe leaves out, a few percent at most but for
-  tiny widths.
+  of one chunk: every chunk does the same work), on one device. XLA also counts
+  elementwise work (norms, softmax, the optimizer update) that describe leaves out: about
+  1% at the seeds' widths, 5-15% at tiny ones.
 """
 
 import json
 import math
-import os
 import pickle
 import sys
 import time
@@ -150,10 +149,12 @@ def train_flops_per_token(config: ml_collections.ConfigDict, device=None) -> dic
 
 def dense_attention_train_flops_per_token(config: ml_collections.ConfigDict) -> float:
   """describe's training FLOPs per token with every key scored, as the dense kernel of
-  the FLOP compile does (no windows; memory chunks are dense already)."""
+  the FLOP compile does: windows see the whole sequence. (A memory model's chunk kernel
+  is dense already: describe's own count.)"""
   model = ml_collections.ConfigDict(config.model.to_dict())
-  model.attention.window_sizes = ()
-  model.attention.num_global_tokens = 0
+  if not memory.enabled(model):
+    model.attention.window_sizes = ()
+    model.attention.num_global_tokens = 0
   return flops.train_flops_per_token(model, config.max_seq_len)
 
 
