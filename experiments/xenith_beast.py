@@ -23,7 +23,7 @@ windows of 512 and 2048 tokens at the 4096-token chunk, scaled with the input le
 every 10th layer reads the bank.
 """
 
-from experiments import default
+from experiments import seed
 
 SIZES = {
     'full': dict(embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=16, head_dim=128,
@@ -50,33 +50,12 @@ _YARN_FACTOR = 4.0  # Assumed: trained at 1/4 of the context, extended with YaRN
 
 def get_config(arg: str | None = None):
   """xenith_beast at `size` (full, small, tiny), optionally `lora=R` or `memory=off`."""
-  args = default.parse_arg(arg)
-  size = args.pop('size', 'full')
-  lora_rank = int(args.pop('lora', 0))
-  memory_on = args.pop('memory', 'on')
-  if args:
-    raise ValueError(f'Unknown config argument(s) {sorted(args)}; known: size, lora, memory.')
-  if size not in SIZES:
-    raise ValueError(f'Unknown size {size!r}; choose one of {sorted(SIZES)}.')
-  if memory_on not in ('on', 'off'):
-    raise ValueError(f'memory={memory_on!r}: choose on or off.')
+  size, lora_rank, memory_on = seed.parse(arg, SIZES)
   s = SIZES[size]
-  config = default.get_config('size=base' if size == 'full' else f'size={size}')
-  config.size = f'xenith_beast_{size}'
-  config.max_seq_len = s['max_seq_len']
-  config.global_batch_size = s['global_batch_size']
-  if size == 'full':
-    config.data.tokenizer = 'mixtral'
+  config = seed.base_config('xenith_beast', size, s)
 
   m = config.model
-  for field in ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads',
-                'head_dim', 'mlp_dim'):
-    m[field] = s[field]
-  m.tie_embeddings = False
   m.norm = 'rmsnorm'  # The seed allows either; --config.model.norm=layernorm.
-  m.dtype = 'bfloat16' if size == 'full' else 'float32'
-  m.remat = 'full' if size == 'full' else 'none'
-  m.scan_layers = True
   m.moe.num_experts = s['num_experts']
   m.moe.num_experts_per_token = s['top_k']
   m.moe.expert_mlp_dim = s['expert_mlp_dim']
@@ -98,7 +77,7 @@ def get_config(arg: str | None = None):
   r.factor = _YARN_FACTOR
   r.original_max_position = int(s['max_seq_len'] // _YARN_FACTOR)
 
-  if memory_on == 'on':
+  if memory_on:
     mem = m.memory
     mem.chunk_size = s['chunk']
     mem.short_term_tokens = s['chunk']  # Assumed: the previous chunk.
@@ -118,20 +97,5 @@ def get_config(arg: str | None = None):
     m.lora.target_ranks.head = lora_rank
     m.lora.train_only_adapters = True
 
-  if size != 'full':  # The twins train here: a short schedule and passkey at 1x-4x.
-    length = s['max_seq_len']
-    config.passkey.lengths = (length, 2 * length, 4 * length)
-    config.passkey.num_examples = 8
-    if size == 'small':
-      config.num_train_steps = 250
-      config.optimizer.warmup_steps = 25
-      config.log_every_steps = 25
-      config.eval_every_steps = config.checkpoint_every_steps = 125
-
-  config.mesh.data = 1
-  config.mesh.fsdp = -1
-  config.mesh.tensor = 1
-  config.mesh.expert = 8
-  if size != 'full':
-    config.mesh.fsdp, config.mesh.data, config.mesh.expert = 1, -1, 1
+  seed.finish(config, size, expert_parallelism=8)
   return config

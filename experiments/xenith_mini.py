@@ -28,7 +28,7 @@ the working set. Assumptions where the seed is silent: the 8 dense layers are th
 full-attention ones; every 8th layer reads the bank; windows split the 16 KV heads 6/5/5.
 """
 
-from experiments import default
+from experiments import seed
 
 # Per size: width, depth and the memory/attention lengths. Ratios follow the seed (dense
 # FFN 3x embed, experts 3/8 embed, 1 dense layer in 8, 4 query heads per KV head, windows
@@ -55,33 +55,12 @@ _DENSE_SHARE = 8  # One layer in 8 is a dense full-attention layer (8 of 64).
 
 def get_config(arg: str | None = None):
   """xenith_mini at `size` (full, small, tiny), optionally `lora=R` or `memory=off`."""
-  args = default.parse_arg(arg)
-  size = args.pop('size', 'full')
-  lora_rank = int(args.pop('lora', 0))
-  memory_on = args.pop('memory', 'on')
-  if args:
-    raise ValueError(f'Unknown config argument(s) {sorted(args)}; known: size, lora, memory.')
-  if size not in SIZES:
-    raise ValueError(f'Unknown size {size!r}; choose one of {sorted(SIZES)}.')
-  if memory_on not in ('on', 'off'):
-    raise ValueError(f'memory={memory_on!r}: choose on or off.')
+  size, lora_rank, memory_on = seed.parse(arg, SIZES)
   s = SIZES[size]
-  config = default.get_config('size=base' if size == 'full' else f'size={size}')
-  config.size = f'xenith_mini_{size}'
-  config.max_seq_len = s['max_seq_len']
-  config.global_batch_size = s['global_batch_size']
-  if size == 'full':
-    config.data.tokenizer = 'mixtral'  # Mistral/Mixtral 32k SentencePiece vocabulary.
+  config = seed.base_config('xenith_mini', size, s)
 
   m = config.model
-  for field in ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads',
-                'head_dim', 'mlp_dim'):
-    m[field] = s[field]
-  num_dense = max(1, s["num_layers"] // _DENSE_SHARE)
-  m.tie_embeddings = False
-  m.dtype = 'bfloat16' if size == 'full' else 'float32'
-  m.remat = 'full' if size == 'full' else 'none'
-  m.scan_layers = True
+  num_dense = max(1, s['num_layers'] // _DENSE_SHARE)
   m.moe.num_experts = s['num_experts']
   m.moe.num_experts_per_token = s['top_k']
   m.moe.expert_mlp_dim = s['expert_mlp_dim']
@@ -94,7 +73,7 @@ def get_config(arg: str | None = None):
   a.num_global_tokens = s['num_global']
   a.window_reference_length = s['max_seq_len']
 
-  if memory_on == 'on':
+  if memory_on:
     mem = m.memory
     mem.chunk_size = s['chunk']
     mem.short_term_tokens = 4 * s['chunk']  # 16k: the 4 previous chunks.
@@ -113,20 +92,5 @@ def get_config(arg: str | None = None):
                       'experts')
     m.lora.train_only_adapters = True
 
-  if size != 'full':  # The twins train here: a short schedule and passkey at 1x-4x.
-    length = s['max_seq_len']
-    config.passkey.lengths = (length, 2 * length, 4 * length)
-    config.passkey.num_examples = 8
-    if size == 'small':
-      config.num_train_steps = 250
-      config.optimizer.warmup_steps = 25
-      config.log_every_steps = 25
-      config.eval_every_steps = config.checkpoint_every_steps = 125
-
-  config.mesh.data = 1
-  config.mesh.fsdp = -1
-  config.mesh.tensor = 1
-  config.mesh.expert = min(8, s['num_experts'])
-  if size != 'full':
-    config.mesh.fsdp, config.mesh.data, config.mesh.expert = 1, -1, 1
+  seed.finish(config, size, expert_parallelism=min(8, s['num_experts']))
   return config

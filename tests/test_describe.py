@@ -75,23 +75,25 @@ def test_attention_flops_count_windows():
 
 
 def _memory_flops_per_token(**fields):
-  """(XLA's FLOPs per token of one chunk's forward pass, ours) for the tiny memory
-  model with `fields` ('memory.x' or 'attention.x') changed."""
+  """(XLA's FLOPs per token of one chunk's forward pass, ours, the config) for the tiny
+  memory model with `fields` ('memory.x' or 'attention.x') changed; the chunk's length
+  stays the tiny model's (memory.chunk_size=0: the same tokens without memory)."""
   config = memory_experiment.get_config('size=tiny')
   m = config.model
+  length = m.memory.chunk_size
   for key, value in fields.items():
     group, name = key.split('.')
     m[group][name] = value
   m.attention.implementation = 'dense'  # Memory chunks use the dense kernel too.
-  length = m.memory.chunk_size
   model = make_model(m)
   tokens = jnp.zeros((1, length), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  # The whole output: without the memory state the summarizer would be dead code.
   cost = jax.jit(lambda p, t: model.apply(p, t, method='forward')).lower(
       params, tokens).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return cost['flops'] / length, 2 * flops.matmul_params(m) + flops.attention_flops_per_token(
-      m, length)
+  ours = 2 * flops.matmul_params(m) + flops.attention_flops_per_token(m, length)
+  return cost['flops'] / length, ours, config
 
 
 @pytest.mark.parametrize('base,changed', [
@@ -105,8 +107,8 @@ def _memory_flops_per_token(**fields):
 def test_seed_memory_features_flops_match_xla(base, changed):
   """What each seed memory feature adds per token is within 20% of what XLA counts
   (XLA also counts the masking and softmax on the extra scores, ~15% of their dots)."""
-  xla_base, ours_base = _memory_flops_per_token(**base)
-  xla_changed, ours_changed = _memory_flops_per_token(**{**base, **changed})
+  xla_base, ours_base, _ = _memory_flops_per_token(**base)
+  xla_changed, ours_changed, _ = _memory_flops_per_token(**{**base, **changed})
   assert xla_changed > xla_base
   assert ours_changed - ours_base == pytest.approx(xla_changed - xla_base, rel=0.2)
 
@@ -115,25 +117,8 @@ def test_memory_flops_match_the_compiled_chunk():
   """What chunk-summary memory adds per token (summarizer, bank projections, the bank
   and short-term keys in the scores) is within 15% of what XLA's cost analysis counts
   for one chunk, memory vs the same model without it; describe uses the same count."""
-  def per_token(chunk_size):
-    config = memory_experiment.get_config('size=tiny')
-    m = config.model
-    m.attention.implementation = 'dense'  # Memory chunks use the dense kernel too.
-    length = m.memory.chunk_size
-    m.memory.chunk_size = chunk_size
-    model = make_model(m)
-    tokens = jnp.zeros((1, length), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
-    # The whole output: without the memory state the summarizer would be dead code.
-    cost = jax.jit(lambda p, t: model.apply(p, t, method='forward')).lower(
-        params, tokens).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    ours = 2 * flops.matmul_params(m) + flops.attention_flops_per_token(m, length)
-    return cost['flops'] / length, ours, config
-
-  chunk = memory_experiment.get_config('size=tiny').model.memory.chunk_size
-  xla_memory, ours_memory, config = per_token(chunk)
-  xla_plain, ours_plain, _ = per_token(0)
+  xla_memory, ours_memory, config = _memory_flops_per_token()
+  xla_plain, ours_plain, _ = _memory_flops_per_token(**{'memory.chunk_size': 0})
   assert ours_memory - ours_plain == pytest.approx(xla_memory - xla_plain, rel=0.15)
   assert describe.describe(config, 1)['inference_flops_per_token'] == pytest.approx(
       ours_memory)

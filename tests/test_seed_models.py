@@ -112,6 +112,8 @@ def test_config_arguments_are_checked():
     xenith_beast.get_config('depth=3')
   with pytest.raises(ValueError, match='memory='):
     xenith_beast.get_config('memory=maybe')
+  with pytest.raises(ValueError, match='lora='):
+    xenith_mini.get_config('lora=big')
 
 
 @functools.partial(jax.jit, static_argnums=0)
