@@ -6,6 +6,11 @@
 
 Running the same command again resumes from the workdir's latest checkpoint.
 
+  python main.py --config=experiments/xenith_mini.py --mode=describe --num_devices=16 --compile
+
+sizes a config for 16 devices without them; --compile adds XLA's per-device memory and
+FLOPs of the real train step, compiled for 16 simulated CPU devices (docs/describe.md).
+
   python main.py --mode=import_hf --hf_dir=<HF Mixtral/Mistral dir> --workdir=runs/imported
   python main.py --mode=export_hf --workdir=runs/imported --hf_dir=<out dir>
   python main.py --config=experiments/default.py --workdir=runs/default --mode=generate \
@@ -25,8 +30,12 @@ through --coordinator_address / --num_processes / --process_id or the cluster's
 environment (see xenith/distributed.py and docs/multihost.md).
 """
 
+import json
 import os
+import pickle
+import subprocess
 import sys
+import tempfile
 
 from xenith import host_memory
 from xenith import sigterm
@@ -95,6 +104,10 @@ _PROCESS_ID = flags.DEFINE_integer(
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'describe: size the mesh for this many devices (default: the '
     'devices present).', lower_bound=1)
+_COMPILE = flags.DEFINE_bool(
+    'compile', False, 'describe: also compile the real train step for the mesh on '
+    '--num_devices simulated CPU devices (a child process) and print XLA\'s memory per '
+    'device and FLOPs per token beside the estimates (xenith/sizing/compiled.py).')
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -168,6 +181,8 @@ def main(argv):
   if _MODE.value != 'train':
     sigterm.restore_default()  # Only training has a safe point to stop at.
   try:
+    if _COMPILE.value and _MODE.value != 'describe':
+      raise errors.FlagError(f'--compile works with --mode=describe only, not --mode={_MODE.value}.')
     _join_processes()
     modes[_MODE.value]()
   except errors.XenithError as e:  # Bad input: one line, no traceback.
@@ -208,7 +223,31 @@ def _describe():
   text = describe.format_description(flags.FLAGS['config'].config_filename,
                                      describe.describe(_config(num_devices), num_devices))
   if distributed.is_primary():  # One copy of the table for the whole job.
-    print(text)
+    print(text, flush=True)
+    if _COMPILE.value:
+      print('\n' + _compiled_description(num_devices))
+
+
+def _compiled_description(num_devices: int) -> str:
+  """XLA's figures for the train step on `num_devices` simulated CPU devices, beside
+  describe's: in a child process, which sets the device count before importing jax."""
+  from xenith.sizing import compiled  # pylint: disable=g-import-not-at-top
+  from xenith.sizing import describe  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  with tempfile.TemporaryDirectory() as tmp:
+    config_path, out_path = os.path.join(tmp, 'config.pkl'), os.path.join(tmp, 'out.json')
+    with open(config_path, 'wb') as f:
+      pickle.dump(config, f)
+    child = subprocess.run(
+        [sys.executable, '-m', 'xenith.sizing.compiled', config_path, str(num_devices),
+         out_path], env=compiled.child_environment(dict(os.environ), num_devices),
+        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    if child.returncode:
+      raise errors.XenithError(f'--compile: the child compile failed; its stderr ends:\n'
+                               f'{child.stderr[-3000:]}')
+    with open(out_path) as f:
+      result = json.load(f)
+  return compiled.format_comparison(describe.describe(config, num_devices), result)
 
 
 def _generate():

@@ -7,16 +7,20 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from experiments import default
 from experiments import memory as memory_experiment
+from experiments import moe as moe_experiment
 from experiments import xenith_beast
 from experiments import xenith_mini
+from xenith.sizing import compiled
 from xenith.sizing import describe
 from xenith.sizing import flops
 from xenith.train import optimizer
 from xenith import sharding
+from xenith.model import layer_stacks
 from xenith.model.build import make_model
 from xenith.train.train_state import abstract_train_state, init_train_state
 
@@ -152,3 +156,83 @@ def test_main_describe_needs_no_workdir():
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'total parameters' in result.stdout
   assert '151.40 B' in result.stdout and '41.48 B' in result.stdout
+
+
+def _scanned_tiny(moe_layers: bool):
+  """A tiny scanned model on an 8-device mesh: dense (one stack of 3) or MoE (2 dense
+  layers, then 3 MoE layers: two stacks, both scaled from 1-2 repeats)."""
+  if moe_layers:
+    config = moe_experiment.get_config('size=tiny')
+    config.model.num_layers, config.model.moe.first_dense_layers = 5, 2
+    config.mesh.data, config.mesh.fsdp, config.mesh.expert = 2, 2, 2
+  else:
+    config = default.get_config('size=tiny')
+    config.model.num_layers = 3
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  config.model.scan_layers = True
+  return config
+
+
+@pytest.mark.parametrize('moe_layers', [False, True], ids=['dense', 'moe'])
+def test_compiled_train_step_agrees_with_describe(moe_layers):
+  """`--compile`'s figures (xenith/sizing/compiled.py): the compiled state has describe's
+  parameter count, its arguments are describe's params + AdamW state per device plus the
+  batch, and XLA's FLOPs per token (every stack scaled from 1-2 unrolled repeats) are
+  within 10% of describe's count (XLA adds the elementwise work describe leaves out)."""
+  config = _scanned_tiny(moe_layers)
+  d = describe.describe(config, 8)
+  stacks = layer_stacks.plan(ml_collections.FrozenConfigDict(config.model))
+  assert [s.repeats for s in stacks] == ([2, 3] if moe_layers else [3])
+
+  memory = compiled.memory_per_device(config)
+  assert memory['params'] == d['total_params']
+  rows = config.global_batch_size // 8  # The batch is split over all 8 devices.
+  batch = 3 * rows * config.max_seq_len * 4  # inputs, segment_ids, positions: int32.
+  state = 3 * d['per_device_params_gib'] * describe.GIB  # Params, mu, nu.
+  # Plus the step, AdamW's count, the key and alignment padding: well under 1%.
+  assert state + batch <= memory['argument_size_in_bytes'] <= (state + batch) * 1.01
+  assert memory['total_bytes'] > memory['argument_size_in_bytes']
+
+  counted = compiled.train_flops_per_token(config)
+  assert set(counted['per_repeat_flops_per_token']) == {s.name for s in stacks if s.repeats > 1}
+  assert counted['train_flops_per_token'] == pytest.approx(d['train_flops_per_token'], rel=0.1)
+
+
+def test_main_describe_compile():
+  """`main.py --mode=describe --compile` prints the compiled figures (simulated devices
+  in a child process); --compile with another mode is refused."""
+  overrides = ['--config.model.num_layers=1', '--config.mesh.data=2', '--config.mesh.fsdp=-1']
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=experiments/default.py:size=tiny',
+       '--mode=describe', '--compile', '--num_devices=4', *overrides],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})  # 1 device here.
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = result.stdout
+  assert 'Compiled train step (XLA:CPU, 4 simulated devices' in out
+  assert "XLA:CPU compile's buffers per device on 4 devices" in out
+  params = [line.split()[-1] for line in out.splitlines() if line.startswith('parameters (')]
+  assert len(params) == 2 and params[0] == params[1]
+  refused = subprocess.run(
+      [sys.executable, 'main.py', '--config=experiments/default.py:size=tiny', '--compile',
+       '--workdir=/nonexistent'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert refused.returncode != 0
+  assert '--compile works with --mode=describe only' in refused.stderr
+
+
+def test_compiled_flops_of_a_scanned_memory_model_match_its_unrolled_layers():
+  """Chunk-summary memory with scan_layers (2 stacks; the layers a sizing compile leaves
+  out reuse a built layer's keys for the state): the FLOPs scaled from 1-2 unrolled
+  repeats of each stack equal XLA's count of the same model with every layer unrolled
+  (scan_layers off: no layer loop to under-count)."""
+  config = memory_experiment.get_config('size=tiny')
+  config.model.scan_layers = True
+  config.model.num_layers, config.model.memory.layers = 3, (1, 2)
+  stacks = layer_stacks.plan(ml_collections.FrozenConfigDict(config.model))
+  assert [s.repeats for s in stacks] == [1, 2]
+  scaled = compiled.train_flops_per_token(config)
+  assert set(scaled['per_repeat_flops_per_token']) == {stacks[1].name}
+  config.model.scan_layers = False
+  unrolled = compiled.train_flops_per_token(config)
+  assert scaled['train_flops_per_token'] == pytest.approx(
+      unrolled['train_flops_per_token'], rel=0.01)

@@ -19,8 +19,14 @@ stack of every layer), `dense_layers` + `moe_layers` (a MoE model's dense prefix
 MoE layers: the layouts that existed before general stacks), else `layers_<first>_<last>`.
 Unscanned models name their blocks `block_<i>`. `split_layers` / `join_layers` convert
 between the layouts (import, export, `scan_layers` on or off for the same weights).
+
+Sizing (`xenith/sizing/compiled.py`): under `sizing_repeats({stack name: n})` `plan` gives
+each stack n repeats (1 for stacks not named) and marks it `unrolled`, so that the
+decoder builds a shallower model whose scans XLA's cost analysis counts layer by layer
+(it counts a loop's body once, whatever its trip count).
 """
 
+import contextlib
 import dataclasses
 
 import ml_collections
@@ -30,6 +36,7 @@ from xenith.model import attention_pattern
 from xenith.model import moe
 
 MAX_UNIT = 16  # Longest repeating unit searched for (e.g. lcm of windows and moe_every).
+_SIZING_REPEATS: dict[str, int] | None = None  # Set by `sizing_repeats`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Stack:
   first: int
   unit: int
   repeats: int
+  unrolled: bool = False  # Scan without a loop (`sizing_repeats`), so XLA counts every layer.
 
   def layer(self, repeat: int, j: int) -> int:
     """The model layer at repetition `repeat`, position `j` of the unit."""
@@ -102,7 +110,26 @@ def plan(config: ml_collections.FrozenConfigDict) -> tuple[Stack, ...]:
   names = _legacy_names(config, spans) or [
       f'layers_{first}' if unit * repeats == 1 else f'layers_{first}_{first + unit * repeats - 1}'
       for first, unit, repeats in spans]
-  return tuple(Stack(name, *span) for name, span in zip(names, spans))
+  stacks = tuple(Stack(name, *span) for name, span in zip(names, spans))
+  if _SIZING_REPEATS is not None:
+    stacks = tuple(dataclasses.replace(s, repeats=_SIZING_REPEATS.get(s.name, 1), unrolled=True)
+                   for s in stacks)
+  return stacks
+
+
+@contextlib.contextmanager
+def sizing_repeats(repeats: dict[str, int]):
+  """Within it, `plan` gives stack `name` repeats[name] repeats (default 1), unrolled.
+
+  For sizing only (the model is shallower than its config says; `split_layers` and
+  `join_layers` would be wrong): models built and traced inside see these stacks.
+  """
+  global _SIZING_REPEATS
+  previous, _SIZING_REPEATS = _SIZING_REPEATS, dict(repeats)
+  try:
+    yield
+  finally:
+    _SIZING_REPEATS = previous
 
 
 def _stack_prefixes(config) -> dict[tuple, tuple[Stack, int]]:

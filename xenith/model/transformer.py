@@ -245,6 +245,7 @@ class Decoder(nn.Module):
         split_rngs={'params': True, 'dropout': True},
         in_axes=in_axes,
         length=stack.repeats,
+        unroll=stack.repeats if stack.unrolled else 1,
         metadata_params={nn.PARTITION_NAME: 'layers'},
     )
     if stack.unit == 1:

@@ -33,7 +33,7 @@ from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
 from xenith.train import run_record
 from xenith.train.checkpointing import Checkpointer
-from xenith.train.steps import make_eval_step, make_train_step
+from xenith.train.steps import jit_train_step, make_eval_step
 from xenith.train.train_state import abstract_train_state, init_train_state
 from xenith.train.workdir_lock import WorkdirLock
 
@@ -149,10 +149,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         Checkpointer(workdir, config.keep_checkpoints) as checkpointer):
     abstract_state, state_shardings = abstract_train_state(
         model, tx, config.max_seq_len, mesh, rules)
-    train_step = jax.jit(
-        make_train_step(model, tx, skip_nonfinite=config.on_nonfinite == 'skip'),
-        in_shardings=(state_shardings, batch_sharding, replicated),
-        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding)
     eval_step = jax.jit(make_eval_step(model),
                         in_shardings=(state_shardings.params, batch_sharding),
                         out_shardings=replicated)

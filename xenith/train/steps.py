@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xenith import sharding
 from xenith.train.metrics import EvalMetrics, TrainMetrics
 from xenith.model import chunked_loss
 from xenith.model import lora
@@ -121,6 +122,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, skip_non
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, config, mesh,
+                   state_shardings, batch_sharding):
+  """`make_train_step` jitted as the train loop runs it: sharded state (donated) and batch,
+  replicated key and metrics. `--mode=describe --compile` compiles this same function."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+      make_train_step(model, tx, skip_nonfinite=config.on_nonfinite == 'skip'),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(model: nn.Module):

@@ -193,6 +193,9 @@ class MemoryDecoder(transformer.Decoder):
                                      jax.tree.map(lambda a, i=i: a[i], per_layer))
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
+    if None in records:  # `layer_stacks.sizing_repeats` (FLOP counts) built fewer layers:
+      built = next(r for r in records if r is not None)  # the rest reuse one's keys/values.
+      records = [built._replace(mass=None) if r is None else r for r in records]
     mass = jnp.zeros(state.usage.shape, jnp.float32)
     for record in records:
       if record.mass is not None:
