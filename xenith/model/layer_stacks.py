@@ -57,12 +57,17 @@ class Stack:
     return self.first + self.unit * self.repeats
 
 
+def _reads_bank(config: ml_collections.FrozenConfigDict, layer: int) -> bool:
+  """`memory.config.is_memory_layer`, restated: the plain decoder does not import the
+  memory package (tests/test_architecture.py), yet its stacks must tell these apart."""
+  mem = config.get('memory') if hasattr(config, 'get') else None
+  return mem is not None and mem.chunk_size > 0 and layer in tuple(mem.layers)
+
+
 def layer_kind(config: ml_collections.FrozenConfigDict, layer: int) -> tuple:
   """What makes `layer` different from others: MLP or MoE, attention pattern, memory."""
-  # Imported here: the memory package's decoder imports transformer, which imports this.
-  from xenith.model.memory import config as memory_config  # pylint: disable=g-import-not-at-top
   return (moe.is_moe_layer(config, layer), attention_pattern.layer_key(config, layer),
-          memory_config.is_memory_layer(config, layer))
+          _reads_bank(config, layer))
 
 
 def _repeats(kinds: list, start: int, unit: int) -> int:
