@@ -12,7 +12,7 @@ Mixtral 32k tokenizer, a TPU v4-32 (16 chips). Config arguments (comma-separated
 
   size=full|small|tiny  full: the seed (sizing and compiling only: --mode=describe);
                         small / tiny: twins with every feature at a width that trains on
-                        2 CPU cores (small: a few hundred steps in ~15 min; tiny: tests).
+                        2 CPU cores (small: 250 steps, 10-25 min; tiny: tests).
   lora=R                the seed's fine-tuning variant: rank-R adapters on every linear
                         layer (attention, MLP, experts, head), the base frozen; set
                         config.init_from_checkpoint to the pre-trained run.
@@ -30,9 +30,10 @@ full-attention ones; every 8th layer reads the bank; windows split the 16 KV hea
 
 from experiments import seed
 
-# Per size: width, depth and the memory/attention lengths. Ratios follow the seed (dense
-# FFN 3x embed, experts 3/8 embed, 1 dense layer in 8, 4 query heads per KV head, windows
-# 1:2:4, short-term memory 4 chunks, 8:1 summaries).
+# Per size: width, depth and the memory/attention lengths. The twins keep the seed's
+# ratios where their width allows (dense FFN 3x embed, experts 3/8 embed, windows 1:2:4,
+# short-term memory 4 chunks, 8:1 summaries; more KV heads per query head than 1:4, so
+# that 3 windows still split them).
 SIZES = {
     'full': dict(embed_dim=8192, num_layers=64, num_heads=64, num_kv_heads=16, head_dim=128,
                  mlp_dim=24_576, expert_mlp_dim=3072, num_experts=32, top_k=6,
