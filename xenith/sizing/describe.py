@@ -120,12 +120,17 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
   }
 
 
+def _count(n: float) -> str:
+  """A parameter count in B (billions) or, below a billion, M (millions)."""
+  return f'{n / 1e9:,.2f} B' if n >= 1e9 else f'{n / 1e6:,.2f} M'
+
+
 def format_description(name: str, d: dict[str, Any]) -> str:
   """A readable table of `describe`'s output."""
   mesh = ' x '.join(f'{k}={v}' for k, v in d['mesh'].items())
   rows = [
-      ('total parameters', f'{d["total_params"] / 1e9:,.2f} B'),
-      ('active parameters per token', f'{d["active_params"] / 1e9:,.2f} B'),
+      ('total parameters', _count(d['total_params'])),
+      ('active parameters per token', _count(d['active_params'])),
       (f'training FLOPs per token (seq {d["seq_len"]:,})',
        f'{d["train_flops_per_token"]:.3e}'),
       (f'inference FLOPs per token (context {d["seq_len"]:,})',
@@ -142,7 +147,7 @@ def format_description(name: str, d: dict[str, Any]) -> str:
     rows[2:2] = [('LoRA adapter parameters', f'{d["adapter_params"] / 1e6:,.2f} M')] + [
         (f'  {t} (rank {d["adapter_ranks"][t]})', f'{n / 1e6:,.2f} M')
         for t, n in d['adapter_params_by_target'].items()] + [
-        ('trained parameters (gradients, AdamW state)', f'{d["trained_params"] / 1e9:,.2f} B')]
+        ('trained parameters (gradients, AdamW state)', _count(d['trained_params']))]
   width = max(len(k) for k, _ in rows)
   lines = [f'{name}', '-' * (width + 18)]
   lines += [f'{k:<{width}}  {v:>14}' for k, v in rows]
