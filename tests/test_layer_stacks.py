@@ -92,6 +92,27 @@ def _to_scanned(params, model):
   return traverse_util.unflatten_dict(out)
 
 
+def _assert_scan_equals_loop(loop_model, params, scan_model, scan_params, scan, extra,
+                             tokens, **kwargs):
+  """The scanned model's logits, `extra` output (router stats, memory state) and
+  gradients of a loss equal the layer loop's; returns the loop's logits."""
+  def loss(model, p):
+    out = model.apply({'params': p}, tokens, method='forward', **kwargs)
+    return jnp.mean(out.logits ** 2), (out.logits, getattr(out, extra))
+
+  (_, (want, want_extra)), want_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, loop_model), has_aux=True))(params)
+  (_, (got, got_extra)), got_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, scan_model), has_aux=True))(scan_params)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert jax.tree.structure(got_extra) == jax.tree.structure(want_extra)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               got_extra, want_extra)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               got_grads, _to_scanned(want_grads, scan))
+  return want
+
+
 @pytest.mark.parametrize('fields', [
     # A full-attention prefix, windows by layer, global tokens, MoE every other layer.
     # Layers 1-8 repeat (window 4 + MLP, window 8 + MoE): 9 layers, 2 stacks.
@@ -118,20 +139,8 @@ def test_scanned_stacks_equal_the_layer_loop(fields):
   assert (jax.tree.map(jnp.shape, scan_params)
           == jax.tree.map(jnp.shape, nn.unbox(want_shapes)['params']))
 
-  def loss(model, p):
-    out = model.apply({'params': p}, tokens, segment_ids=segment_ids, method='forward')
-    return jnp.mean(out.logits ** 2), (out.logits, out.moe_stats)
-
-  (_, (want, want_stats)), want_grads = jax.jit(jax.value_and_grad(
-      functools.partial(loss, loop_model), has_aux=True))(params)
-  (_, (got, got_stats)), got_grads = jax.jit(jax.value_and_grad(
-      functools.partial(loss, scan_model), has_aux=True))(scan_params)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  assert sorted(got_stats) == sorted(want_stats)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               got_stats, want_stats)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               got_grads, _to_scanned(want_grads, scan))
+  _assert_scan_equals_loop(loop_model, params, scan_model, scan_params, scan, 'moe_stats',
+                           tokens, segment_ids=segment_ids)
 
 
 def test_split_and_join_convert_between_layouts():
@@ -173,19 +182,8 @@ def test_scanned_memory_model_equals_the_layer_loop():
   params = nn.unbox(loop_model.init(jax.random.key(0), tokens))['params']
   scan_params = _to_scanned(params, scan)
 
-  def loss(model, p):
-    out = model.apply({'params': p}, tokens, method='forward')
-    return jnp.mean(out.logits ** 2), (out.logits, out.memory)
-
-  (_, (want, want_memory)), want_grads = jax.jit(jax.value_and_grad(
-      functools.partial(loss, loop_model), has_aux=True))(params)
-  (_, (got, got_memory)), got_grads = jax.jit(jax.value_and_grad(
-      functools.partial(loss, scan_model), has_aux=True))(scan_params)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               got_memory, want_memory)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               got_grads, _to_scanned(want_grads, scan))
+  want = _assert_scan_equals_loop(loop_model, params, scan_model, scan_params, scan,
+                                  'memory', tokens)
   decode = jax.jit(lambda p, t: scan_model.apply({'params': p}, t, decode=True,
                                                  method='forward'))
   decoded = decode(scan_params, tokens[:, :11])

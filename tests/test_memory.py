@@ -322,8 +322,14 @@ def test_short_term_memory_of_all_earlier_chunks_is_the_plain_decoder(windows):
   # The short-term memory: the last R tokens of the stream (R > C), with their documents.
   np.testing.assert_array_equal(state.short_positions[0], np.arange(CHUNK - 1, 4 * CHUNK))
   np.testing.assert_array_equal(state.short_segments, segments[:, CHUNK - 1:])
+  _assert_decoding_equals_whole_chunks(decoder, apply, params, tokens)
+
+
+def _assert_decoding_equals_whole_chunks(decoder, apply, params, tokens):
+  """Token-by-token decoding of one document gives the whole-chunk pass's logits and
+  state (segment_ids given, so the compiled whole-chunk pass is reused)."""
   one_doc, whole_state, _ = apply({'params': params}, tokens,
-                                  segment_ids=jnp.ones_like(segments))
+                                  segment_ids=jnp.ones_like(tokens, jnp.int32))
   decoded, step_state, _ = _memory_apply(decoder, decode=True)({'params': params}, tokens)
   np.testing.assert_allclose(decoded, one_doc, atol=2e-5, rtol=2e-5)
   for k, v in whole_state.arrays().items():
@@ -347,12 +353,7 @@ def test_global_tokens_with_memory_are_the_plain_decoders(split, num_global):
   np.testing.assert_allclose(logits, plain(tokens, segments), atol=2e-5, rtol=2e-5)
   np.testing.assert_array_equal(state.global_positions, [np.arange(num_global)] * 2)
   assert state.global_keys.shape == (2, 2, num_global, 2, 16)
-  one_doc, whole_state, _ = apply({'params': params}, tokens,
-                                  segment_ids=jnp.ones_like(segments))
-  decoded, step_state, _ = _memory_apply(decoder, decode=True)({'params': params}, tokens)
-  np.testing.assert_allclose(decoded, one_doc, atol=2e-5, rtol=2e-5)
-  for k, v in whole_state.arrays().items():
-    np.testing.assert_allclose(getattr(step_state, k), v, atol=2e-5, rtol=2e-5, err_msg=k)
+  _assert_decoding_equals_whole_chunks(decoder, apply, params, tokens)
 
 
 def test_load_bank_rejects_another_shape(tmp_path):
