@@ -50,9 +50,10 @@ def test_plan_of_the_seed_like_layout():
                         'attention.window_split': 'layers',
                         'attention.full_attention_layers': 8, 'moe.num_experts': 4,
                         'moe.first_dense_layers': 8})
-  # 56 sparse layers = 512, 1024, then 18 x (2048, 512, 1024): 1 + 2 + 3 layers compile.
-  assert _plan(model) == [('layers_0_7', 0, 1, 8), ('layers_8_9', 8, 2, 1),
-                          ('layers_10_63', 10, 3, 18)]
+  # 56 sparse layers = 512, 1024, then 18 x (2048, 512, 1024): 1 + 1 + 1 + 3 layers
+  # compile (a 2-layer unit that does not repeat is two single-layer stacks).
+  assert _plan(model) == [('layers_0_7', 0, 1, 8), ('layers_8', 8, 1, 1),
+                          ('layers_9', 9, 1, 1), ('layers_10_63', 10, 3, 18)]
 
 
 @pytest.mark.parametrize('num_layers,fields,want', [

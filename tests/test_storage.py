@@ -91,6 +91,8 @@ _LOCAL_BY_DESIGN = {
     'xenith/train/batch_log.py': 'a test-only record appended to a local folder',
     'xenith/config_validation.py:validate': 'data.path is local (checked by check_local)',
     'xenith/host_memory.py:thp_mode': "the kernel's own setting under /sys",
+    'main.py:_compiled_description': "describe --compile's files in a local temporary folder",
+    'xenith/sizing/compiled.py:main': "the parent's files in its local temporary folder",
 }
 
 

@@ -211,9 +211,8 @@ def unmapped_params(params: dict, model: ml_collections.ConfigDict) -> list[str]
   mapped = {('embed', 'embedding'), ('final_norm', 'scale')}
   if not model.tie_embeddings:
     mapped.add(('head', 'kernel'))
-  layers = ([(_stack_name(model),)] if model.scan_layers else
-            [(f'block_{i}',) for i in range(model.num_layers)])
-  mapped.update(layer + path for layer in layers for path in _block_paths(model))
+  mapped.update(prefix + path for prefix in layer_stacks.layer_prefixes(model)
+                for path in _block_paths(model))
   return sorted('/'.join(k) for k in traverse_util.flatten_dict(params) if k not in mapped)
 
 

@@ -5,11 +5,11 @@ windows that take turns by layer, dense layers before or between MoE layers) is 
 consecutive stacks, each the repetition of a unit of one or more consecutive layers:
 
   64 layers: 8 dense full-attention, then MoE layers whose windows take turns 512/1024/2048
-  -> layers 0-7 (unit 1 x 8), 8-9 (unit 2 x 1), 10-63 (unit 3 x 18: one layer per window)
+  -> layers 0-7 (unit 1 x 8), 8 and 9 (1 x 1 each), 10-63 (unit 3 x 18: a layer per window)
 
 Compile time then grows with the layers in the units, not with depth. `plan` picks the
 cut that compiles the fewest layers (each stack's unit once; ties: fewer stacks), units
-of up to `MAX_UNIT` layers. Layers may share a stack position when they have the same
+of up to `MAX_UNIT` layers, a unit of several layers only where it repeats. Layers may share a stack position when they have the same
 `layer_kind`.
 
 Param names: a unit-1 stack is the scanned block itself, `<stack>/<block params>`; a
@@ -102,7 +102,8 @@ def plan(config: ml_collections.FrozenConfigDict) -> tuple[Stack, ...]:
   best = [None] * num + [(0, 0, None)]
   for start in range(num - 1, -1, -1):
     for unit in range(1, min(MAX_UNIT, num - start) + 1):
-      for repeats in range(1, _repeats(kinds, start, unit) + 1):
+      # A unit of several layers only when it repeats: once, it is single-layer stacks.
+      for repeats in range(1 if unit == 1 else 2, _repeats(kinds, start, unit) + 1):
         rest = best[start + unit * repeats]
         cost = (unit + rest[0], 1 + rest[1], (start, unit, repeats))
         if best[start] is None or cost[:2] < best[start][:2]:
@@ -135,6 +136,15 @@ def sizing_repeats(repeats: dict[str, int]):
     yield
   finally:
     _SIZING_REPEATS = previous
+
+
+def layer_prefixes(config: ml_collections.ConfigDict) -> list[tuple[str, ...]]:
+  """The param-path prefixes under which blocks live, as `config.scan_layers` says:
+  ('block_<i>',) unscanned; a stack's name, or (name, 'block_<j>') in a longer unit."""
+  config = ml_collections.FrozenConfigDict(config)
+  if not config.scan_layers:
+    return [(f'block_{i}',) for i in range(config.num_layers)]
+  return list(_stack_prefixes(config))
 
 
 def _stack_prefixes(config) -> dict[tuple, tuple[Stack, int]]:
