@@ -171,38 +171,42 @@ class MemoryDecoder(transformer.Decoder):
               'summaries': state.summaries, 'valid': state.valid,
               'global_positions': state.global_positions,
               'global_segments': state.global_segments}
-    records, moe_stats = [None] * cfg.num_layers, {}
+    moe_stats, masses = {}, []
     if cfg.scan_layers:
+      keys, values = [], []
       for stack in layer_stacks.plan(cfg):
         # The unit's j-th layers are every unit-th layer of the stack: a strided slice.
         sliced = tuple(jax.tree.map(lambda a, j=j: a[stack.first + j:stack.end:stack.unit],
                                     per_layer) for j in range(stack.unit))
         x, outs = module.scan_stack(stack, block, x, segment_ids, positions, deterministic,
                                     shared, sliced, per_layer_last=True)
-        for j, (record, stats) in enumerate(outs):
-          for r in range(stack.repeats):
-            layer = stack.layer(r, j)
-            records[layer] = jax.tree.map(lambda a, r=r: a[r], record)
-            if stats is not None:
-              moe_stats[f'layer_{layer}'] = jax.tree.map(lambda a, r=r: a[r], stats)
+        records = [record for record, _ in outs]  # Per unit position, [repeats, ...].
+        # [repeats, unit, ...] -> layer order (first + repeat * unit + j), no per-layer copies.
+        keys.append(_layer_order([r.keys for r in records]))
+        values.append(_layer_order([r.values for r in records]))
+        masses += [r.mass.sum(axis=0) for r in records if r.mass is not None]
+        for j, (_, stats) in enumerate(outs):
+          for r in range(stack.repeats if stats is not None else 0):
+            moe_stats[f'layer_{stack.layer(r, j)}'] = jax.tree.map(lambda a, r=r: a[r], stats)
+      keys, values = jnp.concatenate(keys), jnp.concatenate(values)
+      if keys.shape[0] < cfg.num_layers:  # `layer_stacks.sizing_repeats` (FLOP counts)
+        pad = [(0, cfg.num_layers - keys.shape[0])] + [(0, 0)] * (keys.ndim - 1)
+        keys, values = jnp.pad(keys, pad, 'edge'), jnp.pad(values, pad, 'edge')  # built fewer.
     else:
+      records = []
       for i in range(cfg.num_layers):
         blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
                     parent=module)
-        x, (records[i], stats) = blk(x, segment_ids, positions, deterministic, shared,
-                                     jax.tree.map(lambda a, i=i: a[i], per_layer))
+        x, (record, stats) = blk(x, segment_ids, positions, deterministic, shared,
+                                 jax.tree.map(lambda a, i=i: a[i], per_layer))
+        records.append(record)
+        if record.mass is not None:
+          masses.append(record.mass)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
-    if None in records:  # `layer_stacks.sizing_repeats` (FLOP counts) built fewer layers:
-      built = next(r for r in records if r is not None)  # the rest reuse one's keys/values.
-      records = [built._replace(mass=None) if r is None else r for r in records]
-    mass = jnp.zeros(state.usage.shape, jnp.float32)
-    for record in records:
-      if record.mass is not None:
-        mass = mass + record.mass
-    return x, {'keys': jnp.stack([r.keys for r in records]),
-               'values': jnp.stack([r.values for r in records]), 'mass': mass,
-               'moe': moe_stats}
+      keys, values = jnp.stack([r.keys for r in records]), jnp.stack([r.values for r in records])
+    mass = sum(masses, jnp.zeros(state.usage.shape, jnp.float32))
+    return x, {'keys': keys, 'values': values, 'mass': mass, 'moe': moe_stats}
 
   def _decode(self, x_all, state, block):
     """One token at a time: (state, hidden [batch, seq, embed]).
@@ -268,3 +272,10 @@ class MemoryDecoder(transformer.Decoder):
                    length=x_all.shape[1])
     state, hidden = scan(self, state, jnp.swapaxes(x_all, 0, 1))
     return state, jnp.swapaxes(hidden, 0, 1)
+
+
+def _layer_order(per_position: list[jax.Array]) -> jax.Array:
+  """A stack's outputs per unit position j, each [repeats, ...], as [repeats * unit, ...]
+  in layer order (layer first + repeat * unit + j)."""
+  stacked = jnp.stack(per_position, axis=1)  # [repeats, unit, ...]
+  return stacked.reshape((-1,) + stacked.shape[2:])
