@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The size preset (experiments/default.py's SIZES) this config started from (for HParams).
   config.size = 'small'
   config.seed = 0  # Seeds param init, dropout and data shuffling.
+  # 'lm' (next-token prediction on packed text) or 'classification' (a label per
+  # document: `classification` below, xenith/model/classifier.py, docs/classification.md).
+  config.task = 'lm'
 
   # Loop.
   config.num_train_steps = 350  # Total optimizer steps (~1.3 s each for `small` on 2 cores).
@@ -193,11 +196,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # 'shakespeare' (embedded corpus), 'folder', or 'passkey' (synthetic passkey examples, one
   # per max_seq_len row: xenith/data/passkey_source.py, experiments/passkey_memory.py).
+  # task='classification': 'folder' (labelled: xenith/data/labelled.py) or a built-in
+  # labelled task, 'shakespeare_genre' (docs/classification.md).
   config.data.source = 'shakespeare'
   config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
   config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
   config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.
   config.data.cache_dir = ''  # Downloads, prepared datasets, tokenizers; '' = ~/.cache/xenith.
+
+  # config.task='classification': labelled documents (xenith/data/labelled.py), one per
+  # row, padded to length buckets; documents longer than max_seq_len are truncated.
+  config.classification = ml_collections.ConfigDict()
+  # 'last' (the hidden state at the document's last token, its EOS) or 'mean' (over its
+  # tokens): the vector the label head reads.
+  config.classification.pooling = 'last'
+  config.classification.labels = ()  # Label names in output order; () = the train split's, sorted.
+  # Train only the label head (and LoRA adapters, if any): a linear probe of the base.
+  config.classification.freeze_base = False
 
   # Passkey retrieval (xenith/eval/passkey.py): a number hidden at a random depth in filler
   # text, asked for at the end; exact-match and per-digit accuracy per length.

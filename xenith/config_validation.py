@@ -24,6 +24,7 @@ from xenith.model.transformer import REMAT_POLICIES
 DTYPES = ('float32', 'bfloat16')
 ON_NONFINITE = ('stop', 'skip')
 DATA_SOURCES = ('shakespeare', 'folder', 'passkey')
+TASKS = ('lm', 'classification')
 NAMED_TOKENIZERS = ('train', 'mixtral')
 WINDOW_SPLITS = ('heads', 'layers')
 
@@ -291,6 +292,31 @@ def _validate_passkey(config) -> None:
            'must be an int in [1, 18]')
 
 
+def _validate_task(config) -> bool:
+  """The task and, for classification, its settings; True when classifying."""
+  task = config.get('task', 'lm')
+  if task not in TASKS:
+    raise ConfigError('task', f'{task!r} must be one of {TASKS}')
+  if task != 'classification':
+    if config.get('classification') and config.classification.freeze_base:
+      raise ConfigError('classification.freeze_base', "is for task='classification'")
+    return False
+  from xenith.data import labelled  # pylint: disable=g-import-not-at-top
+  from xenith.model import classifier  # pylint: disable=g-import-not-at-top
+  _one_of(config, 'classification.pooling', classifier.POOLINGS)
+  sources = ('folder',) + tuple(labelled.BUILT_IN)
+  _require(config, 'data.source', lambda v: v in sources,
+           f"must be one of {sources} with task='classification' (labelled documents)")
+  labels = config.classification.labels
+  if isinstance(labels, str) or any(not isinstance(x, str) or not x for x in labels):
+    raise ConfigError('classification.labels', f'{labels!r} must be a tuple of non-empty '
+                      'label names (() = the train split\'s)')
+  if config.passkey.lengths:
+    raise ConfigError('passkey.lengths', "passkey retrieval evaluates a language model; "
+                      "set it to () with task='classification'")
+  return True
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`."""
@@ -338,7 +364,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _validate_memory(config)
   _validate_passkey(config)
 
-  _one_of(config, 'data.source', DATA_SOURCES)
+  if not _validate_task(config):  # (A classifier's data source is checked there.)
+    _one_of(config, 'data.source', DATA_SOURCES)
   if config.data.source == 'folder':
     _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(storage.check_local(
         v, 'config.data.path', 'its documents are listed and read as local files')),

@@ -141,9 +141,12 @@ def process_rows(sharding: NamedSharding, global_batch_size: int) -> tuple[int, 
   return start // rows, global_batch_size // rows
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """Assembles per-process numpy batches into global sharded jax.Arrays."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+def global_batch(local_batch: dict[str, np.ndarray],
+                 sharding: NamedSharding | dict[str, NamedSharding]) -> dict:
+  """Assembles per-process numpy batches into global sharded jax.Arrays (`sharding`:
+  one for every feature, or one per feature)."""
+  pick = sharding.get if isinstance(sharding, dict) else lambda _: sharding
+  return {k: jax.make_array_from_process_local_data(pick(k), v)
           for k, v in local_batch.items()}
 
 

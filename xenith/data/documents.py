@@ -98,6 +98,11 @@ def _decode(path: pathlib.Path, data: bytes) -> str:
   return text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
 
 
+def decode_file(path: pathlib.Path) -> str:
+  """A file's text, checked as `read_folder` checks it (binary, UTF-8; DataError)."""
+  return _decode(path, path.read_bytes())
+
+
 def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) of each record; blank lines are not records."""
   for lineno, line in enumerate(text.split('\n'), 1):

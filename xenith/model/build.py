@@ -7,14 +7,19 @@ from xenith.model import memory
 from xenith.model import transformer
 
 
+def decoder_class(model_config) -> type[transformer.Decoder]:
+  """A `memory.MemoryDecoder` when chunk-summary memory is on, else a `transformer.Decoder`."""
+  return memory.MemoryDecoder if memory.enabled(model_config) else transformer.Decoder
+
+
 def make_model(model_config: ml_collections.ConfigDict) -> transformer.Decoder:
   """The decoder for a (mutable) `config.model`; the config is frozen here.
 
-  A `memory.MemoryDecoder` when chunk-summary memory is on, else a `transformer.Decoder`.
-  With `lora.train_only_adapters` only the LoRA adapters receive gradients.
+  `decoder_class`'s decoder; with `lora.train_only_adapters` only the LoRA adapters
+  receive gradients.
   """
   config = ml_collections.FrozenConfigDict(model_config)
-  decoder = memory.MemoryDecoder if memory.enabled(config) else transformer.Decoder
+  decoder = decoder_class(config)
   if lora.trains_only_adapters(config):
     decoder = lora.frozen_base(decoder)
   return decoder(config=config)

@@ -96,8 +96,20 @@ def ranks(model_config: ml_collections.ConfigDict) -> dict[str, int]:
   return {t: r for t in TARGETS if (r := layer_rank(model_config, t))}
 
 
+# Modules that are new beside a trained base and train while it is frozen, like the
+# adapters: a classifier's label head (classifier.py).
+TRAINED_WITH_ADAPTERS = ('classifier',)
+
+
 def is_adapter_name(name: Any) -> bool:
-  """Whether `name`, one key of a param path, names an adapter param."""
+  """Whether `name`, one key of a param path, names an adapter param (or a module that
+  trains with the adapters, `TRAINED_WITH_ADAPTERS`)."""
+  return isinstance(name, str) and (name.endswith(ADAPTER_PARAMS)
+                                    or name in TRAINED_WITH_ADAPTERS)
+
+
+def is_lora_factor_name(name: Any) -> bool:
+  """Whether `name` names a LoRA factor (A or B), which merging folds into its weight."""
   return isinstance(name, str) and name.endswith(ADAPTER_PARAMS)
 
 

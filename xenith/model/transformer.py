@@ -37,6 +37,8 @@ class DecoderOutput:
   features: tuple[jax.Array, jax.Array] | None = None
   moe_stats: dict[str, Any] | None = None  # {'layer_<i>': router stats} ({} if dense).
   memory: Any = None  # A memory model's state after the input (`memory.MemoryState`).
+  # A classifier's label logits [batch, num_labels] float32 (`classifier.py`).
+  class_logits: jax.Array | None = None
 
 
 class DecoderBlock(nn.Module):
@@ -225,7 +227,8 @@ class Decoder(nn.Module):
             x, segment_ids, positions, deterministic, cache_length)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
-    return self.output_head(x, embed, features_only).replace(moe_stats=moe_stats)
+    return self.output_head(x, embed, features_only, segment_ids).replace(
+        moe_stats=moe_stats)
 
   def scan_stack(self, stack: layer_stacks.Stack, block: type[nn.Module], x: jax.Array,
                  *args, per_layer_last: bool = False) -> tuple[jax.Array, tuple]:
@@ -263,9 +266,13 @@ class Decoder(nn.Module):
     return embed_lib.Embed(cfg.vocab_size, cfg.embed_dim, dtype=layers.compute_dtype(cfg),
                            name='embed')
 
-  def output_head(self, x: jax.Array, embed: embed_lib.Embed,
-                  features_only: bool) -> DecoderOutput:
-    """Final norm and output head on x [batch, seq, embed]: logits or features."""
+  def output_head(self, x: jax.Array, embed: embed_lib.Embed, features_only: bool,
+                  segment_ids: jax.Array | None = None) -> DecoderOutput:
+    """Final norm and output head on x [batch, seq, embed]: logits or features.
+
+    `segment_ids` (as given to `forward`) are for heads that pool over each row's
+    document (`classifier.py`); the language-model head works per position.
+    """
     cfg = self.config
     dtype = layers.compute_dtype(cfg)
     x = norms.make_norm(cfg, 'final_norm')(x)

@@ -13,6 +13,7 @@ from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
@@ -318,7 +319,12 @@ def params_dir(path: str) -> str:
 
 
 def _is_adapter_key(key: tuple[str, ...]) -> bool:
+  """Params new beside a base model: LoRA factors and heads trained with them."""
   return any(lora.is_adapter_name(k) for k in key)
+
+
+def _is_lora_key(key: tuple[str, ...]) -> bool:
+  return any(lora.is_lora_factor_name(k) for k in key)
 
 
 def _saved_shapes(item: str) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -372,30 +378,75 @@ def load_model(model_config, path: str) -> tuple[nn.Module, dict[str, Any]]:
   return model, load_params(item, nn.unbox(params)['params'])
 
 
+# Params that hold one row per vocabulary entry: [vocab, embed] and the untied head's
+# [embed, vocab]. A tokenizer extended with new pieces (ids appended) grows them.
+_VOCAB_AXES = {('embed', 'embedding'): 0, ('head', 'kernel'): 1}
+_LM_HEAD = 'head'  # The untied language-model head, which a classifier replaces.
+
+
+def _resize_vocab(key, saved_value: np.ndarray, shape) -> np.ndarray:
+  """A vocabulary param grown to `shape`: the saved rows kept at their ids, new rows the
+  mean of the saved ones (so new pieces start as an average token, not noise)."""
+  axis = _VOCAB_AXES[key]
+  extra = shape[axis] - saved_value.shape[axis]
+  mean = saved_value.mean(axis=axis, keepdims=True)
+  return np.concatenate([saved_value, np.repeat(mean, extra, axis=axis)], axis=axis)
+
+
 def load_base_params(path: str, params: dict[str, Any]) -> dict[str, Any]:
-  """`params` with every base (non-LoRA) param replaced by the checkpoint's at `path`.
+  """`params` with every base (non-adapter) param replaced by the checkpoint's at `path`.
 
   For starting a run from a trained model (`config.init_from_checkpoint`): LoRA
-  adapters keep their fresh values, optimizer state and step are not read, arrays are
-  restored into the shardings of `params`. Raises CheckpointMismatchError, naming the
-  first difference, unless the checkpoint has exactly the base params at the same shapes.
+  adapters (and a classifier's new head) keep their fresh values, optimizer state and step
+  are not read, arrays are restored into the shardings of `params`. A classifier drops
+  the checkpoint's untied LM head. A model whose vocabulary grew (a tokenizer extended
+  with new pieces, ids appended) gets the saved embedding (and untied head) rows at their
+  ids and the mean saved row for each new id. Raises CheckpointMismatchError, naming the
+  first difference, for anything else that differs.
   """
   item = params_dir(path)
   saved = _saved_shapes(item)
   flat = traverse_util.flatten_dict(params)
   base = {k: x for k, x in flat.items() if not _is_adapter_key(k)}
-  adapters = sorted('/'.join(k) for k in saved if _is_adapter_key(k))
+  adapters = sorted('/'.join(k) for k in saved if _is_lora_key(k))
+  classifier = any(_is_adapter_key(k) and not _is_lora_key(k) for k in flat)
+  if classifier:  # The LM head has no use under a label head.
+    saved = {k: v for k, v in saved.items() if k[0] != _LM_HEAD or k in base}
+  saved = {k: v for k, v in saved.items() if not _is_adapter_key(k) or _is_lora_key(k)}
+  grown = {k for k in base if k in saved and k in _VOCAB_AXES
+           and _grows(saved[k], tuple(base[k].shape), _VOCAB_AXES[k])}
   if adapters:
     reason = (f'it has LoRA adapters ({adapters[0]}, ...); merge them into the base first '
               'with launch/merge_lora.py')
   else:
-    reason = _difference(saved, {k: tuple(x.shape) for k, x in base.items()})
+    reason = _difference(saved, {k: saved[k] if k in grown else tuple(x.shape)
+                                 for k, x in base.items()})
   if reason:
     raise CheckpointMismatchError(
         f'Cannot initialise from {item}: it does not match this config ({reason}).')
-  flat.update(_restore(item, base))
+  same = {k: x for k, x in base.items() if k not in grown}
+  flat.update(_restore(item, same))
+  if grown:
+    # Read whole on one local device (the saved shape need not divide the mesh), then
+    # placed into the new shape's sharding.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    small = _restore(item, {k: jax.ShapeDtypeStruct(saved[k], base[k].dtype, sharding=local)
+                            for k in grown})
+    for k in grown:
+      value = _resize_vocab(k, np.asarray(jax.device_get(small[k])), base[k].shape)
+      value = value.astype(base[k].dtype)
+      flat[k] = jax.make_array_from_callback(value.shape, base[k].sharding,
+                                             lambda index, v=value: v[index])
+      logging.info('%s grew from %s to %s rows: new rows start at the mean saved row.',
+                   '/'.join(k), saved[k][_VOCAB_AXES[k]], base[k].shape[_VOCAB_AXES[k]])
   logging.info('Initialised %d base params from %s', len(base), item)
   return traverse_util.unflatten_dict(flat)
+
+
+def _grows(saved_shape, shape, axis) -> bool:
+  """Whether `shape` is `saved_shape` with more entries along `axis` only."""
+  return (len(saved_shape) == len(shape) and shape[axis] > saved_shape[axis]
+          and all(a == b for i, (a, b) in enumerate(zip(saved_shape, shape)) if i != axis))
 
 
 def save_params(path: str, params: Any) -> None:

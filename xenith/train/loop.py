@@ -21,14 +21,17 @@ from xenith import sharding
 from xenith import sigterm
 from xenith import storage
 from xenith.data import passkey_examples
+from xenith.data import labelled
 from xenith.data import pipeline
 from xenith.errors import NonFiniteError
 from xenith.eval import passkey
+from xenith.model import classifier
 from xenith.model import lora
 from xenith.model.build import make_model
 from xenith.sizing import flops
 from xenith.train import batch_log
 from xenith.train import checkpointing
+from xenith.train import classification
 from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
 from xenith.train import run_record
@@ -50,16 +53,29 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[
   return out
 
 
-def _evaluate(eval_step, params, datasets, num_batches, batch_sharding) -> dict[str, float]:
-  total = None
-  for batch in datasets.eval_batches(num_batches):
-    metrics = eval_step(params, sharding.global_batch(batch, batch_sharding))
-    total = metrics if total is None else total.merge(metrics)
-  result = jax.device_get(total.compute())
-  loss = float(result['loss'])
-  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 80.0)),
-          'eval/accuracy': float(result['accuracy']),
-          **metrics_lib.moe_scalars('eval', result['moe'])}
+class _LmEvaluator:
+  """Next-token loss, perplexity and accuracy over the validation split (`evaluate`)."""
+
+  def __init__(self, model, datasets, state_shardings, batch_sharding, mesh):
+    self._datasets, self._batch_sharding = datasets, batch_sharding
+    self._step = jax.jit(make_eval_step(model),
+                         in_shardings=(state_shardings.params, batch_sharding),
+                         out_shardings=sharding.replicated(mesh))
+
+  def evaluate(self, params, num_batches) -> tuple[dict[str, float], None]:
+    total = None
+    for batch in self._datasets.eval_batches(num_batches):
+      metrics = self._step(params, sharding.global_batch(batch, self._batch_sharding))
+      total = metrics if total is None else total.merge(metrics)
+    result = jax.device_get(total.compute())
+    loss = float(result['loss'])
+    return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 80.0)),
+            'eval/accuracy': float(result['accuracy']),
+            **metrics_lib.moe_scalars('eval', result['moe'])}, None
+
+  def write(self, writer, step: int, scalars: dict[str, float], extra) -> None:
+    del extra
+    writer.write_scalars(step, scalars)
 
 
 def _passkey_evaluate(predict_step, params, eval_set, passkey_config, batch_sharding,
@@ -127,13 +143,24 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh, rules)
   # The rows of each global batch this process's devices hold: its share to feed.
   block, blocks = sharding.process_rows(batch_sharding, config.global_batch_size)
-  datasets = pipeline.create_datasets(
-      config, process_index=block, process_count=blocks,
-      # The run's own tokenizer, unless a new one is allowed in.
-      tokenizer=None if 'tokenizer' in allow_changes else record.pinned_tokenizer())
+  # The run's own tokenizer, unless a new one is allowed in.
+  tokenizer = None if 'tokenizer' in allow_changes else record.pinned_tokenizer()
+  classifying = config.task == 'classification'
+  if classifying:
+    datasets = labelled.create_datasets(
+        config, process_index=block, process_count=blocks,
+        tokenizer=tokenizer or classification.base_tokenizer(config),
+        bucket_multiple=classification.bucket_multiple(config.model))
+    batch_sharding = classification.batch_shardings(batch_sharding)
+    model = classifier.make_classifier(config, len(datasets.labels))
+  else:
+    datasets = pipeline.create_datasets(
+        config, process_index=block, process_count=blocks, tokenizer=tokenizer)
+    model = make_model(config.model)
   if resuming:
     record.check_data(datasets.tokenizer, datasets.fingerprint, allow_changes)
-  model = make_model(config.model)
+  if classifying:
+    classification.pin_labels(workdir, datasets.labels)
   passkey_config = config.get('passkey')
   passkey_set = None  # {length: examples}, built now so a too-short length fails early.
   if passkey_config is not None and passkey_config.lengths:
@@ -149,10 +176,14 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         Checkpointer(workdir, config.keep_checkpoints) as checkpointer):
     abstract_state, state_shardings = abstract_train_state(
         model, tx, config.max_seq_len, mesh, rules)
-    train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding)
-    eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(state_shardings.params, batch_sharding),
-                        out_shardings=replicated)
+    if classifying:
+      train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding,
+                                  loss_fn=classification.make_loss_fn(model, with_aux=True))
+      evaluator = classification.Evaluator(model, datasets, state_shardings, batch_sharding,
+                                           mesh, workdir)
+    else:
+      train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding)
+      evaluator = _LmEvaluator(model, datasets, state_shardings, batch_sharding, mesh)
     passkey_step = jax.jit(passkey.make_predict_fn(model),
                            in_shardings=(state_shardings.params, batch_sharding,
                                          batch_sharding),
@@ -193,12 +224,14 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         workdir, just_logging=jax.process_index() > 0)
     if initial_step == 0:
       writer.write_hparams(flatten_config(config))
-      writer.write_scalars(0, {'eval/unigram_baseline_loss': datasets.unigram_loss,
-                               'train/num_params': num_params})
+      baseline = {} if classifying else {'eval/unigram_baseline_loss': datasets.unigram_loss}
+      writer.write_scalars(0, {**baseline, 'train/num_params': num_params})
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer,
         every_steps=config.log_every_steps)
 
+    # Classification rows are padded to length buckets: MFU and tokens/s count the
+    # longest bucket, an upper bound.
     tokens_per_step = config.global_batch_size * config.max_seq_len
     model_flops_per_step = flops.train_flops_per_token(
         config.model, config.max_seq_len) * tokens_per_step
@@ -219,8 +252,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
               f'rate, or set --config.on_nonfinite=skip to skip such steps.')
 
     if initial_step >= config.num_train_steps:  # Trained, but final_metrics.json is lost.
-      eval_summary = _evaluate(eval_step, state.params, datasets, config.num_eval_batches,
-                               batch_sharding)
+      eval_summary, _ = evaluator.evaluate(state.params, config.num_eval_batches)
       train_summary = extra.get('summary') or {}
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -261,9 +293,9 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         jax.block_until_ready(state)  # Finish queued train steps: they are train time.
         eval_start = time.perf_counter()
         with report_progress.timed('eval', wait_jax_async_dispatch=False):
-          eval_summary = _evaluate(eval_step, state.params, datasets,
-                                   config.num_eval_batches, batch_sharding)
-        writer.write_scalars(step, eval_summary)
+          eval_summary, eval_extra = evaluator.evaluate(state.params,
+                                                        config.num_eval_batches)
+        evaluator.write(writer, step, eval_summary, eval_extra)
         interval_start += time.perf_counter() - eval_start  # Evaluation is not train time.
 
       if passkey_set and (step % passkey_every == 0 or last_step):

@@ -51,8 +51,9 @@ def _adapter_labels(params):
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer for `config.optimizer`, stepping `config.num_train_steps` times.
 
-  With `config.model.lora.train_only_adapters` it updates only the LoRA adapters: the
-  base params get zero updates (no weight decay either) and no optimizer state, and
+  With `config.model.lora.train_only_adapters` it updates only the LoRA adapters (and a
+  classifier's head; with `classification.freeze_base` only those): the base params get
+  zero updates (no weight decay either) and no optimizer state, and
   gradients are clipped by the adapters' norm.
   """
   opt = config.optimizer
@@ -61,7 +62,8 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
       weight_decay=opt.weight_decay, mask=_decay_mask)
   if opt.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-  if lora.trains_only_adapters(config.model):
+  frozen_probe = config.get('task') == 'classification' and config.classification.freeze_base
+  if lora.trains_only_adapters(config.model) or frozen_probe:
     tx = optax.multi_transform(
         {'adapter': tx, 'frozen': optax.set_to_zero()}, _adapter_labels)
   return tx

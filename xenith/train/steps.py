@@ -59,12 +59,12 @@ def loss_chunk_size(model: nn.Module) -> int:
   return chunk
 
 
-def _apply(model: nn.Module, params, batch: dict, **kwargs):
-  """(logits, or (hidden, head) with `features_only`), (MoE aux loss or None, model
-  metrics: MoE router losses and loads, memory bank use)."""
+def apply_model(model: nn.Module, params, batch: dict, **kwargs):
+  """(logits, (hidden, head) with `features_only`, or a classifier's label logits),
+  (MoE aux loss or None, model metrics: MoE router losses and loads, memory bank use)."""
   out = model.apply({'params': params}, batch['inputs'], **_model_inputs(batch),
                     method='forward', **kwargs)
-  outputs = out.features if out.logits is None else out.logits
+  outputs = next(o for o in (out.class_logits, out.logits, out.features) if o is not None)
   aux_loss, model_metrics = None, {}
   if moe.enabled(model.config):
     aux_loss, model_metrics = moe.aux_loss_and_metrics(out.moe_stats)
@@ -82,7 +82,7 @@ def make_loss_fn(model: nn.Module, with_aux: bool = False):
   chunk = loss_chunk_size(model)
 
   def loss_fn(params, batch: dict, dropout_key: jax.Array):
-    outputs, (aux_loss, moe_metrics) = _apply(
+    outputs, (aux_loss, moe_metrics) = apply_model(
         model, params, batch, deterministic=False, rngs={'dropout': dropout_key},
         features_only=bool(chunk))
     if chunk:
@@ -98,9 +98,14 @@ def make_loss_fn(model: nn.Module, with_aux: bool = False):
   return loss_fn
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, skip_nonfinite: bool):
-  """Returns train_step(state, batch, dropout_key) -> (state, TrainMetrics)."""
-  loss_fn = make_loss_fn(model, with_aux=True)
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, skip_nonfinite: bool,
+                    loss_fn=None):
+  """Returns train_step(state, batch, dropout_key) -> (state, TrainMetrics).
+
+  loss_fn: as `make_loss_fn(model, with_aux=True)` returns it (the default), e.g. the
+  classifier's (`classification.make_loss_fn`).
+  """
+  loss_fn = loss_fn or make_loss_fn(model, with_aux=True)
 
   def train_step(state: TrainState, batch: dict, dropout_key: jax.Array):
     key = jax.random.fold_in(dropout_key, state.step)  # Same key on resume.
@@ -125,12 +130,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, skip_non
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, config, mesh,
-                   state_shardings, batch_sharding):
+                   state_shardings, batch_sharding, loss_fn=None):
   """`make_train_step` jitted as the train loop runs it: sharded state (donated) and batch,
   replicated key and metrics. `--mode=describe --compile` compiles this same function."""
   replicated = sharding.replicated(mesh)
   return jax.jit(
-      make_train_step(model, tx, skip_nonfinite=config.on_nonfinite == 'skip'),
+      make_train_step(model, tx, skip_nonfinite=config.on_nonfinite == 'skip',
+                      loss_fn=loss_fn),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
@@ -144,7 +150,7 @@ def make_eval_step(model: nn.Module):
   chunk = loss_chunk_size(model)
 
   def eval_step(params, batch):
-    outputs, (_, moe_metrics) = _apply(model, params, batch, features_only=bool(chunk))
+    outputs, (_, moe_metrics) = apply_model(model, params, batch, features_only=bool(chunk))
     if chunk:
       targets, weights = next_token_targets(batch['inputs'], batch['segment_ids'])
       nll, correct = chunked_loss.nll_and_correct(*outputs, targets, chunk)

@@ -142,7 +142,7 @@ class MemoryDecoder(transformer.Decoder):
                        by_chunk(positions), by_chunk(segments)))
     x = jnp.swapaxes(hidden, 0, 1).reshape((batch, seq_len) + hidden.shape[3:])
     # Each chunk routes its own tokens: the chunks' mean stats.
-    return self.output_head(x, embed, features_only).replace(
+    return self.output_head(x, embed, features_only, segment_ids).replace(
         moe_stats=jax.tree.map(lambda a: a.mean(axis=0), moe_stats), memory=memory)
 
   def _blocks(self, module, block, state, x, segment_ids, positions, deterministic,
