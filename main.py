@@ -65,14 +65,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard logs and final metrics.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'describe', 'generate', 'import_hf', 'export_hf'],
+    'mode', 'train', ['train', 'describe', 'generate', 'classify', 'import_hf', 'export_hf'],
     'train: train and evaluate in --workdir, resuming if it has a checkpoint. describe: '
     'print parameters, FLOPs per token and memory per device, allocating nothing. '
     'import_hf: Hugging Face Mixtral/Mistral checkpoint --hf_dir -> Xenith config and '
     'Orbax checkpoint in --workdir. export_hf: newest params in --workdir -> Hugging Face '
     'checkpoint --hf_dir (config from the import, or --config; Xenith\'s native format '
     'for a model HF cannot express). generate: continue '
-    '--prompt with the newest params in --workdir and print the text.')
+    '--prompt with the newest params in --workdir and print the text. classify: label '
+    'each text of --input with a classification run\'s newest checkpoint in --workdir.')
 _HF_DIR = flags.DEFINE_string(
     'hf_dir', None, 'import_hf / export_hf: the Hugging Face checkpoint directory '
     '(config.json + *.safetensors) to read / write.')
@@ -83,6 +84,12 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 = greedy, > 0
                                   lower_bound=0.0)
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest tokens; '
                               '0 = all.', lower_bound=0)
+_INPUT = flags.DEFINE_string(
+    'input', None, 'classify: the texts, one per line of a text file, the "text" field '
+    'of each line of a .jsonl file, or - for standard input.')
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'classify: also write one JSON object per text ({"text", "label", '
+    '"probabilities"}) to this .jsonl file.')
 _MEMORY_BANK = flags.DEFINE_string(
     'memory_bank', None, 'generate, memory models: continue from the memory state saved '
     'in this .npz (if it exists; the prompt then gets no BOS) and save the state after '
@@ -155,7 +162,7 @@ class _ProcessPrefix(logging.logging.Filter):
     return True
 
 
-_ONE_PROCESS_MODES = ('generate', 'import_hf', 'export_hf')
+_ONE_PROCESS_MODES = ('generate', 'classify', 'import_hf', 'export_hf')
 
 
 def _join_processes() -> None:
@@ -177,7 +184,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   modes = {'train': _train, 'describe': _describe, 'generate': _generate,
-           'import_hf': _import_hf, 'export_hf': _export_hf}
+           'classify': _classify, 'import_hf': _import_hf, 'export_hf': _export_hf}
   if _MODE.value != 'train':
     sigterm.restore_default()  # Only training has a safe point to stop at.
   try:
@@ -256,6 +263,22 @@ def _generate():
   print(generate.generate_text(
       config, _workdir(), _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, memory_bank=_MEMORY_BANK.value))
+
+
+def _classify():
+  from xenith import text_classifier as classify  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value or not _INPUT.value:
+    raise app.UsageError('--mode=classify needs --workdir and --input.')
+  texts = classify.read_texts(_INPUT.value)  # Bad input fails before the model loads.
+  config = _config() if _CONFIG.value is not None else None  # None: the workdir's run.json.
+  predictions = classify.classify(_WORKDIR.value, texts, config)
+  for text, p in zip(texts, predictions):
+    probabilities = ' '.join(f'{label}={q:.3f}' for label, q in p.probabilities.items())
+    snippet = text.replace('\n', ' ')
+    print(f'{p.label}\t{probabilities}\t{snippet[:60]}{"..." * (len(snippet) > 60)}')
+  if _OUTPUT.value:
+    classify.write_jsonl(_OUTPUT.value, texts, predictions)
+    print(f'Wrote {len(texts)} predictions to {_OUTPUT.value}.')
 
 
 def _hf_dirs():

@@ -8,13 +8,18 @@
 adapters, chunk-summary memory, several windows, shared experts, ...) is written in
 Xenith's native format, which `from_pretrained` reads back as the same model
 (docs/hf.md).
+
+  predictions = xenith.classify(workdir, texts)   # a classifier run's labels for texts
 """
 
-__all__ = ['from_pretrained', 'load_config', 'save_pretrained']
+__all__ = ['classify', 'from_pretrained', 'load_config', 'save_pretrained']
 
 
 def __getattr__(name):
   # Imported on first use, so that `import xenith.<module>` stays light.
+  if name == 'classify':
+    from xenith import text_classifier  # pylint: disable=g-import-not-at-top
+    return text_classifier.classify
   if name in __all__:
     from xenith import hf  # pylint: disable=g-import-not-at-top
     return getattr(hf, name)

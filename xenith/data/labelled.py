@@ -188,7 +188,7 @@ def bucket_lengths(max_seq_len: int, multiple: int = 1) -> list[int]:
   return sorted(x for x in lengths | {max_seq_len} if x <= max_seq_len)
 
 
-def _batch(rows: list[np.ndarray], labels: list[int], size: int, buckets: list[int]):
+def pad_batch(rows: list[np.ndarray], labels: list[int], size: int, buckets: list[int]):
   """Rows (token arrays) and labels -> a padded batch of `size` rows (see module doc)."""
   longest = max((len(r) for r in rows), default=1)
   length = next(b for b in buckets if b >= longest)
@@ -241,7 +241,7 @@ class TrainIterator:
     self._index += 1
     if self._index == _WINDOW_BATCHES:
       self._window, self._index, self._batches = self._window + 1, 0, None
-    return _batch([self._ex.rows[i] for i in ids], [self._ex.labels[i] for i in ids],
+    return pad_batch([self._ex.rows[i] for i in ids], [self._ex.labels[i] for i in ids],
                   self._size, self._buckets)
 
   def get_state(self) -> dict[str, int]:
@@ -308,7 +308,7 @@ class Datasets:
     count = math.ceil(len(order) / global_rows)
     for b in range(count if num_batches < 0 else min(count, num_batches)):
       ids = order[b * global_rows:(b + 1) * global_rows][first:first + self.batch_size]
-      yield _batch([val.rows[i] for i in ids], [val.labels[i] for i in ids],
+      yield pad_batch([val.rows[i] for i in ids], [val.labels[i] for i in ids],
                    self.batch_size, self._buckets)
 
   @property

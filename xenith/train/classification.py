@@ -129,8 +129,11 @@ def confusion_image(confusion: np.ndarray, labels: list[str]) -> np.ndarray:
   confusion = np.asarray(confusion)
   n = len(labels)
   font = ImageFont.load_default()
-  cell, margin = 56, 12 + 7 * max(len(label) for label in labels)
-  size = (margin + n * cell + 12, margin + n * cell + 30)
+  caption = 'rows: true label, columns: predicted'
+  cell = 56
+  margin = 12 + int(max(font.getlength(label) for label in labels))
+  size = (max(margin + n * cell + 12, margin + int(font.getlength(caption)) + 12),
+          margin + n * cell + 30)
   image = Image.new('RGB', size, 'white')
   draw = ImageDraw.Draw(image)
   rows = confusion.sum(1, keepdims=True)
@@ -145,8 +148,7 @@ def confusion_image(confusion: np.ndarray, labels: list[str]) -> np.ndarray:
       draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(shade, shade, 255))
       draw.text((x + 6, y + cell // 2 - 6), str(int(confusion[i, j])),
                 fill='white' if share[i, j] > 0.6 else 'black', font=font)
-  draw.text((margin, margin + n * cell + 8), 'rows: true label, columns: predicted',
-            fill='black', font=font)
+  draw.text((margin, margin + n * cell + 8), caption, fill='black', font=font)
   return np.asarray(image)
 
 

@@ -154,3 +154,25 @@ class RunRecord:
     self.record = {'config': _flat(config), 'tokenizer_digest': tokenizer.digest,
                    'data_fingerprint': fingerprint, 'starts': starts}
     atomic_files.write_json(self.path, self.record, indent=1)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was last started with (its run.json), over today's defaults
+  (a field added since keeps its default). Raises WorkdirError without a record."""
+  from xenith import config_defaults  # pylint: disable=g-import-not-at-top
+  record = RunRecord(workdir).record
+  if record is None:
+    raise WorkdirError(f'{workdir} has no {RECORD_FILE} (no run started there); pass the '
+                       "run's --config.")
+  config = config_defaults.get_config()
+  defaults = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  values = {}
+  for key, value in record['config'].items():
+    if key not in defaults:
+      continue  # A field removed since: nothing reads it.
+    if isinstance(defaults[key], tuple) and isinstance(value, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    values[key] = value
+  config.update_from_flattened_dict(values)
+  return config
+
