@@ -119,7 +119,13 @@ def test_scores_match_scikit_learn():
     np.testing.assert_allclose(got['precision'], p)
     np.testing.assert_allclose(got['recall'], r)
     np.testing.assert_allclose(got['f1'], f)
-  majority = classification.scores(classification.majority_confusion(truth, n, 1))
+  # A label that neither occurs nor is predicted does not count in the macro average.
+  truth, predicted = np.array([0, 0, 1, 1, 3]), np.array([0, 1, 1, 1, 0])
+  confusion = np.zeros((4, 4), np.int64)
+  np.add.at(confusion, (truth, predicted), 1)
+  assert classification.scores(confusion)['macro_f1'] == pytest.approx(
+      sk_metrics.f1_score(truth, predicted, average='macro', zero_division=0))
+  majority = classification.scores(classification.majority_confusion(truth, 4, 1))
   assert majority['macro_f1'] == pytest.approx(sk_metrics.f1_score(
       truth, np.ones_like(truth), average='macro', zero_division=0))
 
