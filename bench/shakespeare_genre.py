@@ -1,8 +1,12 @@
 """The Shakespeare genre task's table: baselines and Xenith classifiers, accuracy and
 macro-F1 on the validation plays (xenith/data/shakespeare_genre.py).
 
-  .venv/bin/python bench/shakespeare_genre.py                 # every row (~30 min, 2 cores)
-  .venv/bin/python bench/shakespeare_genre.py --skip_xenith   # the baselines (~2 min)
+  .venv/bin/python bench/shakespeare_genre.py                 # every row
+  .venv/bin/python bench/shakespeare_genre.py --skip_xenith   # the baselines only
+
+On 2 CPU cores the baselines took 7 minutes (mostly the 30 fits of the grid search); the
+Xenith rows are estimated at ~30 minutes more (the LM ~8, each classifier ~5 plus its
+evaluations). Results go to bench/results/shakespeare_genre.json and docs/classification.md.
 
 Rows:
   majority       the train split's most common genre, for every passage;
