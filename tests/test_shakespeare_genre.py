@@ -12,6 +12,7 @@ import pytest
 
 from experiments import shakespeare_genre as genre_experiment
 from xenith.data import shakespeare_genre as genre
+from xenith.data import documents
 from xenith.data import sources
 from xenith.errors import DataError
 
@@ -155,6 +156,8 @@ def test_lm_corpus_holds_every_text_but_the_validation_plays(cache, corpus):
   assert names == _stems(corpus) - set(genre.VALIDATION_PLAYS)
   assert len(names) == 36 and 'pericles' in names and 'sonnets' in names
   assert (folder / 'hamlet_gut.txt').read_bytes() == (corpus / 'hamlet_gut.txt').read_bytes()
+  # What data.source='folder' reads of it: every file, one document each.
+  assert len(documents.list_files(folder)) == 36
 
 
 def test_a_corpus_that_differs_is_refused(tmp_path, corpus):
@@ -189,9 +192,14 @@ def test_experiment_config():
     genre_experiment.get_config('rank=8')
 
 
-def test_baselines_on_a_hand_checked_example():
+def _bench():
   sys.path.insert(0, str(ROOT / 'bench'))
   import shakespeare_genre as bench  # pylint: disable=g-import-not-at-top
+  return bench
+
+
+def test_baselines_on_a_hand_checked_example():
+  bench = _bench()
   # Train majority is 'comedy' (3 of 5); validation's is 'history' (2 of 4).
   train = [('merry jest wedding', 'comedy'), ('jest wedding', 'comedy'),
            ('merry wedding', 'comedy'), ('king crown england', 'history'),
@@ -203,3 +211,40 @@ def test_baselines_on_a_hand_checked_example():
   assert majority == {'accuracy': pytest.approx(0.25), 'macro_f1': pytest.approx(2 / 15)}
   words = bench.bag_of_words_baseline(train, validation, c=10.0)
   assert words == {'accuracy': 1.0, 'macro_f1': 1.0}
+
+
+def test_xenith_rows_run_main_py_per_the_contract(tmp_path, monkeypatch):
+  """The LM on the LM corpus, then three classifiers (the last two from the LM), each
+  scored from its workdir's final_metrics.json; a finished run is not run again."""
+  bench = _bench()
+  commands = []
+
+  def fake_run(cmd, check, cwd):
+    assert check and cwd == str(ROOT) == bench.ROOT
+    commands.append(cmd)
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    os.makedirs(workdir)
+    metrics = {'eval/loss': 3.0} if workdir.endswith('lm') else {
+        'eval/accuracy': len(commands) / 10, 'eval/macro_f1': len(commands) / 20}
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+      json.dump(metrics, f)
+
+  monkeypatch.setattr(bench.subprocess, 'run', fake_run)
+  lm_metrics, rows = bench.xenith_rows(str(tmp_path), '/corpus')
+  lm = str(tmp_path / 'lm')
+  experiment = str(ROOT / 'experiments' / 'shakespeare_genre.py')
+  assert [c[2:] for c in commands] == [
+      [f'--config={ROOT}/experiments/default.py', f'--workdir={lm}',
+       '--config.data.source=folder', '--config.data.path=/corpus'],
+      [f'--config={experiment}', f'--workdir={tmp_path}/scratch'],
+      [f'--config={experiment}:base={lm}', f'--workdir={tmp_path}/finetune'],
+      [f'--config={experiment}:base={lm},lora=8', f'--workdir={tmp_path}/lora']]
+  assert all(c[:2] == [sys.executable, str(ROOT / 'main.py')] for c in commands)
+  assert lm_metrics['eval/loss'] == 3.0
+  assert [(r['accuracy'], r['macro_f1']) for r in rows] == [(0.2, 0.1), (0.3, 0.15),
+                                                            (0.4, 0.2)]
+  assert all(r['wall_s'] is not None for r in rows)
+  commands.clear()
+  again = bench.xenith_rows(str(tmp_path), '/corpus')[1]
+  assert not commands and [r['accuracy'] for r in again] == [0.2, 0.3, 0.4]
+  assert all(r['wall_s'] is None for r in again)
