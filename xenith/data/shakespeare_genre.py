@@ -123,7 +123,7 @@ def _read(path: pathlib.Path) -> str:
 def title_lines(text: str) -> set[str]:
   """The lowercased forms of a text's title (its first non-blank line).
 
-  The title itself, without a leading 'THE'/'THE TRAGEDY OF'/..., so a heading that
+  The title with and without a leading 'THE' / 'THE TRAGEDY OF' / ..., so a heading that
   repeats it in either form is found. Speaker names end in '.' ('MACBETH.'), so a
   title that is also a character's name does not match them.
   """
