@@ -7,14 +7,14 @@ The rules (docs/hinglish.md):
   2. A Devanagari word is Hindi. A Latin word is English if it is in `wordfreq`'s English
      list, romanized Hindi if it is the casual romanization (romanize.py) of a word in
      `wordfreq`'s Hindi list. In both lists it goes to the language where it is at least
-     `ZIPF_MARGIN` more frequent (`the` = थे: English, `hai`: Hindi), else it is ambiguous
-     (`main` = मैं, `to` = तो); in neither (names, typos, rare words) it is unknown.
+     `ZIPF_MARGIN` more frequent (`of` = ओफ: English, `hai`: Hindi), else it is ambiguous
+     (`the` = थे, `main` = मैं, `to` = तो); in neither (names, typos, rare words) it is unknown.
   3. Ambiguous words are not counted when the sentence has other evidence (the words
      around `main` decide); in a sentence of only ambiguous words each goes to the
      language where it is more frequent (wordfreq's Zipf scale).
   4. With h Hindi and e English words: 'mix' when the smaller of the two is at least
      `MIX_SHARE` of h + e, else the larger one. No evidence at all: 'hin' if the text has
-     any Devanagari, else 'eng' (the empty string, digits and names are 'eng').
+     any Devanagari character (२०२४ ।), else 'eng' (empty text, digits, names).
 """
 
 import functools
@@ -105,7 +105,7 @@ def detect(text: str) -> str:
       counts['eng' if english_lexicon()[w] >= hindi_lexicon()[w] else 'hin'] += 1
   h, e = counts['hin'], counts['eng']
   if not h + e:
-    return 'hin' if _DEVANAGARI.search(text) else 'eng'
+    return 'hin' if re.search('[\u0900-\u097F]', text) else 'eng'
   if min(h, e) >= MIX_SHARE * (h + e):
     return 'mix'
   return 'hin' if h > e else 'eng'
