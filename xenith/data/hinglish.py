@@ -272,8 +272,9 @@ def build_lm_corpus(cache: pathlib.Path, documents: int = LM_DOCUMENTS) -> pathl
   {"text", "language": 'hin'|'eng'|'mix'}, split as the language-ID task is."""
   def make():
     rng = random.Random(SEED + 2)
-    # 5.5 sentences per document on average, a third of the documents per language.
-    train = train_examples(cache, math.ceil(documents * 5.5 / 3), seed=SEED + 3)
+    # At most 8 sentences per document and a third of the documents per language: enough
+    # sentences for `documents` documents, whatever lengths are drawn.
+    train = train_examples(cache, math.ceil(documents * 8 / 3), seed=SEED + 3)
     return {'train.jsonl': _documents(train, rng)[:documents],
             'validation.jsonl': _documents(validation_examples(cache), rng)}
   return _write_folder(cache, f'hinglish-lm-v{VERSION}-{documents}', make)
@@ -309,3 +310,12 @@ def extended_mixtral(cache: pathlib.Path, num_pieces: int = 4000) -> tokenizer_l
         return vocab_extension.write_extended(tokenizer_lib.mixtral_model_proto(cache),
                                               _lm_texts(cache, 'hin'), num_pieces, path)
   return tokenizer_lib.Tokenizer(path.read_bytes(), name=str(path))
+
+
+if __name__ == '__main__':
+  # python -m xenith.data.hinglish: builds everything into the cache and prints the paths.
+  _cache = pathlib.Path(os.environ.get('XENITH_CACHE') or '~/.cache/xenith').expanduser()
+  print('language-ID task:', build(_cache))
+  print('LM corpus:       ', build_lm_corpus(_cache))
+  print('Hinglish tokenizer (config.data.tokenizer):', tokenizer(_cache).name)
+  print('Mixtral + Hindi    (config.data.tokenizer):', extended_mixtral(_cache).name)
