@@ -201,6 +201,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.source = 'shakespeare'
   config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
   config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
+  # Hinglish (docs/hinglish.md): prefix each document with its detected language tag
+  # (<HIN>/<ENG>/<MIX>); tokenizer='train' then trains with NFC and the tags as pieces 4-11.
+  config.data.language_tags = False
   config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.
   config.data.cache_dir = ''  # Downloads, prepared datasets, tokenizers; '' = ~/.cache/xenith.
 

@@ -376,6 +376,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     raise ConfigError('data.tokenizer', f'{tokenizer!r} is neither one of '
                       f'{NAMED_TOKENIZERS} nor an existing SentencePiece .model file')
   _require(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
+  if config.data.get('language_tags') and tokenizer == 'mixtral':
+    raise ConfigError('data.language_tags', "True needs the tags as pieces: Mixtral's has "
+                      "none; use tokenizer='train' or a model from vocab_extension")
 
   shape = sharding.mesh_shape(config.mesh, num_devices)
   ways = sharding.batch_parallelism(shape, config.logical_axis_rules)

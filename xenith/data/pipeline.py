@@ -23,6 +23,7 @@ import numpy as np
 
 from xenith import storage
 from xenith.data import cache as cache_lib
+from xenith.data import language_id
 from xenith.data import packing
 from xenith.data import sources
 from xenith.data import text_dataset
@@ -39,17 +40,22 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 
 
 class _Tokenize:
-  """{'text': bytes, ...} -> {'inputs': int32 [n + 2]}: BOS + tokens + EOS."""
+  """{'text': bytes, ...} -> {'inputs': int32 [n + 2]}: BOS + tokens + EOS; with
+  `language_tags`, BOS + the detected tag (<HIN>/<ENG>/<MIX>) + tokens + EOS."""
 
-  def __init__(self, tokenizer: tokenizer_lib.Tokenizer):
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, language_tags: bool = False):
     self._tokenizer = tokenizer
+    self._tags = ({lang: tokenizer.piece_id(tag) for lang, tag in language_id.TAGS.items()}
+                  if language_tags else None)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     text = record['text']
     # A TFDS data source gives bytes; tfds.testing.mock_data gives str.
     text = text.decode() if isinstance(text, bytes) else text
     tok = self._tokenizer
-    ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+    # The tag is its id, not text: '<HIN>' + text would change how the text's start encodes.
+    tag = [self._tags[language_id.detect(text)]] if self._tags else []
+    ids = [tok.bos_id, *tag, *tok.encode(text), tok.eos_id]
     return {'inputs': np.asarray(ids, np.int32)}
 
 
@@ -119,7 +125,8 @@ class _Rows:
 
 
 def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                   process_index: int, process_count: int) -> grain.IterDataset:
+                   process_index: int, process_count: int,
+                   language_tags: bool = False) -> grain.IterDataset:
   """Infinite packed batches, reshuffled every epoch: this process's rows of each
   global batch.
 
@@ -133,7 +140,7 @@ def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int
   # changes every epoch. Hashing config.seed keeps runs with seeds s and s + 1
   # from replaying each other's epochs one epoch apart.
   shuffle_seed = int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
-  ds = ds.shuffle(seed=shuffle_seed).repeat().map(_Tokenize(tokenizer))
+  ds = ds.shuffle(seed=shuffle_seed).repeat().map(_Tokenize(tokenizer, language_tags))
   rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
   batches = rows.batch(batch_size * process_count, drop_remainder=True)
   if process_count == 1:
@@ -142,8 +149,9 @@ def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int
   return batches.map(_Rows(first, first + batch_size))
 
 
-def _validation_rows(split, tokenizer, seq_len: int) -> grain.IterDataset:
-  ds = grain.MapDataset.source(split).map(_Tokenize(tokenizer))
+def _validation_rows(split, tokenizer, seq_len: int,
+                     language_tags: bool = False) -> grain.IterDataset:
+  ds = grain.MapDataset.source(split).map(_Tokenize(tokenizer, language_tags))
   return packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
 
 
@@ -202,7 +210,7 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
   train = _train_batches(
       data.train, tokenizer, seq_len=config.max_seq_len, batch_size=batch_size,
       seed=config.seed, process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, language_tags=_language_tags(config))
   return Datasets(
       tokenizer=tokenizer,
       train=train,
@@ -213,7 +221,7 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
       batch_size=batch_size,
       seq_len=config.max_seq_len,
       _validation_rows=_validation_rows(data.validation, tokenizer,
-                                        config.max_seq_len),
+                                        config.max_seq_len, _language_tags(config)),
       _process_index=process_index,
       _process_count=process_count,
   )
@@ -249,9 +257,14 @@ def _prepare(config, cache) -> text_dataset.PreparedData:
   return text_dataset.prepare(source, config.data.validation_fraction, cache)
 
 
+def _language_tags(config) -> bool:
+  return bool(config.data.get('language_tags', False))
+
+
 def _text_tokenizer(config, cache, data) -> tokenizer_lib.Tokenizer:
   """The tokenizer of a text source; `data` (its prepared splits) only for 'train'."""
   return tokenizer_lib.load_tokenizer(
       config.data.tokenizer, vocab_size=config.model.vocab_size, cache=cache,
       train_split=None if data is None else data.train,
-      fingerprint=None if data is None else data.fingerprint)
+      fingerprint=None if data is None else data.fingerprint,
+      language_tags=_language_tags(config))

@@ -4,6 +4,9 @@
   'train':   a BPE SentencePiece model trained on the train split, with
              `config.model.vocab_size` pieces (byte fallback, pad=0, unk=1,
              bos=2, eos=3), cached per dataset fingerprint and vocabulary size;
+             with `config.data.language_tags` the Hinglish variant: NFC text and the
+             language tags (`<HIN>`, `<ENG>`, `<MIX>`, `<LANG3>`.. `<LANG7>`) as
+             single pieces at ids 4-11 (docs/hinglish.md);
   'mixtral': the Mixtral-8x7B model (32,000 pieces) taken from the wheel of
              `mistral-common`, cached;
   a path:    an existing SentencePiece `.model` file.
@@ -13,15 +16,18 @@ import hashlib
 import io
 import math
 import pathlib
+import unicodedata
 import zipfile
 
 from absl import logging
 from etils import epath
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from xenith import atomic_files
 from xenith import storage
 from xenith.data import cache as cache_lib
+from xenith.data import language_id
 from xenith.data import passages as passages_lib
 from xenith.errors import DataError
 
@@ -35,19 +41,25 @@ MIXTRAL_VOCAB = 32000
 MAX_TRAINING_CHARS = 20_000_000
 # Bump when the training options below change: it names the cached model.
 TRAINING_VERSION = 1
+# The normalizer name that marks a model whose input is NFC-normalised (by `Tokenizer`;
+# SentencePiece has no NFC rule of its own, only NFKC, which folds too much: ² -> 2).
+NFC = 'nfc'
 
 
 class Tokenizer:
   """A SentencePiece model with the ids the pipeline needs.
 
   Batches are padded with id 0 (`pad_id`). Models without a pad piece (Mixtral)
-  have <unk> at 0; padding is masked by segment_ids == 0 either way.
+  have <unk> at 0; padding is masked by segment_ids == 0 either way. A model whose
+  normalizer is named 'nfc' (`NFC`) encodes the NFC form of its input.
   """
 
   def __init__(self, model_proto: bytes, name: str):
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self._proto = model_proto
     self.name = name
+    self.nfc = (sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+                .normalizer_spec.name == NFC)
     if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
       raise DataError(f'Tokenizer {name!r} has no BOS or EOS piece; the data '
                       'pipeline needs both.')
@@ -80,10 +92,12 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS/EOS."""
-    return self._sp.encode(text)
+    return self._sp.encode(unicodedata.normalize('NFC', text) if self.nfc else text)
 
   def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
     """Token ids of many texts at once (SentencePiece's own threads)."""
+    if self.nfc:
+      texts = [unicodedata.normalize('NFC', t) for t in texts]
     return self._sp.encode(texts, num_threads=num_threads)
 
   def decode(self, ids) -> str:
@@ -96,9 +110,28 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def piece_id(self, piece: str) -> int | None:
+    """The id of a user-defined piece such as '<HIN>'; None if the model lacks it."""
+    i = self._sp.piece_to_id(piece)  # <unk>'s id when there is no such piece.
+    return None if self._sp.is_unknown(i) else i
 
-def _train(texts, vocab_size: int) -> bytes:
-  """Trains a BPE SentencePiece model on an iterable of texts; returns its proto."""
+
+def mark_nfc(model_proto: bytes) -> bytes:
+  """`model_proto` with its normalizer named 'nfc': `Tokenizer` then encodes NFC text."""
+  model = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+  model.normalizer_spec.name = NFC
+  return model.SerializeToString()
+
+
+def _train(texts, vocab_size: int, *, user_symbols: tuple[str, ...] = (),
+           nfc: bool = False) -> bytes:
+  """Trains a BPE SentencePiece model on an iterable of texts; returns its proto.
+
+  `user_symbols` become single pieces right after the four special ones (ids 4, 5, ..);
+  `nfc` trains on NFC text and marks the model so that `Tokenizer` normalises its input.
+  """
+  if nfc:
+    texts = (unicodedata.normalize('NFC', t) for t in texts)
   # SentencePiece trains on lines; newlines themselves become byte pieces.
   lines = (line for text in texts for line in text.split('\n') if line.strip())
   out = io.BytesIO()
@@ -111,6 +144,7 @@ def _train(texts, vocab_size: int) -> bytes:
         model_type='bpe',
         byte_fallback=True,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=list(user_symbols),
         # Keep text exactly: decode(encode(s)) == s, indentation and all.
         normalization_rule_name='identity',
         remove_extra_whitespaces=False,
@@ -128,11 +162,11 @@ def _train(texts, vocab_size: int) -> bytes:
   except RuntimeError as e:
     raise DataError(f'SentencePiece training with config.model.vocab_size='
                     f'{vocab_size} failed: {e}') from None
-  return out.getvalue()
+  return mark_nfc(out.getvalue()) if nfc else out.getvalue()
 
 
 def train_tokenizer(train_split, vocab_size: int, cache: pathlib.Path,
-                    fingerprint: str) -> Tokenizer:
+                    fingerprint: str, language_tags: bool = False) -> Tokenizer:
   """Trains (or loads from the cache) a tokenizer on a data source's texts.
 
   Args:
@@ -140,9 +174,11 @@ def train_tokenizer(train_split, vocab_size: int, cache: pathlib.Path,
     vocab_size: the number of pieces to train.
     cache: the cache root.
     fingerprint: the prepared dataset's fingerprint (names the cached model).
+    language_tags: the Hinglish variant: NFC, and the language tags as pieces 4-11.
   """
+  tags = '-tags' if language_tags else ''
   path = (cache / 'tokenizers' /
-          f'{fingerprint}-spm{vocab_size}-v{TRAINING_VERSION}.model')
+          f'{fingerprint}-spm{vocab_size}{tags}-v{TRAINING_VERSION}.model')
   if not path.exists():
     with cache_lib.file_lock(cache, path.stem):
       if not path.exists():
@@ -153,7 +189,9 @@ def train_tokenizer(train_split, vocab_size: int, cache: pathlib.Path,
         texts = (train_split[i]['text'].decode() for i in range(0, n, stride))
         logging.info('Training a %d-piece SentencePiece model on %s (every %d-th '
                      'passage) -> %s', vocab_size, fingerprint, stride, path)
-        atomic_files.write_bytes(path, _train(texts, vocab_size))
+        atomic_files.write_bytes(path, _train(
+            texts, vocab_size, nfc=language_tags,
+            user_symbols=language_id.RESERVED_TAGS if language_tags else ()))
   return Tokenizer(path.read_bytes(), name=str(path))
 
 
@@ -178,7 +216,8 @@ def check_model_path(spec: str) -> epath.Path:
 
 
 def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
-                   train_split=None, fingerprint: str | None = None) -> Tokenizer:
+                   train_split=None, fingerprint: str | None = None,
+                   language_tags: bool = False) -> Tokenizer:
   """The tokenizer named by `config.data.tokenizer`.
 
   Args:
@@ -187,14 +226,17 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
     cache: the cache root.
     train_split: the train split (records with 'text' bytes), for 'train'.
     fingerprint: the dataset fingerprint, for 'train'.
+    language_tags: `config.data.language_tags`: 'train' trains the Hinglish variant,
+      and any tokenizer must have the language tags as pieces.
 
   Raises:
-    DataError: unknown spec, missing file, or more pieces than `vocab_size`.
+    DataError: unknown spec, missing file, more pieces than `vocab_size`, or no
+      language tags where they are needed.
   """
   if spec == 'train':
     if train_split is None or fingerprint is None:
       raise DataError("tokenizer='train' needs the train split to train on.")
-    tok = train_tokenizer(train_split, vocab_size, cache, fingerprint)
+    tok = train_tokenizer(train_split, vocab_size, cache, fingerprint, language_tags)
   elif spec == 'mixtral':
     tok = Tokenizer(mixtral_model_proto(cache), name='mixtral')
   else:
@@ -207,4 +249,9 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
     raise DataError(f'Tokenizer {tok.name!r} has {tok.vocab_size} pieces, more than '
                     f'config.model.vocab_size={vocab_size}; raise '
                     'config.model.vocab_size or pick a smaller config.data.tokenizer.')
+  missing = [t for t in language_id.TAGS.values() if tok.piece_id(t) is None]
+  if language_tags and missing:
+    raise DataError(f'config.data.language_tags=True needs the tags {missing} as pieces '
+                    f"of tokenizer {tok.name!r}; use 'train' or a model made by "
+                    'xenith.data.vocab_extension.')
   return tok
