@@ -38,7 +38,7 @@ C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 LORA_RANK = 8
 
 
-def _scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
+def scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
   return {'accuracy': float(metrics.accuracy_score(truth, predicted)),
           'macro_f1': float(metrics.f1_score(truth, predicted, labels=labels,
@@ -52,7 +52,7 @@ def majority_baseline(train: list[tuple[str, str]],
   counts = collections.Counter(label for _, label in train)
   top = max(sorted(counts), key=counts.get)
   labels = sorted({label for _, label in train + validation})
-  return _scores([label for _, label in validation], [top] * len(validation), labels)
+  return scores([label for _, label in validation], [top] * len(validation), labels)
 
 
 def _pipeline(c: float):
@@ -82,11 +82,11 @@ def bag_of_words_baseline(train: list[tuple[str, str]], validation: list[tuple[s
   fitted on `train`."""
   model = _pipeline(c).fit([t for t, _ in train], [l for _, l in train])
   labels = sorted({label for _, label in train + validation})
-  return _scores([l for _, l in validation], list(model.predict([t for t, _ in validation])),
+  return scores([l for _, l in validation], list(model.predict([t for t, _ in validation])),
                  labels)
 
 
-def _main_py(workdir: str, config: str, *flags: str) -> dict:
+def main_py(workdir: str, config: str, *flags: str) -> dict:
   """Runs main.py unless `workdir` has final_metrics.json; returns those metrics and the
   run's wall time (None when it ran before)."""
   final = os.path.join(workdir, 'final_metrics.json')
@@ -105,7 +105,7 @@ def _main_py(workdir: str, config: str, *flags: str) -> dict:
 def xenith_rows(root: str, lm_corpus: str) -> tuple[dict, list[dict]]:
   """Trains (or reuses) the LM and the three classifiers; (LM metrics, table rows)."""
   lm = os.path.join(root, 'lm')
-  lm_metrics = _main_py(lm, os.path.join(ROOT, 'experiments', 'default.py'),
+  lm_metrics = main_py(lm, os.path.join(ROOT, 'experiments', 'default.py'),
                         '--config.data.source=folder', f'--config.data.path={lm_corpus}')
   experiment = os.path.join(ROOT, 'experiments', 'shakespeare_genre.py')
   runs = [('Xenith small, from scratch', 'scratch', ''),
@@ -114,7 +114,7 @@ def xenith_rows(root: str, lm_corpus: str) -> tuple[dict, list[dict]]:
            f':base={lm},lora={LORA_RANK}')]
   rows = []
   for name, folder, arg in runs:
-    metrics = _main_py(os.path.join(root, folder), experiment + arg)
+    metrics = main_py(os.path.join(root, folder), experiment + arg)
     rows.append({'model': name, 'accuracy': metrics['eval/accuracy'],
                  'macro_f1': metrics['eval/macro_f1'], 'wall_s': metrics['wall_s'],
                  'workdir': os.path.join(root, folder)})

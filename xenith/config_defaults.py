@@ -197,7 +197,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'shakespeare' (embedded corpus), 'folder', or 'passkey' (synthetic passkey examples, one
   # per max_seq_len row: xenith/data/passkey_source.py, experiments/passkey_memory.py).
   # task='classification': 'folder' (labelled: xenith/data/labelled.py) or a built-in
-  # labelled task, 'shakespeare_genre' (docs/classification.md).
+  # labelled task, 'shakespeare_genre' or 'hinglish_langid' (docs/classification.md).
   config.data.source = 'shakespeare'
   config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
   config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.

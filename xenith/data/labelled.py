@@ -39,7 +39,8 @@ from xenith.errors import DataError
 SPLITS = ('train', 'validation')
 # Built-in labelled tasks: config.data.source -> the module whose `build(cache)` writes
 # their folder.
-BUILT_IN = {'shakespeare_genre': 'xenith.data.shakespeare_genre'}
+BUILT_IN = {'shakespeare_genre': 'xenith.data.shakespeare_genre',
+            'hinglish_langid': 'xenith.data.hinglish'}
 # Training batches are cut from windows of this many batches' worth of examples, sorted
 # by length: rows of a batch have similar lengths (little padding), while the shuffle
 # across windows and of the batch order keeps the label mix of batches random.
