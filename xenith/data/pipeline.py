@@ -7,8 +7,9 @@
 Each batch is a dict of int32 arrays [per_process_batch, max_seq_len]: `inputs`
 (each document is BOS + tokens + EOS), `segment_ids` and `positions` (see
 `packing.py`), and with language adapters on `languages`: each token's document's
-language id (`language_ids`; 0 in padding and for documents without a language). The trainer predicts inputs[t+1] from inputs[..t] where segment ids
-agree, so there are no separate targets.
+language id (`language_ids`; 0 in padding and for documents without a language). The
+trainer predicts inputs[t+1] from inputs[..t] where segment ids agree, so there are no
+separate targets.
 
 Everything runs in the calling process (no grain worker processes), so an
 iterator restored from `get_state()` continues exactly where it stopped.
