@@ -34,6 +34,7 @@ def _config(args, languages, arm: str, base_dir: str):
   config = default.get_config(f'size={args.size}')
   config.data.source = 'folder'
   config.data.path = os.path.abspath(args.data)
+  config.data.validation_fraction = args.validation_fraction
   if args.cache_dir:
     config.data.cache_dir = args.cache_dir
   config.num_train_steps = args.base_steps if arm == 'base' else args.steps
@@ -107,6 +108,8 @@ def main() -> None:
   parser.add_argument('--base_steps', type=int, default=300)
   parser.add_argument('--steps', type=int, default=150, help='Steps of each continuation.')
   parser.add_argument('--bottleneck_dim', type=int, default=16)
+  parser.add_argument('--validation_fraction', type=float, default=0.05,
+                      help='Share of passages held out (each language needs some).')
   parser.add_argument('--cache_dir', default='', help="config.data.cache_dir ('' = default).")
   parser.add_argument('--workdir', default=os.path.join(ROOT, 'runs', 'language_adapters'))
   parser.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results',
@@ -134,6 +137,7 @@ def main() -> None:
       'machine': benchlib.machine_info(**benchlib.jax_info()),
       'data': os.path.abspath(args.data), 'size': args.size, 'languages': languages,
       'base_steps': args.base_steps, 'steps': args.steps,
+      'validation_fraction': args.validation_fraction,
       'bottleneck_dim': args.bottleneck_dim, 'eval_loss': results})
 
 
