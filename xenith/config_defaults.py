@@ -29,6 +29,8 @@ LOGICAL_AXIS_RULES = (
     ('layers', None),
     ('exp', 'expert'),
     ('lora_rank', None),  # LoRA adapter rank (small): replicated.
+    ('adapter_languages', None),  # Language adapters' language axis: replicated.
+    ('adapter_bottleneck', None),  # Language adapters' bottleneck (small): replicated.
 )
 
 
@@ -191,6 +193,16 @@ def get_config() -> ml_collections.ConfigDict:
                        'experts')})
   # Train only the adapters: the base gets no gradients and no optimizer state.
   config.model.lora.train_only_adapters = True
+  # Per-language bottleneck adapters (xenith/model/language_adapters.py): each block's MLP
+  # branch h gets h + relu(h @ down) @ up of the token's language (batches carry
+  # `languages`, from each .jsonl record's "language" field).
+  config.model.language_adapters = ml_collections.ConfigDict()
+  # Language names, e.g. ('hin', 'eng', 'mix'); the i-th is id i (0 = no adapter); () = off.
+  config.model.language_adapters.languages = ()
+  config.model.language_adapters.bottleneck_dim = 64  # b: down is [embed, b], up [b, embed].
+  # Train only the adapters (LoRA's too, if on): the base gets no gradients and no
+  # optimizer state; False = the base trains with them.
+  config.model.language_adapters.train_only_adapters = False
 
   # Data: documents -> TFDS array_record -> grain -> SentencePiece -> packed sequences.
   config.data = ml_collections.ConfigDict()

@@ -164,6 +164,31 @@ def _validate_lora_ranks(config) -> None:
                         'LoRA rank must be <= it')
 
 
+def _validate_language_adapters(config) -> None:
+  """`config.model.language_adapters` (per-language adapters; languages () = off)."""
+  if 'language_adapters' not in config.model:
+    return
+  f = 'model.language_adapters.'
+  m, settings = config.model, config.model.language_adapters
+  names = settings.languages
+  if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+    raise ConfigError(f + 'languages', f'{names!r} must be a tuple of language names, '
+                      "e.g. ('hin', 'eng', 'mix'); () = off")
+  if len(set(names)) != len(names):
+    raise ConfigError(f + 'languages', f'{names!r} names a language twice')
+  if not names:
+    return
+  _positive(config, f + 'bottleneck_dim')
+  if 'memory' in m and m.memory.chunk_size:
+    raise ConfigError(f + 'languages', 'language adapters do not support the memory '
+                      'decoder (model.memory.chunk_size > 0)')
+  if (lora.enabled(m) and bool(m.lora.train_only_adapters)
+      != bool(settings.train_only_adapters)):
+    raise ConfigError(f + 'train_only_adapters', f'{settings.train_only_adapters} differs '
+                      f'from model.lora.train_only_adapters={m.lora.train_only_adapters}: '
+                      'the base is frozen for both kinds of adapter or for neither')
+
+
 def _validate_attention(config) -> None:
   """`config.model.attention`: kernel, windows, global tokens, dynamic sizing."""
   if 'attention' not in config.model:
@@ -360,6 +385,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _validate_lora(config)
   _validate_moe(config)
   _validate_lora_ranks(config)
+  _validate_language_adapters(config)
   _validate_attention(config)
   _validate_memory(config)
   _validate_passkey(config)

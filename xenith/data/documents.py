@@ -1,7 +1,8 @@
 """Documents from a local folder of `.txt` and `.jsonl` files, validated up front.
 
 A `.txt` file is one document; a `.jsonl` file holds one document per line, a JSON
-object with a string field "text". Folders are searched recursively, in sorted
+object with a string field "text" and optionally a string field "language" (the name the
+language adapters know it by, e.g. "hin"; none = ''). Folders are searched recursively, in sorted
 order of relative path; hidden files and folders (names starting with '.') are
 ignored. Bad input (a binary file, bytes that are not UTF-8, a malformed JSON line)
 raises `DataError` naming the file (and byte offset or line); empty documents are
@@ -24,9 +25,11 @@ _BINARY_SAMPLE = 4096  # Bytes read to tell a binary file from text in another e
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-  """One document: `source` is its file's path relative to the folder."""
+  """One document: `source` is its file's path relative to the folder; `language` its
+  record's "language" field ('' when it has none, and for .txt files)."""
   source: str
   text: str
+  language: str = ''
 
 
 @dataclasses.dataclass
@@ -103,8 +106,8 @@ def decode_file(path: pathlib.Path) -> str:
   return _decode(path, path.read_bytes())
 
 
-def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str]]:
-  """Yields (line number, text) of each record; blank lines are not records."""
+def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str, str]]:
+  """Yields (line number, text, language) of each record; blank lines are not records."""
   for lineno, line in enumerate(text.split('\n'), 1):
     if not line.strip():
       continue
@@ -119,7 +122,11 @@ def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str]]:
     if not isinstance(record['text'], str):
       raise DataError(f'{path}:{lineno}: field "text" must be a string, got '
                       f'{type(record["text"]).__name__}.')
-    yield lineno, record['text']
+    language = record.get('language', '')
+    if not isinstance(language, str):
+      raise DataError(f'{path}:{lineno}: field "language" must be a string, got '
+                      f'{type(language).__name__}.')
+    yield lineno, record['text'], language
 
 
 def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
@@ -138,10 +145,10 @@ def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
     rel = path.relative_to(root).as_posix()
     text = _decode(path, path.read_bytes())
     if path.suffix.lower() == '.jsonl':
-      records = [(f'{rel}:{n}', t) for n, t in _jsonl_texts(path, text)]
+      records = [(f'{rel}:{n}', t, lang) for n, t, lang in _jsonl_texts(path, text)]
     else:
-      records = [(rel, text)]
-    for where, doc_text in records:
+      records = [(rel, text, '')]
+    for where, doc_text, language in records:
       if not doc_text.strip():
         stats.skipped_empty += 1
         if log_skips:
@@ -149,5 +156,5 @@ def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
                           where, stats.skipped_empty)
         continue
       stats.documents += 1
-      yield Document(source=rel, text=doc_text)
+      yield Document(source=rel, text=doc_text, language=language)
 

@@ -7,7 +7,9 @@ padding except at the very end of a finite stream. Rows are dicts of int32
 arrays, each [seq_len]:
   inputs:      token ids (0 in padding);
   segment_ids: 1, 2, 3, ... per document piece in the row, 0 in padding;
-  positions:   0, 1, ... within each piece, 0 in padding.
+  positions:   0, 1, ... within each piece, 0 in padding;
+and any other per-token feature of the documents (e.g. `languages`), packed alongside
+`inputs` token for token (0 in padding).
 """
 
 from typing import Any
@@ -24,10 +26,13 @@ class _PackedIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, Any]:
     row = next(self._parent)
+    # Other features share the inputs' segments and positions (same lengths).
     return {
         'inputs': row['inputs'],
         'segment_ids': row['inputs_segment_ids'],
         'positions': row['inputs_positions'],
+        **{k: v for k, v in row.items()
+           if k != 'inputs' and not k.endswith(('_segment_ids', '_positions'))},
     }
 
   def get_state(self) -> dict[str, Any]:
@@ -49,7 +54,9 @@ class _PackedIterDataset(grain.IterDataset):
     return _PackedIterator(self._parent.__iter__())
 
 
-def pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
-  """Packs {'inputs': int32 [n]} documents into rows of `seq_len` tokens."""
-  packed = ConcatThenSplitIterDataset(docs, length_struct={'inputs': seq_len})
+def pack(docs: grain.IterDataset, seq_len: int,
+         features: tuple[str, ...] = ('inputs',)) -> grain.IterDataset:
+  """Packs documents {'inputs': int32 [n], other `features`: int32 [n]} into rows of
+  `seq_len` tokens."""
+  packed = ConcatThenSplitIterDataset(docs, length_struct=dict.fromkeys(features, seq_len))
   return _PackedIterDataset(packed)

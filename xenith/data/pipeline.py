@@ -6,8 +6,10 @@
 
 Each batch is a dict of int32 arrays [per_process_batch, max_seq_len]: `inputs`
 (each document is BOS + tokens + EOS), `segment_ids` and `positions` (see
-`packing.py`). The trainer predicts inputs[t+1] from inputs[..t] where segment ids
-agree, so there are no separate targets.
+`packing.py`), and with language adapters on `languages`: each token's document's
+language id (`language_ids`; 0 in padding and for documents without a language). The
+trainer predicts inputs[t+1] from inputs[..t] where segment ids agree, so there are no
+separate targets.
 
 Everything runs in the calling process (no grain worker processes), so an
 iterator restored from `get_state()` continues exactly where it stopped.
@@ -32,31 +34,61 @@ from xenith.data import unigram
 from xenith.errors import DataError
 
 Batch = dict[str, np.ndarray]  # Each value: int32 [per_process_batch, max_seq_len].
-FEATURES = ('inputs', 'segment_ids', 'positions')
+FEATURES = ('inputs', 'segment_ids', 'positions')  # Plus 'languages' with language adapters.
 
 # Tokenization runs ahead of the train loop in background threads (the state
 # still records exactly which passages were consumed).
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 
 
+def language_ids(config) -> dict[str, int] | None:
+  """{language name: id} for `languages` (the i-th name of
+  config.model.language_adapters.languages has id i, as in
+  xenith/model/language_adapters.py); None when the adapters are off (no `languages`)."""
+  settings = config.model.get('language_adapters')
+  names = settings.languages if settings is not None else ()
+  return {name: i for i, name in enumerate(names, 1)} if names else None
+
+
+def _check_languages(config, data: text_dataset.PreparedData) -> None:
+  """Every document's language is in the config's list (or absent)."""
+  ids = language_ids(config)
+  unknown = sorted(set(data.languages) - set(ids or {}) - {''})
+  if ids is not None and unknown:
+    raise DataError(f'The data has documents in languages {unknown} that '
+                    'config.model.language_adapters.languages='
+                    f'{tuple(ids)} does not list; add them there.')
+
+
+def _as_str(value) -> str:
+  # A TFDS data source gives bytes; tfds.testing.mock_data gives str.
+  return value.decode() if isinstance(value, bytes) else value
+
+
 class _Tokenize:
   """{'text': bytes, ...} -> {'inputs': int32 [n + 2]}: BOS + tokens + EOS; with
-  `language_tags`, BOS + the detected tag (<HIN>/<ENG>/<MIX>) + tokens + EOS."""
+  `language_tags`, BOS + the detected tag (<HIN>/<ENG>/<MIX>) + tokens + EOS; with
+  `languages` ({name: id}) also {'languages': int32 [n + 2]}, the record's language id
+  at every token (0 for a record without one)."""
 
-  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, language_tags: bool = False):
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer,
+               languages: dict[str, int] | None = None, language_tags: bool = False):
     self._tokenizer = tokenizer
+    self._languages = languages
     self._tags = ({lang: tokenizer.piece_id(tag) for lang, tag in language_id.TAGS.items()}
                   if language_tags else None)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    text = record['text']
-    # A TFDS data source gives bytes; tfds.testing.mock_data gives str.
-    text = text.decode() if isinstance(text, bytes) else text
+    text = _as_str(record['text'])
     tok = self._tokenizer
     # The tag is its id, not text: '<HIN>' + text would change how the text's start encodes.
     tag = [self._tags[language_id.detect(text)]] if self._tags else []
-    ids = [tok.bos_id, *tag, *tok.encode(text), tok.eos_id]
-    return {'inputs': np.asarray(ids, np.int32)}
+    ids = np.asarray([tok.bos_id, *tag, *tok.encode(text), tok.eos_id], np.int32)
+    if self._languages is None:
+      return {'inputs': ids}
+    # `_check_languages` has rejected names that are not in the list.
+    language = self._languages.get(_as_str(record.get('language', '')), 0)
+    return {'inputs': ids, 'languages': np.full_like(ids, language)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +139,9 @@ class Datasets:
         return
       mine = chunk[first:first + self.batch_size]
       batch = {k: np.zeros((self.batch_size, self.seq_len), np.int32)
-               for k in FEATURES}
+               for k in chunk[0]}  # FEATURES, and 'languages' if the rows have it.
       for i, row in enumerate(mine):
-        for k in FEATURES:
+        for k in batch:
           batch[k][i] = row[k]
       yield batch
 
@@ -124,8 +156,13 @@ class _Rows:
     return {k: v[self._start:self._stop] for k, v in batch.items()}
 
 
+def _features(languages) -> tuple[str, ...]:
+  return ('inputs',) if languages is None else ('inputs', 'languages')
+
+
 def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                    process_index: int, process_count: int,
+                   languages: dict[str, int] | None = None,
                    language_tags: bool = False) -> grain.IterDataset:
   """Infinite packed batches, reshuffled every epoch: this process's rows of each
   global batch.
@@ -140,8 +177,9 @@ def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int
   # changes every epoch. Hashing config.seed keeps runs with seeds s and s + 1
   # from replaying each other's epochs one epoch apart.
   shuffle_seed = int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
-  ds = ds.shuffle(seed=shuffle_seed).repeat().map(_Tokenize(tokenizer, language_tags))
-  rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
+  ds = ds.shuffle(seed=shuffle_seed).repeat().map(
+      _Tokenize(tokenizer, languages, language_tags))
+  rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, _features(languages))
   batches = rows.batch(batch_size * process_count, drop_remainder=True)
   if process_count == 1:
     return batches
@@ -150,9 +188,10 @@ def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int
 
 
 def _validation_rows(split, tokenizer, seq_len: int,
+                     languages: dict[str, int] | None = None,
                      language_tags: bool = False) -> grain.IterDataset:
-  ds = grain.MapDataset.source(split).map(_Tokenize(tokenizer, language_tags))
-  return packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
+  ds = grain.MapDataset.source(split).map(_Tokenize(tokenizer, languages, language_tags))
+  return packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, _features(languages))
 
 
 def _check_settings(config, process_index: int, process_count: int) -> None:
@@ -203,6 +242,7 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
                                           process_count=process_count, tokenizer=tokenizer)
   cache = cache_lib.cache_dir(config.data)
   data = _prepare(config, cache)
+  _check_languages(config, data)
   tokenizer = tokenizer or _text_tokenizer(config, cache, data)
   token_stats = unigram.token_stats(data.train, data.validation, tokenizer,
                                     cache, data.fingerprint)
@@ -210,7 +250,8 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
   train = _train_batches(
       data.train, tokenizer, seq_len=config.max_seq_len, batch_size=batch_size,
       seed=config.seed, process_index=process_index,
-      process_count=process_count, language_tags=_language_tags(config))
+      process_count=process_count, languages=language_ids(config),
+      language_tags=_language_tags(config))
   return Datasets(
       tokenizer=tokenizer,
       train=train,
@@ -221,7 +262,8 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
       batch_size=batch_size,
       seq_len=config.max_seq_len,
       _validation_rows=_validation_rows(data.validation, tokenizer,
-                                        config.max_seq_len, _language_tags(config)),
+                                        config.max_seq_len, language_ids(config),
+                                        _language_tags(config)),
       _process_index=process_index,
       _process_count=process_count,
   )

@@ -23,7 +23,14 @@ from xenith.errors import DataError
 from xenith.data.sources import Source
 
 # Bump when the stored format or the passage / split rules change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each passage stores its document's language.
+
+
+def _passages(folder: pathlib.Path, **read_options):
+  """Yields (source, passage, language) for each passage of the folder's documents."""
+  for doc in documents.read_folder(folder, **read_options):
+    for passage in passages_lib.split_passages(doc.text):
+      yield doc.source, passage, doc.language
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +42,12 @@ class SplitPlan:
     forced_validation: (source, passage hash) of the one passage sent to
       validation when the hash test picked none; None when it picked some.
     stats: counts, stored as the dataset's metadata.
+    languages: the documents' "language" names, sorted ('' for documents without one).
   """
   fraction: float
   forced_validation: tuple[str, float] | None
   stats: dict[str, int]
+  languages: tuple[str, ...] = ()
 
   def is_validation(self, source: str, text: str) -> bool:
     h = passages_lib.passage_hash(source, text)
@@ -54,8 +63,9 @@ def plan_splits(folder: pathlib.Path, fraction: float) -> SplitPlan:
   doc_stats = documents.DocumentStats()
   counts = {'train': 0, 'validation': 0}
   smallest = None  # (hash, source) of the passage most eligible for validation.
-  for source, text in passages_lib.iter_passages(
-      documents.read_folder(folder, doc_stats)):
+  languages = set()
+  for source, text, language in _passages(folder, stats=doc_stats):
+    languages.add(language)
     h = passages_lib.passage_hash(source, text)
     counts['validation' if h < fraction else 'train'] += 1
     if smallest is None or h < smallest[0]:
@@ -77,7 +87,7 @@ def plan_splits(folder: pathlib.Path, fraction: float) -> SplitPlan:
       'train_passages': counts['train'],
       'validation_passages': counts['validation'],
   }
-  return SplitPlan(fraction, forced, stats)
+  return SplitPlan(fraction, forced, stats, tuple(sorted(languages)))
 
 
 class XenithPassages(tfds.core.GeneratorBasedBuilder):
@@ -107,6 +117,7 @@ class XenithPassages(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             'text': tfds.features.Text(),
             'source': tfds.features.Text(),
+            'language': tfds.features.Text(),  # The document's ('' = none).
         }),
         # Records keep document order; grain shuffles at read time.
         disable_shuffling=True,
@@ -118,26 +129,27 @@ class XenithPassages(tfds.core.GeneratorBasedBuilder):
     if self._folder is None or self._plan is None:
       raise DataError('XenithPassages can only be prepared through prepare().')
     self.info.metadata.update(self._plan.stats)
+    self.info.metadata['languages'] = list(self._plan.languages)
     return {
         'train': self._generate_examples(validation=False),
         'validation': self._generate_examples(validation=True),
     }
 
   def _generate_examples(self, validation: bool):
-    for i, (source, text) in enumerate(
-        passages_lib.iter_passages(
-            documents.read_folder(self._folder, log_skips=False))):
+    for i, (source, text, language) in enumerate(_passages(self._folder, log_skips=False)):
       if self._plan.is_validation(source, text) == validation:
-        yield i, {'text': text, 'source': source}
+        yield i, {'text': text, 'source': source, 'language': language}
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
-  """The prepared splits (random-access sequences of {'text', 'source'} bytes)."""
+  """The prepared splits (random-access sequences of {'text', 'source', 'language'}
+  bytes); `languages`: the documents' language names ('' = none), sorted."""
   fingerprint: str
   train: object
   validation: object
   stats: dict[str, int]
+  languages: tuple[str, ...] = ()
 
 
 def fingerprint(source: Source, validation_fraction: float) -> str:
@@ -179,7 +191,9 @@ def prepare(source: Source, validation_fraction: float,
   splits = tfds.data_source('xenith_passages', data_dir=data_dir,
                             download=False)
   builder = XenithPassages(data_dir=data_dir)
-  stats = {k: int(v) for k, v in builder.info.metadata.items()}
+  metadata = dict(builder.info.metadata)
+  languages = tuple(metadata.pop('languages', ()))
+  stats = {k: int(v) for k, v in metadata.items()}
   stats['train_passages'] = len(splits['train'])
   stats['validation_passages'] = len(splits['validation'])
-  return PreparedData(fp, splits['train'], splits['validation'], stats)
+  return PreparedData(fp, splits['train'], splits['validation'], stats, languages)

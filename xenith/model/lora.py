@@ -23,7 +23,8 @@ weight gradient to reach A and B. As the adapter is folded into the weight there
 input to drop: `lora.dropout` must be 0 when 'experts' has adapters (config_validation
 rejects it); it works on the other targets.
 
-Adapter params are those whose name ends in `lora_a` / `lora_b` (`is_adapter`);
+Adapter params (`is_adapter`) are those whose name ends in `lora_a` / `lora_b`, and the
+language adapters' (`language_adapters.py`);
 `merge_lora` folds `lora_a` / `lora_b` into the `kernel` beside them and `<w>_lora_a` /
 `<w>_lora_b` into `<w>` (each at its own layer's scale), treating leading axes (the scan
 layer axis, the expert axis) as batch axes.
@@ -45,9 +46,12 @@ TARGETS = (
     'head',  # Untied output head (transformer.py); the tied head is the embedding.
     'experts',  # MoE experts' gate, up and down (moe.py), one adapter per expert.
 )
-# Adapter param names end in these (`lora_a` beside a `kernel`, `<w>_lora_a` beside a
-# param `<w>`); every other param is the base model.
+# LoRA adapter param names end in these (`lora_a` beside a `kernel`, `<w>_lora_a` beside
+# a param `<w>`).
 ADAPTER_PARAMS = ('lora_a', 'lora_b')
+# The language adapters' params (language_adapters.py). Params named by neither tuple
+# are the base model.
+LANGUAGE_ADAPTER_PARAMS = ('adapter_down', 'adapter_up')
 # Logical axis name of the rank axis (replicated: it is small).
 RANK_AXIS = 'lora_rank'
 
@@ -63,8 +67,12 @@ def enabled(model_config: ml_collections.ConfigDict) -> bool:
 
 
 def trains_only_adapters(model_config: ml_collections.ConfigDict) -> bool:
-  """Whether the base is frozen: adapters on and `lora.train_only_adapters`."""
-  return enabled(model_config) and bool(model_config.lora.train_only_adapters)
+  """Whether the base is frozen: LoRA adapters on and `lora.train_only_adapters`, or
+  language adapters (`language_adapters.py`) on and their `train_only_adapters`. All
+  adapters (`is_adapter`) then train, whichever kind asked."""
+  languages = model_config.get('language_adapters') if hasattr(model_config, 'get') else None
+  return ((enabled(model_config) and bool(model_config.lora.train_only_adapters))
+          or bool(languages and languages.languages and languages.train_only_adapters))
 
 
 def scale(model_config: ml_collections.ConfigDict, layer_name: str) -> float:
@@ -102,9 +110,9 @@ TRAINED_WITH_ADAPTERS = ('classifier',)
 
 
 def is_adapter_name(name: Any) -> bool:
-  """Whether `name`, one key of a param path, names an adapter param (or a module that
-  trains with the adapters, `TRAINED_WITH_ADAPTERS`)."""
-  return isinstance(name, str) and (name.endswith(ADAPTER_PARAMS)
+  """Whether `name`, one key of a param path, names an adapter param: LoRA factors,
+  language adapters, or a module that trains with them (`TRAINED_WITH_ADAPTERS`)."""
+  return isinstance(name, str) and (name.endswith(ADAPTER_PARAMS + LANGUAGE_ADAPTER_PARAMS)
                                     or name in TRAINED_WITH_ADAPTERS)
 
 

@@ -11,6 +11,7 @@ import ml_collections
 
 from xenith.model import attention
 from xenith.model import embed as embed_lib
+from xenith.model import language_adapters
 from xenith.model import layer_stacks
 from xenith.model import layers
 from xenith.model import lora
@@ -60,10 +61,14 @@ class DecoderBlock(nn.Module):
       x: jax.Array,
       segment_ids: jax.Array | None,
       positions: jax.Array,
+      languages: jax.Array | None,
       deterministic: bool,
       *attention_args,
   ) -> tuple[jax.Array, Any]:
     """x: [batch, seq, embed] -> (x, MoE router stats or None); `nn.scan`'s carry/output.
+
+    `languages` [batch, seq] (or None) picks each token's language adapter, if the
+    config has them (`language_adapters.py`).
 
     `attention_args` go to `attend` (here the KV cache length). When `attend` returns
     a record (memory attention) the second element is (record, stats).
@@ -80,6 +85,9 @@ class DecoderBlock(nn.Module):
       branch, stats = moe.MoeBlock(cfg, name='moe')(branch, segment_ids)
     else:
       branch, stats = mlp.Mlp(cfg, name='mlp')(branch), None
+    if language_adapters.enabled(cfg):
+      branch = language_adapters.LanguageAdapter(cfg, name='language_adapter')(
+          branch, languages)
     branch = nn.Dropout(cfg.dropout_rate)(branch, deterministic=deterministic)
     x = nn.with_logical_constraint(x + branch, EMBED_NAMES)
     return x, (stats if record is None else (record, stats))
@@ -91,7 +99,7 @@ class DecoderBlock(nn.Module):
 
 
 def block_class(config: ml_collections.FrozenConfigDict, block: type[nn.Module] = DecoderBlock,
-                static_argnums: tuple[int, ...] = (4, 5)) -> type[nn.Module]:
+                static_argnums: tuple[int, ...] = (5, 6)) -> type[nn.Module]:
   """`block` rematerialised per `config.remat`; `static_argnums` are its arguments that
   are Python values (self is argument 0; here `deterministic`, `cache_length`)."""
   if config.remat == 'none':
@@ -160,6 +168,7 @@ class Decoder(nn.Module):
       *,
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
+      languages: jax.Array | None = None,
       deterministic: bool = True,
       features_only: bool = False,
       cache_length: int = 0,
@@ -172,6 +181,8 @@ class Decoder(nn.Module):
         one document per row and no padding.
       positions: [batch, seq] int32 positions within each document; None =
         0..seq-1 in every row.
+      languages: [batch, seq] int32 language id of each token for the language
+        adapters (`language_adapters.py`; 0 = none); None = no adapter anywhere.
       deterministic: False enables dropout (needs the 'dropout' rng).
       features_only: give `features` (hidden, head) instead of logits, for a loss that
         applies the head itself (`chunked_loss.py`): hidden [batch, seq, embed] the
@@ -213,8 +224,8 @@ class Decoder(nn.Module):
 
     if cfg.scan_layers:
       for stack in layer_stacks.plan(cfg):
-        x, stats = self.scan_stack(stack, block, x, segment_ids, positions, deterministic,
-                                   cache_length)
+        x, stats = self.scan_stack(stack, block, x, segment_ids, positions, languages,
+                                   deterministic, cache_length)
         for r in range(stack.repeats):
           for j in range(stack.unit):
             if stats[j] is not None:
@@ -224,7 +235,7 @@ class Decoder(nn.Module):
       for i in range(cfg.num_layers):
         x, stats = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i,
                          name=f'block_{i}')(
-            x, segment_ids, positions, deterministic, cache_length)
+            x, segment_ids, positions, languages, deterministic, cache_length)
         if stats is not None:
           moe_stats[f'layer_{i}'] = stats
     return self.output_head(x, embed, features_only, segment_ids).replace(

@@ -39,6 +39,7 @@ import jax
 import ml_collections
 
 from xenith import sharding
+from xenith.model import language_adapters
 from xenith.model import layer_stacks
 from xenith.model import memory
 from xenith.model.build import make_model
@@ -60,9 +61,10 @@ def child_environment(environ: dict[str, str], num_devices: int) -> dict[str, st
           'TF_CPP_MIN_LOG_LEVEL': environ.get('TF_CPP_MIN_LOG_LEVEL', '2')}
 
 
-def _abstract_batch(rows: int, seq_len: int, batch_sharding) -> dict:
+def _abstract_batch(rows: int, seq_len: int, batch_sharding, languages: bool = False) -> dict:
   spec = jax.ShapeDtypeStruct((rows, seq_len), jax.numpy.int32, sharding=batch_sharding)
-  return {'inputs': spec, 'segment_ids': spec, 'positions': spec}
+  batch = {'inputs': spec, 'segment_ids': spec, 'positions': spec}
+  return {**batch, 'languages': spec} if languages else batch  # Language adapters' ids.
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices, rows: int,
@@ -77,7 +79,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, rows: int,
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-    compiled = step.lower(state, _abstract_batch(rows, seq_len, batch_sharding), key).compile()
+    batch = _abstract_batch(rows, seq_len, batch_sharding,
+                            language_adapters.enabled(config.model))
+    compiled = step.lower(state, batch, key).compile()
   return compiled, state
 
 

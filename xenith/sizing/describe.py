@@ -3,8 +3,9 @@
 `python main.py --config=experiments/xenith_mini.py --mode=describe --num_devices=16`
 prints total and active parameters, training and inference FLOPs per token, memory for
 params and optimizer state, and that memory per device on the configured mesh. With LoRA
-it also counts the adapter params per target (each at its target's rank); with a frozen
-base (`lora.train_only_adapters`) gradients and AdamW state count the adapters only.
+it also counts the adapter params per target (each at its target's rank), language
+adapters (`language_adapter`, at their bottleneck) among them; with a frozen base
+(`lora.trains_only_adapters`) gradients and AdamW state count the adapters only.
 """
 
 import math
@@ -17,11 +18,13 @@ import ml_collections
 
 from xenith.sizing import flops
 from xenith import sharding
+from xenith.model import language_adapters
 from xenith.model import lora
 from xenith.model import memory
 from xenith.model.build import make_model
 
 GIB = 2.0**30
+LANGUAGE_TARGET = 'language_adapter'  # The language adapters' module (language_adapters.py).
 
 
 def _boxed_params(model_config: ml_collections.ConfigDict) -> Any:
@@ -46,7 +49,8 @@ def _leaves(boxed):
 
 def _adapter_target(path) -> str | None:
   """The LoRA target of an adapter param (the module holding it, e.g. 'query' for
-  `.../query/lora_a`, 'experts' for `.../experts/gate_lora_a`); None for a base param."""
+  `.../query/lora_a`, 'experts' for `.../experts/gate_lora_a`, 'language_adapter' for a
+  language adapter's); None for a base param."""
   keys = [getattr(k, 'key', None) for k in path]
   return keys[-2] if lora.is_adapter_name(keys[-1]) else None
 
@@ -94,17 +98,21 @@ def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, f
   attention_per_token = flops.attention_flops_per_token(m, seq)  # Forward.
   param_bytes = 4  # Params are float32 whatever the compute dtype.
   adapters = sum(adapters_by_target.values())
-  adapters_by_target = {t: adapters_by_target[t] for t in lora.TARGETS
+  adapters_by_target = {t: adapters_by_target[t] for t in lora.TARGETS + (LANGUAGE_TARGET,)
                         if t in adapters_by_target}  # In `lora.TARGETS` order.
+  ranks = lora.ranks(m)
+  if language_adapters.enabled(m):
+    ranks[LANGUAGE_TARGET] = m.language_adapters.bottleneck_dim
   # A frozen base gets no optimizer state and no gradients (stop_gradient: lora.frozen_base).
   frozen = lora.trains_only_adapters(m)
   trained, trained_shard = (adapters, adapter_shard) if frozen else (total, shard)
   return {
       'total_params': total,
       'active_params': active,
-      'adapter_params': adapters,  # LoRA; 0 without adapters.
+      'adapter_params': adapters,  # LoRA and language adapters; 0 without adapters.
       'adapter_params_by_target': adapters_by_target,  # {target: params}, e.g. 'query'.
-      'adapter_ranks': lora.ranks(m),  # {target: rank} of the targets with adapters.
+      # {target: rank} of the targets with adapters (language_adapter: its bottleneck).
+      'adapter_ranks': ranks,
       'trained_params': trained,
       'train_flops_per_token': 6 * matmul_active + 3 * attention_per_token,
       'inference_flops_per_token': 2 * matmul_active + attention_per_token,
@@ -144,8 +152,11 @@ def format_description(name: str, d: dict[str, Any]) -> str:
        f'{d["per_device_train_state_gib"]:,.2f} GiB'),
   ]
   if d.get('adapter_params'):
-    rows[2:2] = [('LoRA adapter parameters', f'{d["adapter_params"] / 1e6:,.2f} M')] + [
-        (f'  {t} (rank {d["adapter_ranks"][t]})', f'{n / 1e6:,.2f} M')
+    rank = lambda t: 'bottleneck' if t == LANGUAGE_TARGET else 'rank'
+    title = ('adapter parameters' if LANGUAGE_TARGET in d['adapter_params_by_target']
+             else 'LoRA adapter parameters')
+    rows[2:2] = [(title, f'{d["adapter_params"] / 1e6:,.2f} M')] + [
+        (f'  {t} ({rank(t)} {d["adapter_ranks"][t]})', f'{n / 1e6:,.2f} M')
         for t, n in d['adapter_params_by_target'].items()] + [
         ('trained parameters (gradients, AdamW state)', _count(d['trained_params']))]
   width = max(len(k) for k, _ in rows)

@@ -43,7 +43,10 @@ def next_token_losses(logits: jax.Array, inputs: jax.Array, segment_ids: jax.Arr
 
 
 def _model_inputs(batch):
-  return dict(segment_ids=batch['segment_ids'], positions=batch['positions'])
+  inputs = dict(segment_ids=batch['segment_ids'], positions=batch['positions'])
+  if 'languages' in batch:  # Language adapters' ids (language_adapters.py).
+    inputs['languages'] = batch['languages']
+  return inputs
 
 
 def loss_chunk_size(model: nn.Module) -> int:

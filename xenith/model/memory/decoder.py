@@ -91,7 +91,7 @@ class MemoryDecoder(transformer.Decoder):
       check_state(cfg, memory, batch)
     embed = self.make_embed()
     x_all = nn.with_logical_constraint(embed(inputs), transformer.EMBED_NAMES)
-    block = transformer.block_class(cfg, MemoryBlock, static_argnums=(4,))
+    block = transformer.block_class(cfg, MemoryBlock, static_argnums=(5,))
     if decode:
       if segment_ids is not None or positions is not None:
         raise ValueError('Decoding with memory takes neither segment_ids nor positions '
@@ -178,8 +178,8 @@ class MemoryDecoder(transformer.Decoder):
         # The unit's j-th layers are every unit-th layer of the stack: a strided slice.
         sliced = tuple(jax.tree.map(lambda a, j=j: a[stack.first + j:stack.end:stack.unit],
                                     per_layer) for j in range(stack.unit))
-        x, outs = module.scan_stack(stack, block, x, segment_ids, positions, deterministic,
-                                    shared, sliced, per_layer_last=True)
+        x, outs = module.scan_stack(stack, block, x, segment_ids, positions, None,
+                                    deterministic, shared, sliced, per_layer_last=True)
         records = [record for record, _ in outs]  # Per unit position, [repeats, ...].
         # [repeats, unit, ...] -> layer order (first + repeat * unit + j), no per-layer copies.
         keys.append(_layer_order([r.keys for r in records]))
@@ -197,7 +197,7 @@ class MemoryDecoder(transformer.Decoder):
       for i in range(cfg.num_layers):
         blk = block(cfg, use_moe=moe.is_moe_layer(cfg, i), layer=i, name=f'block_{i}',
                     parent=module)
-        x, (record, stats) = blk(x, segment_ids, positions, deterministic, shared,
+        x, (record, stats) = blk(x, segment_ids, positions, None, deterministic, shared,
                                  jax.tree.map(lambda a, i=i: a[i], per_layer))
         records.append(record)
         if record.mass is not None:
