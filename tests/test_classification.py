@@ -184,6 +184,32 @@ def test_label_folders_and_held_out_split(tmp_path):
       e.text for e in splits['validation']]
 
 
+def test_language_fields_pick_language_adapters(tmp_path):
+  """With language adapters on, each row's `languages` is its record's language id on its
+  tokens and 0 on padding; an unlisted language is one error before any tokenizing."""
+  records = [{'text': f'word {i} ' * (i + 1), 'label': 'ab'[i % 2],
+              'language': ['hin', 'eng', ''][i % 3]} for i in range(12)]
+  _write_jsonl(tmp_path / 'train.jsonl', records)
+  _write_jsonl(tmp_path / 'validation.jsonl', records[:4])
+  config = _labelled_config(tmp_path)
+  config.model.language_adapters.languages = ('eng', 'hin')
+  config.global_batch_size, config.max_seq_len, config.model.vocab_size = 4, 64, 300
+  datasets = labelled.create_datasets(config)
+  ids = {'eng': 1, 'hin': 2, '': 0}
+  for batch in [next(iter(datasets.train)), *datasets.eval_batches()]:
+    for row in range(4):
+      if batch['labels'][row] < 0:
+        continue
+      tokens = batch['inputs'][row].tolist()
+      n = int(batch['segment_ids'][row].sum())
+      text = datasets.tokenizer.decode(tokens[:n])
+      want = next(ids[r['language']] for r in records if r['text'].strip() == text.strip())
+      assert batch['languages'][row].tolist() == [want] * n + [0] * (len(tokens) - n)
+  config.model.language_adapters.languages = ('eng',)
+  with pytest.raises(DataError, match="language 'hin' is not in"):
+    labelled.create_datasets(config)
+
+
 def test_bucketed_batches_cover_every_example_and_resume(tmp_path):
   """Each window of 32 batches holds every example equally often; rows are padded to the
   smallest bucket; the state resumes the exact next batch."""

@@ -33,6 +33,7 @@ from xenith.model import classifier
 from xenith.train import checkpointing
 from xenith.train import classification
 from xenith.train import run_record
+from xenith.train import steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,22 +65,32 @@ class Classifier:
     self.params = checkpointing.load_params(item, nn.unbox(shapes)['params'])
     self._buckets = labelled.bucket_lengths(
         config.max_seq_len, classification.bucket_multiple(config.model))
-    self._apply = jax.jit(lambda params, batch: jax.nn.softmax(self.model.apply(
-        {'params': params}, batch['inputs'], segment_ids=batch['segment_ids'],
-        positions=batch['positions'], method='forward').class_logits, axis=-1))
+    self._languages = pipeline.language_ids(config)  # With language adapters on.
+    self._apply = jax.jit(lambda params, batch: jax.nn.softmax(steps.apply_model(
+        self.model, params, batch)[0], axis=-1))
 
-  def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
-    """Each text's label and probabilities, in the order given."""
+  def predict(self, texts: Sequence[str], batch_size: int = 32,
+              languages: Sequence[str] | None = None) -> list[Prediction]:
+    """Each text's label and probabilities, in the order given; `languages` (a name per
+    text) picks each text's language adapter, when the model has them."""
     texts = list(texts)
-    examples = [labelled.Example(t, self.labels[0], f'text {i}') for i, t in enumerate(texts)]
+    languages = list(languages) if languages is not None else [''] * len(texts)
+    if len(languages) != len(texts):
+      raise ValueError(f'{len(languages)} languages for {len(texts)} texts.')
+    unknown = sorted(set(languages) - set(self._languages or {}) - {''})
+    if unknown:
+      raise DataError(f'Languages {unknown} have no adapter in this model (its languages: '
+                      f'{tuple(self._languages or ())}).')
+    examples = [labelled.Example(t, self.labels[0], f'text {i}', language)
+                for i, (t, language) in enumerate(zip(texts, languages))]
     encoded = labelled.encode(examples, self.labels, self.tokenizer, self.config.max_seq_len,
-                              'input')
+                              'input', self._languages)
     order = np.argsort([len(r) for r in encoded.rows], kind='stable')
     probabilities = np.zeros((len(texts), len(self.labels)), np.float32)
     for start in range(0, len(order), batch_size):
       ids = order[start:start + batch_size]
       batch = labelled.pad_batch([encoded.rows[i] for i in ids], [0] * len(ids),
-                                 len(ids), self._buckets)
+                                 len(ids), self._buckets, encoded.languages_of(ids))
       probabilities[ids] = np.asarray(self._apply(self.params, batch))
     return [Prediction(self.labels[int(np.argmax(p))],
                        {label: float(q) for label, q in zip(self.labels, p)})

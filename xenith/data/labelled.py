@@ -17,7 +17,8 @@ of a longer one; the count is logged), padded with zeros to the shortest length 
 that fits the longest row (`bucket_lengths`), so a batch of short documents costs a
 short step. Each batch is a dict: `inputs`, `segment_ids` (1 on the document, 0 on
 padding), `positions` int32 [batch, bucket]; `labels` int32 [batch] (-1 = an empty
-padding row, which counts nowhere).
+padding row, which counts nowhere); with language adapters on, `languages` [batch,
+bucket] (each row's "language" field's id, 0 on padding and for none).
 """
 
 import dataclasses
@@ -33,6 +34,7 @@ import numpy as np
 
 from xenith.data import cache as cache_lib
 from xenith.data import documents
+from xenith.data import pipeline
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.errors import DataError
 
@@ -53,6 +55,7 @@ class Example:
   text: str
   label: str
   where: str  # 'file:line' or a file path, for error messages.
+  language: str = ''  # A .jsonl record's "language" (picks its language adapter), or ''.
 
 
 def data_folder(data_config, cache: pathlib.Path) -> pathlib.Path:
@@ -92,7 +95,11 @@ def _jsonl_examples(path: pathlib.Path) -> list[Example]:
         got = 'missing' if field not in record else f'{type(value).__name__} {value!r}'
         raise DataError(f'{where}: "{field}" must be a {"non-empty " * (field == "label")}'
                         f'string (got {got}).')
-    examples.append(Example(record['text'], record['label'].strip(), where))
+    language = record.get('language', '')
+    if not isinstance(language, str):
+      raise DataError(f'{where}: "language" must be a string (got '
+                      f'{type(language).__name__}).')
+    examples.append(Example(record['text'], record['label'].strip(), where, language))
   return examples
 
 
@@ -189,13 +196,19 @@ def bucket_lengths(max_seq_len: int, multiple: int = 1) -> list[int]:
   return sorted(x for x in lengths | {max_seq_len} if x <= max_seq_len)
 
 
-def pad_batch(rows: list[np.ndarray], labels: list[int], size: int, buckets: list[int]):
-  """Rows (token arrays) and labels -> a padded batch of `size` rows (see module doc)."""
+def pad_batch(rows: list[np.ndarray], labels: list[int], size: int, buckets: list[int],
+              languages: list[int] | None = None):
+  """Rows (token arrays) and labels -> a padded batch of `size` rows (see module doc);
+  with `languages` (an id per row) also `languages` [size, length] (0 on padding)."""
   longest = max((len(r) for r in rows), default=1)
   length = next(b for b in buckets if b >= longest)
   batch = {k: np.zeros((size, length), np.int32) for k in ('inputs', 'segment_ids',
                                                           'positions')}
   batch['labels'] = np.full((size,), -1, np.int32)
+  if languages is not None:
+    batch['languages'] = np.zeros((size, length), np.int32)
+    for i, (row, language) in enumerate(zip(rows, languages)):
+      batch['languages'][i, :len(row)] = language
   for i, (row, label) in enumerate(zip(rows, labels)):
     batch['inputs'][i, :len(row)] = row
     batch['segment_ids'][i, :len(row)] = 1
@@ -243,7 +256,7 @@ class TrainIterator:
     if self._index == _WINDOW_BATCHES:
       self._window, self._index, self._batches = self._window + 1, 0, None
     return pad_batch([self._ex.rows[i] for i in ids], [self._ex.labels[i] for i in ids],
-                  self._size, self._buckets)
+                     self._size, self._buckets, self._ex.languages_of(ids))
 
   def get_state(self) -> dict[str, int]:
     return {'window': self._window, 'batch': self._index}
@@ -259,10 +272,16 @@ class Encoded:
   rows: list[np.ndarray]
   labels: list[int]
   truncated: int  # Documents cut to max_seq_len.
+  languages: list[int] | None = None  # Language ids per row, with language adapters on.
+
+  def languages_of(self, ids) -> list[int] | None:
+    return None if self.languages is None else [self.languages[i] for i in ids]
 
 
 def encode(examples: list[Example], labels: list[str], tokenizer, max_seq_len: int,
-           split: str) -> Encoded:
+           split: str, languages: dict[str, int] | None = None) -> Encoded:
+  """Tokenizes `examples`; `languages` ({name: id}, `pipeline.language_ids`) gives each
+  its language adapter's id (0 for none)."""
   index = {label: i for i, label in enumerate(labels)}
   ids = tokenizer.encode_batch([e.text for e in examples])
   keep = max_seq_len - 2
@@ -272,7 +291,8 @@ def encode(examples: list[Example], labels: list[str], tokenizer, max_seq_len: i
     logging.warning('%d of %d %s documents are longer than max_seq_len=%d tokens: '
                     'truncated to their first %d tokens.', truncated, len(ids), split,
                     max_seq_len, keep)
-  return Encoded(rows, [index[e.label] for e in examples], truncated)
+  ids_of = None if languages is None else [languages.get(e.language, 0) for e in examples]
+  return Encoded(rows, [index[e.label] for e in examples], truncated, ids_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +330,7 @@ class Datasets:
     for b in range(count if num_batches < 0 else min(count, num_batches)):
       ids = order[b * global_rows:(b + 1) * global_rows][first:first + self.batch_size]
       yield pad_batch([val.rows[i] for i in ids], [val.labels[i] for i in ids],
-                   self.batch_size, self._buckets)
+                      self.batch_size, self._buckets, val.languages_of(ids))
 
   @property
   def validation_labels(self) -> np.ndarray:
@@ -321,7 +341,7 @@ def _fingerprint(splits, labels) -> str:
   h = hashlib.sha256(json.dumps(labels).encode())
   for split in SPLITS:
     for e in splits[split]:
-      h.update(f'{split}\0{e.label}\0{e.text}\0'.encode())
+      h.update(f'{split}\0{e.label}\0{e.language}\0{e.text}\0'.encode())
   return h.hexdigest()[:32]
 
 
@@ -337,15 +357,21 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
   folder = data_folder(config.data, cache)
   splits = read_splits(folder, config.data.validation_fraction, config.seed)
   labels = label_set(splits, tuple(config.classification.labels))
+  languages = pipeline.language_ids(config)
+  if languages is not None:
+    for e in splits['train'] + splits['validation']:
+      if e.language and e.language not in languages:
+        raise DataError(f'{e.where}: language {e.language!r} is not in '
+                        f'config.model.language_adapters.languages {tuple(languages)}.')
   fingerprint = _fingerprint(splits, labels)
   if tokenizer is None:
     records = [{'text': e.text.encode()} for e in splits['train']]
     tokenizer = tokenizer_lib.load_tokenizer(
         config.data.tokenizer, vocab_size=config.model.vocab_size, cache=cache,
         train_split=records, fingerprint=f'labelled-{fingerprint}')
-  train = encode(splits['train'], labels, tokenizer, config.max_seq_len, 'train')
+  train = encode(splits['train'], labels, tokenizer, config.max_seq_len, 'train', languages)
   validation = encode(splits['validation'], labels, tokenizer, config.max_seq_len,
-                      'validation')
+                      'validation', languages)
   counts = {split: {label: 0 for label in labels} for split in SPLITS}
   for split, enc in (('train', train), ('validation', validation)):
     for i in enc.labels:

@@ -196,13 +196,16 @@ class Evaluator:
     logging.info('Confusion matrix at step %d: %s.png', step, stem)
 
 
-def batch_shardings(batch_sharding):
-  """Shardings of a classification batch: [batch, seq] features and [batch] labels."""
+def batch_shardings(batch_sharding, config):
+  """Shardings of a classification batch: [batch, seq] features (`languages` too with
+  language adapters on) and [batch] labels."""
   spec = batch_sharding.spec
   rows = jax.sharding.NamedSharding(batch_sharding.mesh,
                                     jax.sharding.PartitionSpec(spec[0]))
-  return {'inputs': batch_sharding, 'segment_ids': batch_sharding,
-          'positions': batch_sharding, 'labels': rows}
+  features = ('inputs', 'segment_ids', 'positions')
+  if pipeline.language_ids(config) is not None:
+    features += ('languages',)
+  return {**{k: batch_sharding for k in features}, 'labels': rows}
 
 
 def bucket_multiple(model_config) -> int:

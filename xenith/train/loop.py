@@ -151,7 +151,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         config, process_index=block, process_count=blocks,
         tokenizer=tokenizer or classification.base_tokenizer(config),
         bucket_multiple=classification.bucket_multiple(config.model))
-    batch_sharding = classification.batch_shardings(batch_sharding)
+    batch_sharding = classification.batch_shardings(batch_sharding, config)
     model = classifier.make_classifier(config, len(datasets.labels))
   else:
     datasets = pipeline.create_datasets(
