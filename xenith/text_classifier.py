@@ -119,14 +119,8 @@ def read_texts(path: str) -> list[str]:
     texts = [line for line in text.split('\n') if line.strip()]
   else:
     texts = []
-    for lineno, line in enumerate(text.split('\n'), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{file}:{lineno}: malformed JSON ({e.msg}).') from None
-      if not isinstance(record, dict) or not isinstance(record.get('text'), str):
+    for lineno, record in documents.jsonl_records(file, text):
+      if not isinstance(record.get('text'), str):
         raise DataError(f'{file}:{lineno}: expected a JSON object with a string "text".')
       texts.append(record['text'])
   if not texts:

@@ -106,8 +106,9 @@ def decode_file(path: pathlib.Path) -> str:
   return _decode(path, path.read_bytes())
 
 
-def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str, str]]:
-  """Yields (line number, text, language) of each record; blank lines are not records."""
+def jsonl_records(path: pathlib.Path, text: str) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, JSON object) of each line of a .jsonl file's `text`; blank lines
+  are not records. DataError (naming the line) on malformed JSON or a non-object."""
   for lineno, line in enumerate(text.split('\n'), 1):
     if not line.strip():
       continue
@@ -116,7 +117,16 @@ def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str, str]
     except json.JSONDecodeError as e:
       raise DataError(f'{path}:{lineno}: malformed JSON ({e.msg} at column '
                       f'{e.colno}).') from None
-    if not isinstance(record, dict) or 'text' not in record:
+    if not isinstance(record, dict):
+      raise DataError(f'{path}:{lineno}: expected a JSON object, got '
+                      f'{type(record).__name__}.')
+    yield lineno, record
+
+
+def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str, str]]:
+  """Yields (line number, text, language) of each record."""
+  for lineno, record in jsonl_records(path, text):
+    if 'text' not in record:
       raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" '
                       'field.')
     if not isinstance(record['text'], str):

@@ -79,16 +79,8 @@ def data_folder(data_config, cache: pathlib.Path) -> pathlib.Path:
 def _jsonl_examples(path: pathlib.Path) -> list[Example]:
   examples = []
   text = documents.decode_file(path)
-  for lineno, line in enumerate(text.split('\n'), 1):
-    if not line.strip():
-      continue
+  for lineno, record in documents.jsonl_records(path, text):
     where = f'{path}:{lineno}'
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f'{where}: malformed JSON ({e.msg} at column {e.colno}).') from None
-    if not isinstance(record, dict):
-      raise DataError(f'{where}: expected a JSON object with "text" and "label".')
     for field in ('text', 'label'):
       value = record.get(field)
       if not isinstance(value, str) or (field == 'label' and not value.strip()):
