@@ -69,3 +69,24 @@ def test_a_resume_on_changed_data_stops_unless_allowed(tmp_path):
   config.data.source, config.data.path = 'folder', str(corpus)
   config.data.cache_dir, config.model.vocab_size = str(cache), VOCAB
   assert pipeline.load_tokenizer(config, str(workdir)).model_proto == pinned
+
+
+def test_fields_added_since_the_record_count_as_their_defaults(tmp_path):
+  """A record written before a config field existed: the field at its default is no
+  change, at another value it is."""
+  from xenith.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  from xenith.train import run_record  # pylint: disable=g-import-not-at-top
+  config = default.get_config('size=tiny')
+  record = run_record.RunRecord(str(tmp_path))
+  flat = {k: v for k, v in run_record._flat(config).items()  # pylint: disable=protected-access
+          if not k.startswith('classification.') and k != 'task'}
+  record.record = {'config': flat}
+  record.check_config(config, ())
+  config.task = 'classification'
+  try:
+    record.check_config(config, ())
+  except WorkdirError as e:
+    assert "config.task (lm -> classification)" in str(e)
+  else:
+    raise AssertionError('a changed new field passed')
+

@@ -145,7 +145,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
   block, blocks = sharding.process_rows(batch_sharding, config.global_batch_size)
   # The run's own tokenizer, unless a new one is allowed in.
   tokenizer = None if 'tokenizer' in allow_changes else record.pinned_tokenizer()
-  classifying = config.task == 'classification'
+  classifying = config.get('task') == 'classification'
   if classifying:
     datasets = labelled.create_datasets(
         config, process_index=block, process_count=blocks,

@@ -46,6 +46,11 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {'.'.join(k): json.loads(json.dumps(v, default=str)) for k, v in flat.items()}
 
 
+def _default_flat() -> dict[str, Any]:
+  from xenith import config_defaults  # pylint: disable=g-import-not-at-top
+  return _flat(config_defaults.get_config())
+
+
 def _code_version() -> dict[str, Any]:
   """The git commit of the code (None outside a git checkout) and whether it had edits."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,10 +114,13 @@ class RunRecord:
                                    name=os.fspath(self.tokenizer_path))
 
   def check_config(self, config, allow: tuple[str, ...]) -> None:
-    """Stops (WorkdirError) when a config field differs from the record, unless allowed."""
+    """Stops (WorkdirError) when a config field differs from the record, unless allowed.
+    A field the record lacks (added to Xenith since) counts as its default there."""
     if self.record is None:
       return
     before, now = self.record['config'], _flat(config)
+    # A field added to Xenith since the record was written ran at its default then.
+    before = {**{k: v for k, v in _default_flat().items() if k not in before}, **before}
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and not _allowed(k, FREE_FIELDS))
     changed = [k for k in changed if not _allowed(k, allow)]
