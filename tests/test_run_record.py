@@ -86,7 +86,7 @@ def test_fields_added_since_the_record_count_as_their_defaults(tmp_path):
   try:
     record.check_config(config, ())
   except WorkdirError as e:
-    assert "config.task (lm -> classification)" in str(e)
+    assert "config.task ('lm' -> 'classification')" in str(e)
   else:
     raise AssertionError('a changed new field passed')
 
