@@ -13,7 +13,6 @@ a compiled step.
 
 import dataclasses
 import json
-import pathlib
 from typing import Iterable, Sequence
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from xenith import atomic_files
+from xenith import storage
 from xenith.data import documents
 from xenith.data import labelled
 from xenith.data import pipeline
@@ -111,8 +111,8 @@ def read_texts(path: str) -> list[str]:
     import sys  # pylint: disable=g-import-not-at-top
     lines = sys.stdin.read().split('\n')
     return [line for line in lines if line.strip()]
-  file = pathlib.Path(path).expanduser()
-  if not file.is_file():
+  file = storage.path(path, '--input')  # Local or gs://.
+  if not storage.is_file(file):
     raise DataError(f'--input={path}: no such file.')
   text = documents.decode_file(file)
   if file.suffix.lower() != '.jsonl':

@@ -53,6 +53,18 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[
   return out
 
 
+def _evaluate(eval_step, params, datasets, num_batches, batch_sharding) -> dict[str, float]:
+  total = None
+  for batch in datasets.eval_batches(num_batches):
+    metrics = eval_step(params, sharding.global_batch(batch, batch_sharding))
+    total = metrics if total is None else total.merge(metrics)
+  result = jax.device_get(total.compute())
+  loss = float(result['loss'])
+  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 80.0)),
+          'eval/accuracy': float(result['accuracy']),
+          **metrics_lib.moe_scalars('eval', result['moe'])}
+
+
 class _LmEvaluator:
   """Next-token loss, perplexity and accuracy over the validation split (`evaluate`)."""
 
@@ -63,15 +75,8 @@ class _LmEvaluator:
                          out_shardings=sharding.replicated(mesh))
 
   def evaluate(self, params, num_batches) -> tuple[dict[str, float], None]:
-    total = None
-    for batch in self._datasets.eval_batches(num_batches):
-      metrics = self._step(params, sharding.global_batch(batch, self._batch_sharding))
-      total = metrics if total is None else total.merge(metrics)
-    result = jax.device_get(total.compute())
-    loss = float(result['loss'])
-    return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 80.0)),
-            'eval/accuracy': float(result['accuracy']),
-            **metrics_lib.moe_scalars('eval', result['moe'])}, None
+    return _evaluate(self._step, params, self._datasets, num_batches,
+                     self._batch_sharding), None
 
   def write(self, writer, step: int, scalars: dict[str, float], extra) -> None:
     del extra
