@@ -52,10 +52,8 @@ def main() -> None:
   from xenith.data import language_id  # pylint: disable=g-import-not-at-top
   cache = cache_lib.cache_dir(config_defaults.get_config().data)
   folder = hinglish.build(cache)
-  splits = {}
-  for split in ('train', 'validation'):
-    with open(folder / f'{split}.jsonl', encoding='utf-8') as f:
-      splits[split] = [(r['text'], r['label']) for r in map(json.loads, f)]
+  splits = {split: [(r['text'], r['label']) for r in records]
+            for split, records in genre_bench.read_splits(folder).items()}
   train, validation = splits['train'], splits['validation']
   counts = {s: dict(sorted(collections.Counter(l for _, l in rows).items()))
             for s, rows in splits.items()}

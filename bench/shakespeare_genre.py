@@ -121,6 +121,15 @@ def xenith_rows(root: str, lm_corpus: str) -> tuple[dict, list[dict]]:
   return lm_metrics, rows
 
 
+def read_splits(folder) -> dict[str, list[dict]]:
+  """{'train': records, 'validation': records} of a labelled task's folder."""
+  splits = {}
+  for split in ('train', 'validation'):
+    with open(folder / f'{split}.jsonl', encoding='utf-8') as f:
+      splits[split] = [json.loads(line) for line in f]
+  return splits
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--skip_xenith', action='store_true',
@@ -136,10 +145,7 @@ def main() -> None:
   from xenith.data import shakespeare_genre as genre  # pylint: disable=g-import-not-at-top
   cache = cache_lib.cache_dir(config_defaults.get_config().data)
   folder = genre.build(cache)
-  splits = {}
-  for split in ('train', 'validation'):
-    with open(folder / f'{split}.jsonl', encoding='utf-8') as f:
-      splits[split] = [json.loads(line) for line in f]
+  splits = read_splits(folder)
   train = [(r['text'], r['label']) for r in splits['train']]
   validation = [(r['text'], r['label']) for r in splits['validation']]
   counts = {split: dict(sorted(collections.Counter(r['label'] for r in rows).items()))

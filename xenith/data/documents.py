@@ -132,11 +132,17 @@ def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str, str]
     if not isinstance(record['text'], str):
       raise DataError(f'{path}:{lineno}: field "text" must be a string, got '
                       f'{type(record["text"]).__name__}.')
-    language = record.get('language', '')
-    if not isinstance(language, str):
-      raise DataError(f'{path}:{lineno}: field "language" must be a string, got '
-                      f'{type(language).__name__}.')
-    yield lineno, record['text'], language
+    yield lineno, record['text'], record_language(f'{path}:{lineno}', record)
+
+
+def record_language(where: str, record: dict) -> str:
+  """A record's optional "language" field ('' without one); DataError naming `where`
+  ('file:line') when it is not a string."""
+  language = record.get('language', '')
+  if not isinstance(language, str):
+    raise DataError(f'{where}: field "language" must be a string, got '
+                    f'{type(language).__name__}.')
+  return language
 
 
 def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,

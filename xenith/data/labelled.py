@@ -87,11 +87,8 @@ def _jsonl_examples(path: pathlib.Path) -> list[Example]:
         got = 'missing' if field not in record else f'{type(value).__name__} {value!r}'
         raise DataError(f'{where}: "{field}" must be a {"non-empty " * (field == "label")}'
                         f'string (got {got}).')
-    language = record.get('language', '')
-    if not isinstance(language, str):
-      raise DataError(f'{where}: "language" must be a string (got '
-                      f'{type(language).__name__}).')
-    examples.append(Example(record['text'], record['label'].strip(), where, language))
+    examples.append(Example(record['text'], record['label'].strip(), where,
+                            documents.record_language(where, record)))
   return examples
 
 
@@ -199,9 +196,9 @@ def pad_batch(rows: list[np.ndarray], labels: list[int], size: int, buckets: lis
   batch['labels'] = np.full((size,), -1, np.int32)
   if languages is not None:
     batch['languages'] = np.zeros((size, length), np.int32)
-    for i, (row, language) in enumerate(zip(rows, languages)):
-      batch['languages'][i, :len(row)] = language
   for i, (row, label) in enumerate(zip(rows, labels)):
+    if languages is not None:
+      batch['languages'][i, :len(row)] = languages[i]
     batch['inputs'][i, :len(row)] = row
     batch['segment_ids'][i, :len(row)] = 1
     batch['positions'][i, :len(row)] = np.arange(len(row))

@@ -81,8 +81,10 @@ def _classifier_class(decoder: type[nn.Module], num_labels: int,
 
 
 def freezes_base(config: ml_collections.ConfigDict) -> bool:
-  """Whether only the head (and any adapters) train: a linear probe or LoRA fine-tune."""
-  return bool(config.classification.freeze_base) or lora.trains_only_adapters(config.model)
+  """Whether the base gets no updates: adapters on a frozen base (any task), or a
+  classifier's linear probe (`classification.freeze_base`: only the head trains)."""
+  probe = config.get('task') == 'classification' and config.classification.freeze_base
+  return bool(probe) or lora.trains_only_adapters(config.model)
 
 
 def make_classifier(config: ml_collections.ConfigDict, num_labels: int) -> nn.Module:

@@ -41,12 +41,6 @@ def enabled(model_config: ml_collections.ConfigDict) -> bool:
   return bool(settings and settings.languages)
 
 
-def language_ids(model_config: ml_collections.ConfigDict) -> dict[str, int]:
-  """{language name: id} of the config's list: the i-th name (from 1) has id i."""
-  settings = _settings(model_config)
-  return {name: i for i, name in enumerate(settings.languages if settings else (), 1)}
-
-
 class LanguageAdapter(nn.Module):
   """The per-language adapters of one block (module docstring)."""
 

@@ -30,6 +30,7 @@ from xenith import sharding
 from xenith import storage
 from xenith.data import pipeline
 from xenith.data import tokenizer as tokenizer_lib
+from xenith.errors import WorkdirError
 from xenith.model import memory
 from xenith.train.steps import apply_model
 
@@ -240,7 +241,6 @@ def pin_labels(workdir: str, labels: list[str]) -> None:
   if storage.is_file(storage.path(path)):
     saved = read_labels(workdir)
     if saved != list(labels):
-      from xenith.errors import WorkdirError  # pylint: disable=g-import-not-at-top
       raise WorkdirError(f'{path} holds the labels {saved}, the data now gives {labels}; '
                          'the head was trained for the former. Use a new --workdir.')
     return

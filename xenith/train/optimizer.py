@@ -4,6 +4,7 @@ import jax
 import ml_collections
 import optax
 
+from xenith.model import classifier
 from xenith.model import lora
 
 
@@ -62,8 +63,7 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
       weight_decay=opt.weight_decay, mask=_decay_mask)
   if opt.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-  frozen_probe = config.get('task') == 'classification' and config.classification.freeze_base
-  if lora.trains_only_adapters(config.model) or frozen_probe:
+  if classifier.freezes_base(config):
     tx = optax.multi_transform(
         {'adapter': tx, 'frozen': optax.set_to_zero()}, _adapter_labels)
   return tx
