@@ -31,12 +31,15 @@ environment (see xenith/distributed.py and docs/multihost.md).
 """
 
 import json
+import math
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
 
+from xenith import config_errors
+from xenith import console
 from xenith import host_memory
 from xenith import sigterm
 
@@ -44,7 +47,7 @@ if __name__ == '__main__':
   host_memory.reexec_with_huge_pages()  # Before anything runs (see xenith/host_memory.py).
 
 sigterm.install()  # Next: a SIGTERM during start-up is remembered (see xenith/sigterm.py).
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # CLU's writers import TensorFlow.
+_VERBOSE = console.setup_from_argv()  # Before TensorFlow (CLU's writers) is imported.
 
 from absl import app
 from absl import flags
@@ -117,18 +120,6 @@ _COMPILE = flags.DEFINE_bool(
     'device and FLOPs per token beside the estimates (xenith/sizing/compiled.py).')
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of Orbax and grain (a dozen lines per checkpoint)."""
-
-  def filter(self, record):
-    noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
-    return not noisy or record.levelno >= logging.logging.WARNING
-
-
-def _config_overrides(argv):
-  return [a.split('=', 1)[0][len('--config.'):] for a in argv if a.startswith('--config.')]
-
-
 def parse_flags(argv):
   """absl's flag parsing, with config-file and unknown-field failures as one line."""
   try:
@@ -137,16 +128,26 @@ def parse_flags(argv):
       _CONFIG.value.keys()  # A config file that failed to load raises only when used.
     return argv
   except flags.Error as e:
+    if 'Error whilst parsing config file' in str(e):  # get_config(arg) raised.
+      sys.exit('Invalid config: ' + config_errors.config_file_error(
+          e, _config_flag(argv)))
     sys.exit(f'Invalid flags: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no field.
-    missing = str(e).strip('"\'')
-    names = [o for o in _config_overrides(argv) if o.split('.')[-1] == missing]
-    field = names[0] if names else missing
-    sys.exit(f'Invalid config: config.{field}: no such field in the experiment config')
+    sys.exit('Invalid config: ' + config_errors.unknown_field(e, argv))
   except OSError as e:  # ml_collections: the config file did not load.
     cause = e.__cause__ or e
     reason = [line.strip() for line in str(cause).splitlines() if line.strip()][-1]
     sys.exit(f'Invalid flags: --config={flags.FLAGS["config"].config_filename}: {reason}')
+
+
+def _config_flag(argv) -> str:
+  """The --config value as given (`--config=x` or `--config x`)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return '?'
 
 
 class _ProcessPrefix(logging.logging.Filter):
@@ -182,7 +183,7 @@ def _join_processes() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  console.configure(_VERBOSE)  # Short lines, no library chatter unless --verbosity=1.
   modes = {'train': _train, 'describe': _describe, 'generate': _generate,
            'classify': _classify, 'import_hf': _import_hf, 'export_hf': _export_hf}
   if _MODE.value != 'train':
@@ -214,7 +215,6 @@ def _workdir():
     raise app.UsageError(f'--workdir is required for --mode={_MODE.value}.')
   workdir = storage.make_workdir(_WORKDIR.value)  # A local path or gs:// (storage.py).
   logging.info('JAX devices: %s', jax.devices())
-  logging.info('Config:\n%s', _CONFIG.value)
   return workdir
 
 
@@ -227,8 +227,18 @@ def _train():
 def _describe():
   from xenith.sizing import describe  # pylint: disable=g-import-not-at-top
   num_devices = _NUM_DEVICES.value or jax.device_count()  # All processes' devices.
+  try:
+    config = _config(num_devices)
+  except errors.ConfigError as e:
+    if _NUM_DEVICES.value or not e.field.startswith('mesh'):
+      raise
+    # Sizing a run for a bigger machine is what describe is for: say how.
+    fixed = math.prod(int(v) for v in _CONFIG.value.mesh.values() if int(v) > 0)
+    raise errors.ConfigError(e.field, f'{str(e).split(": ", 1)[1]}; describe sizes it for '
+                             f'another machine with --num_devices=N (e.g. '
+                             f'--num_devices={fixed})') from None
   text = describe.format_description(flags.FLAGS['config'].config_filename,
-                                     describe.describe(_config(num_devices), num_devices))
+                                     describe.describe(config, num_devices))
   if distributed.is_primary():  # One copy of the table for the whole job.
     print(text, flush=True)
     if _COMPILE.value:

@@ -29,9 +29,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from xenith import atomic_files
+from xenith import config_errors
 from xenith import distributed
+from xenith import errors
 from xenith import storage
 from xenith import sweeps
+from xenith.config_validation import validate
 
 _CONFIG = flags.DEFINE_string(
     'config', None, 'Experiment file that defines get_sweep(), optionally with an '
@@ -102,15 +105,21 @@ def _run_config(command):
     flag_values(argv)
     return flag_values.config
   except flags.Error as e:
+    if 'Error whilst parsing config file' in str(e):  # get_config(arg) raised.
+      raise sweeps.SweepError(config_errors.config_file_error(e, command[2][9:])) from None
     raise sweeps.SweepError(str(e).splitlines()[0]) from None
   except (AttributeError, KeyError) as e:  # A --config.<field> names no field.
-    message = str(e).replace("\\'", "'")  # e.g. `''num_trian_steps'\nDid you mean ...`.
-    bad = [a.split('=')[0] for a in argv[1:]
-           if any(f"'{part}'" in message for part in a.split('=')[0].split('.')[1:])]
-    hint = re.search(r'Did you mean "(\w+)"', message)
-    raise sweeps.SweepError(
-        f'{bad[0] if bad else message}: no such field in the experiment config'
-        + (f' (did you mean {hint.group(1)}?)' if hint else '')) from None
+    raise sweeps.SweepError(config_errors.unknown_field(e, argv)) from None
+
+
+def _check_point(name, config):
+  """main.py's validation of one point's config, so that a bad point stops the sweep
+  before any point starts. The device checks (mesh size, batch divisibility) are left to
+  each run: counting devices here would claim the accelerators the runs need."""
+  try:
+    validate(config, num_devices=None)
+  except errors.ConfigError as e:
+    raise sweeps.SweepError(f'point {name}: {e}') from None
 
 
 def _marker(run_dir):
@@ -248,8 +257,11 @@ def main(argv):
     names = sweeps.point_names(points)
     run_dirs = [os.path.join(workdir, name) for name in names]
     commands = [_command(spec, d, p, extra) for d, p in zip(run_dirs, points)]
-    # Parsed now, so that a bad flag fails here rather than in every run.
-    num_steps = [_run_config(c).num_train_steps for c in commands]
+    # Parsed and validated now, so that a bad flag or point fails before any run starts.
+    configs = [_run_config(c) for c in commands]
+    for name, config in zip(names, configs):
+      _check_point(name, config)
+    num_steps = [config.num_train_steps for config in configs]
   except (sweeps.SweepError, storage.StorageError) as e:
     sys.exit(f'Invalid sweep: {e}')
   todo = [i for i in indices if not _finished(run_dirs[i], num_steps[i])]

@@ -221,7 +221,8 @@ def test_dry_run_reruns_a_point_whose_final_metrics_is_empty(tmp_path):
     (workdir / name).mkdir(parents=True)
     (workdir / name / 'final_metrics.json').write_text(text)
   result = _launch('--config=experiments/default.py:size=tiny', f'--workdir={workdir}',
-                   '--dry_run', '--points=1,3', '--config.num_train_steps=6')
+                   '--dry_run', '--points=1,3', '--config.num_train_steps=6',
+                   '--config.optimizer.warmup_steps=1')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert lines[0] == '[1] learning_rate=0.001,embed_dim=128'  # To run (again).
@@ -233,7 +234,7 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
   workdir = tmp_path / 'sweep'
   result = _launch('--config=experiments/default.py:size=tiny', f'--workdir={workdir}',
                    '--dry_run', '--points=1,3', '--config.num_train_steps=6',
-                   '--', '--config.seed=2')
+                   '--config.optimizer.warmup_steps=1', '--', '--config.seed=2')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert lines[0] == '[1] learning_rate=0.001,embed_dim=128'
@@ -241,7 +242,7 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
       'main.py', f'--config={ROOT}/experiments/default.py:size=tiny',
       f'--workdir={workdir}/learning_rate=0.001,embed_dim=128',
       '--config.optimizer.learning_rate=0.001', '--config.model.embed_dim=128',
-      '--config.num_train_steps=6', '--config.seed=2']
+      '--config.num_train_steps=6', '--config.optimizer.warmup_steps=1', '--config.seed=2']
   assert lines[2].startswith('[3] learning_rate=0.003,embed_dim=128')
   assert not workdir.exists()
 
@@ -253,7 +254,7 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
     (('--config=experiments/default.py:size=tiny', '--', '--workdir=x'), 'sets --workdir'),
     (('--config=main.py:x', 'stray'), 'Unexpected arguments'),
     (('--config=experiments/default.py:size=tiny', '--', '--config.num_trian_steps=5'),
-     'no such field in the experiment config (did you mean num_train_steps?)'),
+     'config.num_trian_steps: no such field; did you mean num_train_steps?'),
     (('--config=experiments/default.py:size=tiny', '--config.model.num_layers=2.5'),
      'flag --config.model.num_layers=2.5: invalid literal for int()'),
 ])
@@ -273,6 +274,19 @@ def test_cli_rejects_an_unknown_field_before_any_run(tmp_path):
   assert not (tmp_path / 'sweep').exists()
 
 
+def test_every_point_is_validated_before_any_run(tmp_path):
+  # Point 0 is fine; point 1 fails main.py's validation: no run may start.
+  bad = _experiment(tmp_path, "return [{'optimizer.warmup_steps': 2}, "
+                              "{'optimizer.warmup_steps': 6}]")
+  result = _launch(f'--config={bad}:size=tiny', f'--workdir={tmp_path}/sweep',
+                   '--config.num_train_steps=6')
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      'Invalid sweep: point warmup_steps=6: config.optimizer.warmup_steps: 6 must be in '
+      '[0, num_train_steps)')
+  assert not (tmp_path / 'sweep').exists()
+
+
 def _hparams(run_dir):
   """The hyperparameters of a run's TensorBoard HParams session."""
   for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
@@ -287,16 +301,17 @@ def _hparams(run_dir):
 
 @pytest.mark.slow
 def test_parallel_sweep_end_to_end(tmp_path):
-  # Two points that train, and one that main.py rejects (learning rate <= 0).
+  # Two points that train, and one that fails when it runs: its mesh needs two devices
+  # and each run has one (device counts are the one check the sweep leaves to the runs).
   experiment = _experiment(
       tmp_path, "return sweeps.product({'model.embed_dim': [64, 96]}) + "
-      "[{'model.embed_dim': 64, 'optimizer.learning_rate': -1.0}]")
+      "[{'model.embed_dim': 64, 'mesh.data': 2}]")
   workdir = tmp_path / 'sweep'
   args = (f'--config={experiment}:size=tiny', f'--workdir={workdir}', '--parallel=2', *TINY)
   result = _launch(*args, timeout=300)
   assert result.returncode == 1, result.stdout + result.stderr
   assert '1 of 3 points failed' in result.stderr
-  assert 'must be > 0' in result.stdout  # The failed run's log tail.
+  assert 'larger than the 1 available' in result.stdout  # The failed run's log tail.
 
   ok_names = ['embed_dim=64', 'embed_dim=96']
   for name, width in zip(ok_names, [64, 96]):
@@ -308,18 +323,18 @@ def test_parallel_sweep_end_to_end(tmp_path):
   with open(workdir / 'summary.csv') as f:
     rows = list(csv.DictReader(f))
   assert [r['point'] for r in rows] == [
-      *ok_names, 'embed_dim=64,learning_rate=-1.0']
+      *ok_names, 'embed_dim=64,data=2']
   assert [r['model.embed_dim'] for r in rows] == ['64', '96', '64']
   assert [r['status'] for r in rows] == ['ok', 'ok', 'failed']
   for row in rows[:2]:
     assert row['step'] == '6' and math.isfinite(float(row['eval/loss']))
   table = (workdir / 'summary.md').read_text()
   assert table in result.stdout
-  assert '| 96 |  | ok | 6 |' in table and '| 64 | -1.0 | failed (exit 1) |' in table
+  assert '| 96 |  | ok | 6 |' in table and '| 64 | 2 | failed (exit 1) |' in table
 
   # A rerun skips the finished points and retries only the failed one.
   again = _launch(*args, timeout=300)
   assert '2 already finished' in again.stdout
-  assert 'start   embed_dim=64,learning_rate=-1.0' in again.stdout
+  assert 'start   embed_dim=64,data=2' in again.stdout
   assert 'start   embed_dim=64\n' not in again.stdout
   assert (workdir / 'summary.md').read_text() == table

@@ -3,6 +3,7 @@ non-finite losses never reach a checkpoint, metrics land in TensorBoard."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,11 +66,60 @@ def _losses(workdir):
   return event_files.last_per_step(event_files.read_scalars(workdir)['train/loss'])
 
 
+_STDERR = {}  # workdir -> the stderr of the fixture's run.
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  _run(workdir)
+  _STDERR[workdir] = _run(workdir).stderr
   return workdir
+
+
+@pytest.mark.slow
+def test_terminal_shows_one_short_line_per_log_step(uninterrupted):
+  lines = _STDERR[uninterrupted].splitlines()
+  clock = re.compile(r'^\d\d:\d\d:\d\d ')
+  assert all(clock.match(line) for line in lines), [l for l in lines if not clock.match(l)]
+  scalars = event_files.read_scalars(uninterrupted)
+  tb = {tag: event_files.last_per_step(scalars[tag])
+        for tag in ('train/loss', 'train/learning_rate', 'train/tokens_per_sec',
+                    'eval/loss', 'eval/perplexity')}
+  step_line = re.compile(r'step +(\d+)/120 \| loss ([\d.]+) \| lr ([\d.e+-]+)'
+                         r'(?: \| ([\d.]+)(k?) tok/s \| MFU [\d.]+%)?(?: \| ETA (\S+))?$')
+  steps = {}
+  for line in lines:
+    match = step_line.search(line)
+    if match:
+      step = int(match.group(1))
+      steps[step] = match
+  assert sorted(steps) == list(range(1, NUM_STEPS + 1))  # log_every_steps=1.
+  for step, match in steps.items():
+    assert float(match.group(2)) == pytest.approx(tb['train/loss'][step], abs=6e-5)
+    assert float(match.group(3)) == pytest.approx(tb['train/learning_rate'][step], rel=6e-3)
+    if step > 1:  # The first step compiles: it has no throughput.
+      scale = 1000 if match.group(5) else 1
+      assert float(match.group(4)) * scale == pytest.approx(
+          tb['train/tokens_per_sec'][step], rel=0.06)
+    # An estimate from the second step (the first compiles) until the last.
+    assert (match.group(6) is None) == (step in (1, NUM_STEPS))
+  evals = [re.search(r'eval +(\d+)/120 \| loss ([\d.]+) \| ppl ([\d.]+)', line)
+           for line in lines]
+  evals = {int(m.group(1)): m for m in evals if m}
+  assert sorted(evals) == [60, 120]
+  for step, match in evals.items():
+    assert float(match.group(2)) == pytest.approx(tb['eval/loss'][step], abs=6e-5)
+    assert float(match.group(3)) == pytest.approx(tb['eval/perplexity'][step], abs=0.06)
+  # Little else: no config dump, no copies of the scalars, no library chatter.
+  other = [line for line in lines if not re.search(
+      r' (step|eval) +\d+/120 | (Saving checkpoint|Checkpoint) for step \d+', line)]
+  assert len(other) <= 6, other  # Devices, mesh, config, parameters...
+  config_line = next(line for line in lines if ' Config: ' in line)
+  path = config_line.split(' Config: ', 1)[1]
+  assert path == os.path.join(uninterrupted, 'config.txt')
+  with open(path) as f:
+    text = f.read()
+  assert 'num_train_steps = 120\n' in text and "data.source = 'shakespeare'\n" in text
 
 
 @pytest.mark.slow

@@ -342,9 +342,10 @@ def _validate_task(config) -> bool:
   return True
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int,
+def validate(config: ml_collections.ConfigDict, num_devices: int | None,
              process_count: int = 1) -> None:
-  """Raises ConfigError on the first invalid field of `config`."""
+  """Raises ConfigError on the first invalid field of `config`; `num_devices=None` skips
+  the checks that need the device count (mesh shape, batch divisibility)."""
 
   _finite(config)
   _positive(config, 'num_train_steps', 'log_every_steps', 'eval_every_steps',
@@ -406,6 +407,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     raise ConfigError('data.language_tags', "True needs the tags as pieces: Mixtral's has "
                       "none; use tokenizer='train' or a model from vocab_extension")
 
+  if num_devices is None:
+    return
   shape = sharding.mesh_shape(config.mesh, num_devices)
   ways = sharding.batch_parallelism(shape, config.logical_axis_rules)
   if config.global_batch_size % ways:

@@ -34,6 +34,7 @@ from xenith.train import checkpointing
 from xenith.train import classification
 from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
+from xenith.train import progress as progress_lib
 from xenith.train import run_record
 from xenith.train.checkpointing import Checkpointer
 from xenith.train.steps import jit_train_step, make_eval_step
@@ -211,6 +212,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
     if jax.process_index() == 0:
       record.write(config, datasets.tokenizer, datasets.fingerprint, initial_step,
                    allow_changes)
+      logging.info('Config: %s', run_record.write_config_text(workdir, config))
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info('Parameters: %d; starting at step %d', num_params, initial_step)
     if lora.enabled(config.model):
@@ -231,6 +233,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       writer.write_hparams(flatten_config(config))
       baseline = {} if classifying else {'eval/unigram_baseline_loss': datasets.unigram_loss}
       writer.write_scalars(0, {**baseline, 'train/num_params': num_params})
+    progress = progress_lib.Progress(config.num_train_steps)  # The terminal lines.
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer,
         every_steps=config.log_every_steps)
@@ -272,6 +275,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       if interval_start is None:  # Time from the end of the first (compiling) step.
         jax.block_until_ready(state.step)
         interval_start = time.perf_counter()
+        progress.first_step_done(step)
       else:
         interval_steps += 1
       report_progress(step)
@@ -292,6 +296,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
               'train/tokens_per_sec': tokens_per_step / step_time,
               'train/mfu': model_flops_per_step / step_time / peak_flops})
         writer.write_scalars(step, train_summary)
+        logging.info(progress.train_line(step, train_summary))
         pending, interval_steps, interval_start = None, 0, time.perf_counter()
 
       if step % config.eval_every_steps == 0 or last_step:
@@ -301,6 +306,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
           eval_summary, eval_extra = evaluator.evaluate(state.params,
                                                         config.num_eval_batches)
         evaluator.write(writer, step, eval_summary, eval_extra)
+        logging.info(progress.eval_line(step, eval_summary))
         interval_start += time.perf_counter() - eval_start  # Evaluation is not train time.
 
       if passkey_set and (step % passkey_every == 0 or last_step):
@@ -310,6 +316,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
           passkey_summary = _passkey_evaluate(passkey_step, state.params, passkey_set,
                                               passkey_config, batch_sharding, passkey_rows)
         writer.write_scalars(step, passkey_summary)
+        logging.info(progress.eval_line(step, passkey_summary, 'passkey'))
         interval_start += time.perf_counter() - passkey_start  # Not train time either.
 
       stopping = _preempted(checkpointer, step)

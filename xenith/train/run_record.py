@@ -184,3 +184,17 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   config.update_from_flattened_dict(values)
   return config
 
+
+
+CONFIG_TEXT_FILE = 'config.txt'  # Not config.json: that name is the HF export's.
+
+
+def write_config_text(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """Writes the resolved config, one `field = value` line each (Python literals), to
+  `<workdir>/config.txt` for a person to read; returns its path. run.json stays the
+  record resumes compare against."""
+  flat = traverse_util.flatten_dict(config.to_dict())
+  text = ''.join(f'{".".join(key)} = {value!r}\n' for key, value in sorted(flat.items()))
+  path = storage.path(workdir) / CONFIG_TEXT_FILE
+  atomic_files.write_text(path, text)
+  return os.fspath(path)
