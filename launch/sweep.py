@@ -14,7 +14,6 @@ skips finished points and resumes the others from their checkpoints. At the end
 import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
