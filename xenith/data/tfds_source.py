@@ -16,7 +16,11 @@ from xenith.errors import DataError
 def _prepared_names(data_dir: str) -> list[str]:
   """The dataset folders under `data_dir` (what a wrong name might have meant)."""
   root = pathlib.Path(data_dir).expanduser()
-  return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+  if not root.is_dir():
+    return []
+  # name/version/ or name/config/version/ holds a prepared dataset's dataset_info.json.
+  return sorted(p.name for p in root.iterdir() if p.is_dir() and (
+      any(p.glob('*/dataset_info.json')) or any(p.glob('*/*/dataset_info.json'))))
 
 
 def open_splits(data_config) -> tuple[dict, dict]:
