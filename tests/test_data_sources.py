@@ -50,7 +50,7 @@ def tok_path(tmp_path_factory, cache):
 
 
 def _config(cache, tok_path, **data):
-  return make_config(cache, tokenizer=str(tok_path), **data)
+  return make_config(cache, **{'tokenizer': str(tok_path), **data})
 
 
 def _documents(rows, tok) -> list[tuple[int, ...]]:
@@ -186,3 +186,125 @@ def test_tfds_source_errors_name_what_exists(tfds_dir, cache, tok_path, fields, 
               text_key='story')
   with pytest.raises(DataError, match=message):
     pipeline.create_datasets(_config(cache, tok_path, **{**data, **fields}))
+
+
+# Hugging Face datasets: save_to_disk, and parquet / json files.
+
+
+def test_hf_saved_dataset_dict_keeps_its_named_splits(tmp_path, cache, tok_path):
+  import datasets  # pylint: disable=g-import-not-at-top
+  texts = {'train': _texts(5, 30, 'train'), 'validation': _texts(6, 7, 'validation')}
+  datasets.DatasetDict({
+      name: datasets.Dataset.from_dict({'body': t, 'id': list(range(len(t)))})
+      for name, t in texts.items()}).save_to_disk(tmp_path / 'saved')
+  config = _config(cache, tok_path, source='hf', path=str(tmp_path / 'saved'),
+                   text_key='body')
+  config_validation.validate(config, num_devices=1)
+  ds = pipeline.create_datasets(config)
+  tok = ds.tokenizer
+  assert sorted(_documents(ds.eval_batches(), tok)) == _encoded(tok, texts['validation'])
+  assert sorted(_train_documents(ds, 30)) == _encoded(tok, texts['train'])
+  _assert_resumes_exactly(ds)
+
+
+@pytest.mark.parametrize('fmt', ['parquet', 'jsonl'])
+def test_hf_files_without_validation_are_split_by_hash(tmp_path, cache, tok_path, fmt):
+  import datasets  # pylint: disable=g-import-not-at-top
+  texts = _texts(7, 50, fmt)
+  table = datasets.Dataset.from_dict({'content': texts})
+  folder = tmp_path / 'files'
+  folder.mkdir()
+  if fmt == 'parquet':
+    table.to_parquet(folder / 'part-0.parquet')
+  else:
+    (folder / 'part-0.jsonl').write_text(
+        ''.join(json.dumps({'content': t}) + '\n' for t in texts))
+  docs = {}
+  for split in ('train', 'validation'):
+    ds = pipeline.create_datasets(_config(cache, tok_path, source='hf', path=str(folder),
+                                          text_key='content', eval_split=split))
+    docs[split] = _documents(ds.eval_batches(), ds.tokenizer)
+  # A hash split as a folder's: both sides non-empty, disjoint, together every text;
+  # the share held out is near validation_fraction=0.2 (binomial, 50 draws).
+  assert sorted(docs['train'] + docs['validation']) == _encoded(ds.tokenizer, texts)
+  assert abs(len(docs['validation']) / 50 - 0.2) < 4 * math.sqrt(0.2 * 0.8 / 50)
+  assert ds.stats['train_passages'] == len(docs['train'])
+  assert any((cache / 'hf').iterdir())  # `datasets` caches in the Xenith cache.
+  with pytest.raises(DataError, match=r"eval_split='test': hf dataset .* has splits "
+                     r"\['train', 'validation'\]"):
+    pipeline.create_datasets(_config(cache, tok_path, source='hf', path=str(folder),
+                                     text_key='content', eval_split='test'))
+
+
+# Pre-tokenized corpora.
+
+
+def _read_array_record(path) -> list[tuple[int, ...]]:
+  """Every record of an array_record file as int32 ids, read with array_record itself."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  reader = array_record_module.ArrayRecordReader(str(path))
+  try:
+    return [tuple(np.frombuffer(r, '<i4').tolist()) for r in reader.read_all()]
+  finally:
+    reader.close()
+
+
+@pytest.fixture(scope='module')
+def text_folder(tmp_path_factory):
+  texts = _texts(8, 40, 'tokens')
+  folder = tmp_path_factory.mktemp('text')
+  (folder / 'docs.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  return folder, texts
+
+
+@pytest.fixture(scope='module')
+def tokens_dir(tmp_path_factory, cache, tok_path, text_folder):
+  out = tmp_path_factory.mktemp('tokens') / 'corpus'
+  meta = pretokenized.write(_config(cache, tok_path, path=str(text_folder[0])), str(out))
+  return out, meta
+
+
+def test_pretokenized_corpus_is_written_and_trains(tokens_dir, text_folder, cache):
+  out, meta = tokens_dir
+  tok = tokenizer_lib.Tokenizer((out / 'tokenizer.model').read_bytes(), 'written')
+  train, val = (_read_array_record(out / f'{s}.array_record') for s in ('train', 'validation'))
+  assert sorted(train + val) == _encoded(tok, text_folder[1])
+  assert train and val
+  assert meta == json.loads((out / 'metadata.json').read_text())
+  assert meta['max_id'] == max(max(d) for d in train + val)
+  assert (meta['vocab_size'], meta['bos_id'], meta['eos_id']) == (VOCAB, tok.bos_id, tok.eos_id)
+  assert meta['splits']['train'] == {'documents': len(train),
+                                     'tokens': sum(map(len, train))}
+  config = _config(cache, out / 'tokenizer.model', source='tokens', path=str(out))
+  config_validation.validate(config, num_devices=1)
+  ds = pipeline.create_datasets(config)
+  assert sorted(_documents(ds.eval_batches(), tok)) == sorted(val)
+  assert sorted(_train_documents(ds, len(train))) == sorted(train)
+  # The baseline counts the stored ids: the same as from the text it came from.
+  text_ds = pipeline.create_datasets(_config(cache, out / 'tokenizer.model',
+                                             path=str(text_folder[0])))
+  assert ds.unigram_loss == pytest.approx(text_ds.unigram_loss, rel=1e-12)
+  _assert_resumes_exactly(ds)
+
+
+def test_pretokenized_corpus_rejects_what_does_not_fit(tokens_dir, cache, tok_path,
+                                                      text_folder):
+  out, meta = tokens_dir
+  config = _config(cache, out / 'tokenizer.model', source='tokens', path=str(out))
+  config.model.vocab_size = meta['max_id']  # One too few for the largest id.
+  with pytest.raises(DataError, match=rf"token ids up to {meta['max_id']} .* do not fit "
+                     rf"config.model.vocab_size={meta['max_id']}"):
+    pipeline.create_datasets(config)
+  # Another tokenizer (trained on other text): a different digest.
+  other = tokenizer_lib.train_tokenizer(
+      [{'text': t.encode()} for t in _texts(11, 300, 'other words here')], VOCAB, cache,
+      'test-other-tokenizer')
+  (out.parent / 'other.model').write_bytes(other.model_proto)
+  with pytest.raises(DataError, match=r'was tokenized with tokenizer .* but the run uses'):
+    pipeline.create_datasets(_config(cache, out.parent / 'other.model', source='tokens',
+                                     path=str(out)))
+  config = _config(cache, tok_path, source='tokens', path=str(out), tokenizer='train')
+  with pytest.raises(ConfigError, match=r"data.tokenizer.*'train' cannot train on token"):
+    config_validation.validate(config, num_devices=1)
+  with pytest.raises(DataError, match=r"tokenizer='train' cannot train on token ids"):
+    pipeline.create_datasets(config)
