@@ -5,6 +5,7 @@ Every source gets data this file writes; the references are the texts written (e
 by the tokenizer), read back by the library that owns each file format.
 """
 
+import collections
 import gzip
 import json
 import math
@@ -53,9 +54,10 @@ def _config(cache, tok_path, **data):
   return make_config(cache, **{'tokenizer': str(tok_path), **data})
 
 
-def _documents(rows, tok) -> list[tuple[int, ...]]:
-  """The token ids of each whole document (BOS .. EOS, stripped) in packed rows."""
-  docs, current = [], []
+def _documents(rows, tok, current=None) -> list[tuple[int, ...]]:
+  """The token ids of each whole document (BOS .. EOS, stripped) in packed rows;
+  `current` carries an unfinished document over from earlier rows."""
+  docs, current = [], [] if current is None else current
   for batch in rows:
     for row, seg in zip(batch['inputs'], batch['segment_ids']):
       for t in row[seg > 0]:
@@ -63,16 +65,15 @@ def _documents(rows, tok) -> list[tuple[int, ...]]:
         if t == tok.eos_id:
           assert current[0] == tok.bos_id
           docs.append(tuple(current[1:-1]))
-          current = []
+          current.clear()
   return docs
 
 
 def _train_documents(ds, n: int):
   """The first n documents of the train stream."""
-  it, docs, rows = iter(ds.train), [], []
+  it, docs, current = iter(ds.train), [], []
   while len(docs) < n:
-    rows.append(next(it))
-    docs = _documents(rows, ds.tokenizer)
+    docs += _documents([next(it)], ds.tokenizer, current)
   return docs[:n]
 
 
@@ -308,3 +309,76 @@ def test_pretokenized_corpus_rejects_what_does_not_fit(tokens_dir, cache, tok_pa
     config_validation.validate(config, num_devices=1)
   with pytest.raises(DataError, match=r"tokenizer='train' cannot train on token ids"):
     pipeline.create_datasets(config)
+
+
+# Mixtures.
+
+
+def _id_corpus(out: pathlib.Path, meta: dict, low: int, docs: int, seed: int):
+  """A pre-tokenized corpus of `docs` 6-token documents, ids in [low, low + 100)."""
+  rng = np.random.default_rng(seed)
+  out.mkdir()
+  splits = {}
+  for name, n in (('train', docs), ('validation', 3)):
+    ids = rng.integers(low, low + 100, (n, 6))
+    splits[name] = [tuple(d) for d in ids.tolist()]
+    pretokenized.write_split(out / f'{name}.array_record', ids)
+  (out / 'metadata.json').write_text(json.dumps(
+      {**meta, 'max_id': low + 99, 'vocab_size': VOCAB,
+       'splits': {k: {'documents': len(v), 'tokens': 6 * len(v)} for k, v in splits.items()}}))
+  return splits
+
+
+@pytest.fixture(scope='module')
+def mixed(tmp_path_factory, tokens_dir, text_folder, cache):
+  """A mixture of two id corpora (ids 300-399 and 400-499) and a text folder, 3:1:1."""
+  out, meta = tokens_dir
+  root = tmp_path_factory.mktemp('mix')
+  a = _id_corpus(root / 'a', meta, 300, 50, 0)
+  b = _id_corpus(root / 'b', meta, 400, 30, 1)
+  config = _config(cache, out / 'tokenizer.model', mixture=(
+      dict(source='tokens', path=str(root / 'a'), weight=3.0),
+      dict(source='tokens', path=str(root / 'b'), weight=1),
+      dict(source='folder', path=str(text_folder[0]), weight=1.0)))
+  config.model.vocab_size = 512
+  config_validation.validate(config, num_devices=1)
+  return pipeline.create_datasets(config), a, b
+
+
+def test_mixture_draws_sources_by_weight(mixed, text_folder):
+  ds, a, b = mixed
+  n = 1000
+  docs = _train_documents(ds, n)
+  counts = collections.Counter(
+      'a' if d and 300 <= d[0] < 400 else 'b' if d and d[0] >= 400 else 'text' for d in docs)
+  for name, p in (('a', 0.6), ('b', 0.2), ('text', 0.2)):
+    # Within 4 binomial standard deviations of the weight's share.
+    assert abs(counts[name] / n - p) < 4 * math.sqrt(p * (1 - p) / n), counts
+  # Each id corpus's documents are its own (and each appears over its epochs).
+  assert {d for d in docs if d and d[0] >= 300} <= set(a['train']) | set(b['train'])
+  assert set(a['train']) <= set(docs)
+  # Evaluation reads every source's validation split.
+  eval_docs = _documents(ds.eval_batches(), ds.tokenizer)
+  assert sorted(d for d in eval_docs if d and d[0] >= 300) == sorted(
+      a['validation'] + b['validation'])
+  assert len(eval_docs) == ds.stats['validation_passages']
+
+
+def test_mixture_position_is_checkpointed(mixed):
+  ds = mixed[0]
+  _assert_resumes_exactly(ds, k=7, n=6)
+  it = iter(ds.train)
+  next(it)
+  assert it.get_state() != iter(ds.train).get_state()
+
+
+@pytest.mark.parametrize('mixture, message', [
+    ((dict(source='tokens', path='x', weight=0),), r'data.mixture\[0\].weight.*must be a '
+     r'number > 0'),
+    ((dict(source='folder', path='x', weight=1, colour='red'),),
+     r"data.mixture\[0\].*unknown fields \['colour'\]"),
+    ((dict(source='tfds', weight=1),), r'data.mixture\[0\].tfds_name.*is empty'),
+])
+def test_bad_mixtures_are_config_errors(cache, tok_path, mixture, message):
+  with pytest.raises(ConfigError, match=message):
+    config_validation.validate(_config(cache, tok_path, mixture=mixture), num_devices=1)

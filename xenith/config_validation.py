@@ -416,7 +416,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
 
   if not _validate_task(config):  # (A classifier's data source is checked there.)
     _one_of(config, 'data.source', DATA_SOURCES)
-  if config.data.source == 'folder':
+  if config.data.source == 'folder' and not config.data.get('mixture'):
     _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(storage.check_local(
         v, 'config.data.path', 'its documents are listed and read as local files')),
              "is not a folder (data.source='folder' reads .txt/.jsonl files from it)")
