@@ -382,3 +382,38 @@ def test_mixture_position_is_checkpointed(mixed):
 def test_bad_mixtures_are_config_errors(cache, tok_path, mixture, message):
   with pytest.raises(ConfigError, match=message):
     config_validation.validate(_config(cache, tok_path, mixture=mixture), num_devices=1)
+
+
+# End to end: training on a mixture of a TFDS dataset, HF files and token ids.
+
+
+@pytest.mark.slow
+def test_training_on_a_mixture_and_a_changed_source_is_detected(
+    tmp_path, tfds_dir, tokens_dir, cache):
+  from xenith.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  from xenith.train import loop  # pylint: disable=g-import-not-at-top
+  import datasets  # pylint: disable=g-import-not-at-top
+  out, _ = tokens_dir
+  parquet = tmp_path / 'hf' / 'train.parquet'
+  parquet.parent.mkdir()
+  datasets.Dataset.from_dict({'text': _texts(12, 30, 'hf')}).to_parquet(parquet)
+  config = _config(cache, out / 'tokenizer.model', mixture=(
+      dict(source='tfds', tfds_name='tiny_stories', tfds_data_dir=str(tfds_dir[0]),
+           text_key='story', weight=2.0),
+      dict(source='hf', path=str(parquet.parent), weight=1.0),
+      dict(source='tokens', path=str(out), weight=1.0)))
+  config.global_batch_size = 8  # conftest's 8 CPU devices.
+  config.num_train_steps = 2
+  config.optimizer.warmup_steps = 1
+  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.num_eval_batches = 1
+  config_validation.validate(config, num_devices=8)
+  workdir = str(tmp_path / 'run')
+  final = loop.train_and_evaluate(config, workdir)
+  assert final['step'] == 2
+  assert np.isfinite(final['train/loss']) and np.isfinite(final['eval/loss'])
+  # A resume over changed data stops before training (the run record's fingerprint).
+  datasets.Dataset.from_dict({'text': _texts(13, 30, 'hf')}).to_parquet(parquet)
+  config.num_train_steps = 3
+  with pytest.raises(WorkdirError, match=r'changed: the data \(mix-'):
+    loop.train_and_evaluate(config, workdir, allow_changes=('num_train_steps',))
