@@ -296,6 +296,13 @@ def test_pretokenized_corpus_rejects_what_does_not_fit(tokens_dir, cache, tok_pa
   with pytest.raises(DataError, match=rf"token ids up to {meta['max_id']} .* do not fit "
                      rf"config.model.vocab_size={meta['max_id']}"):
     pipeline.create_datasets(config)
+  # Ids beyond the model's vocabulary, though the tokenizer itself fits.
+  _id_corpus(out.parent / 'big_ids', meta, 310, 4, 0)  # Ids 310..349.
+  config = _config(cache, out / 'tokenizer.model', source='tokens',
+                   path=str(out.parent / 'big_ids'))
+  with pytest.raises(DataError, match=r'token ids up to 349 .* do not fit '
+                     r'config.model.vocab_size=300'):
+    pipeline.create_datasets(config)
   # Another tokenizer (trained on other text): a different digest.
   other = tokenizer_lib.train_tokenizer(
       [{'text': t.encode()} for t in _texts(11, 300, 'other words here')], VOCAB, cache,
@@ -315,32 +322,31 @@ def test_pretokenized_corpus_rejects_what_does_not_fit(tokens_dir, cache, tok_pa
 
 
 def _id_corpus(out: pathlib.Path, meta: dict, low: int, docs: int, seed: int):
-  """A pre-tokenized corpus of `docs` 6-token documents, ids in [low, low + 100)."""
+  """A pre-tokenized corpus of `docs` 6-token documents, ids in [low, low + 40)."""
   rng = np.random.default_rng(seed)
   out.mkdir()
   splits = {}
   for name, n in (('train', docs), ('validation', 3)):
-    ids = rng.integers(low, low + 100, (n, 6))
+    ids = rng.integers(low, low + 40, (n, 6))
     splits[name] = [tuple(d) for d in ids.tolist()]
     pretokenized.write_split(out / f'{name}.array_record', ids)
   (out / 'metadata.json').write_text(json.dumps(
-      {**meta, 'max_id': low + 99, 'vocab_size': VOCAB,
+      {**meta, 'max_id': low + 39, 'vocab_size': VOCAB,
        'splits': {k: {'documents': len(v), 'tokens': 6 * len(v)} for k, v in splits.items()}}))
   return splits
 
 
 @pytest.fixture(scope='module')
 def mixed(tmp_path_factory, tokens_dir, text_folder, cache):
-  """A mixture of two id corpora (ids 300-399 and 400-499) and a text folder, 3:1:1."""
+  """A mixture of two id corpora and a text folder, 3:1:1."""
   out, meta = tokens_dir
   root = tmp_path_factory.mktemp('mix')
-  a = _id_corpus(root / 'a', meta, 300, 50, 0)
-  b = _id_corpus(root / 'b', meta, 400, 30, 1)
+  a = _id_corpus(root / 'a', meta, 100, 50, 0)
+  b = _id_corpus(root / 'b', meta, 200, 30, 1)
   config = _config(cache, out / 'tokenizer.model', mixture=(
       dict(source='tokens', path=str(root / 'a'), weight=3.0),
       dict(source='tokens', path=str(root / 'b'), weight=1),
       dict(source='folder', path=str(text_folder[0]), weight=1.0)))
-  config.model.vocab_size = 512
   config_validation.validate(config, num_devices=1)
   return pipeline.create_datasets(config), a, b
 
@@ -349,17 +355,19 @@ def test_mixture_draws_sources_by_weight(mixed, text_folder):
   ds, a, b = mixed
   n = 1000
   docs = _train_documents(ds, n)
+  a_docs, b_docs = set(a['train']), set(b['train'])
   counts = collections.Counter(
-      'a' if d and 300 <= d[0] < 400 else 'b' if d and d[0] >= 400 else 'text' for d in docs)
+      'a' if d in a_docs else 'b' if d in b_docs else 'text' for d in docs)
   for name, p in (('a', 0.6), ('b', 0.2), ('text', 0.2)):
     # Within 4 binomial standard deviations of the weight's share.
     assert abs(counts[name] / n - p) < 4 * math.sqrt(p * (1 - p) / n), counts
   # Each id corpus's documents are its own (and each appears over its epochs).
-  assert {d for d in docs if d and d[0] >= 300} <= set(a['train']) | set(b['train'])
-  assert set(a['train']) <= set(docs)
+  assert a_docs <= set(docs) and b_docs <= set(docs)
+  text_ids = set(_encoded(ds.tokenizer, text_folder[1]))
+  assert {d for d in docs if d not in a_docs | b_docs} <= text_ids
   # Evaluation reads every source's validation split.
   eval_docs = _documents(ds.eval_batches(), ds.tokenizer)
-  assert sorted(d for d in eval_docs if d and d[0] >= 300) == sorted(
+  assert sorted(d for d in eval_docs if d not in text_ids) == sorted(
       a['validation'] + b['validation'])
   assert len(eval_docs) == ds.stats['validation_passages']
 

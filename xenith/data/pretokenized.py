@@ -125,6 +125,9 @@ def check(data_config, vocab_size: int, tokenizer=None) -> dict:
                     f"the corpus's tokenizer, {pathlib.Path(path) / TOKENIZER}.")
   if data_config.get('language_tags'):
     raise DataError('config.data.language_tags needs text; the corpus is token ids.')
+  if tokenizer is not None and meta['max_id'] >= tokenizer.vocab_size:
+    raise DataError(f'{path}: token ids up to {meta["max_id"]}, beyond the '
+                    f'{tokenizer.vocab_size} pieces of tokenizer {tokenizer.name!r}.')
   if tokenizer is not None and tokenizer.digest != meta['tokenizer_digest']:
     raise DataError(f'{path} was tokenized with tokenizer {meta["tokenizer_digest"][:12]}, '
                     f'but the run uses {tokenizer.name!r} ({tokenizer.digest[:12]}); set '

@@ -36,7 +36,7 @@ def count_tokens(split, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     texts = [r['text'].decode() for r in records if 'ids' not in r]
     for ids in [r['ids'] for r in records if 'ids' in r] + tokenizer.encode_batch(texts):
       total += len(ids)
-      counts += np.bincount(ids, minlength=tokenizer.vocab_size)[:tokenizer.vocab_size]
+      counts += np.bincount(ids, minlength=tokenizer.vocab_size)
     counts[tokenizer.eos_id] += len(records)
   return counts, total
 
