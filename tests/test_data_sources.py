@@ -392,6 +392,28 @@ def test_bad_mixtures_are_config_errors(cache, tok_path, mixture, message):
     config_validation.validate(_config(cache, tok_path, mixture=mixture), num_devices=1)
 
 
+def test_a_changed_source_changes_the_fingerprint(tmp_path, cache, tok_path, tokens_dir):
+  import datasets  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  parquet = tmp_path / 'hf' / 'train.parquet'
+  parquet.parent.mkdir()
+  corpus = tmp_path / 'tokens'
+  shutil.copytree(tokens_dir[0], corpus)
+  configs = (_config(cache, tok_path, source='hf', path=str(parquet.parent)),
+             _config(cache, corpus / 'tokenizer.model', source='tokens', path=str(corpus)))
+
+  def fingerprints():
+    return [pipeline.text_data(c).fingerprint for c in configs]
+
+  datasets.Dataset.from_dict({'text': _texts(12, 30, 'hf')}).to_parquet(parquet)
+  before = fingerprints()
+  assert fingerprints() == before  # Unchanged data: the same (the run record accepts it).
+  datasets.Dataset.from_dict({'text': _texts(13, 30, 'hf')}).to_parquet(parquet)
+  pretokenized.write_split(corpus / 'train.array_record', [[5, 6, 7]])
+  after = fingerprints()
+  assert after[0] != before[0] and after[1] != before[1]
+
+
 # End to end: training on a mixture of a TFDS dataset, HF files and token ids.
 
 
@@ -411,17 +433,17 @@ def test_training_on_a_mixture_and_a_changed_source_is_detected(
       dict(source='hf', path=str(parquet.parent), weight=1.0),
       dict(source='tokens', path=str(out), weight=1.0)))
   config.global_batch_size = 8  # conftest's 8 CPU devices.
-  config.num_train_steps = 2
-  config.optimizer.warmup_steps = 1
-  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.num_train_steps = 1
+  config.optimizer.warmup_steps = 0
+  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
   config.num_eval_batches = 1
   config_validation.validate(config, num_devices=8)
   workdir = str(tmp_path / 'run')
   final = loop.train_and_evaluate(config, workdir)
-  assert final['step'] == 2
+  assert final['step'] == 1
   assert np.isfinite(final['train/loss']) and np.isfinite(final['eval/loss'])
   # A resume over changed data stops before training (the run record's fingerprint).
   datasets.Dataset.from_dict({'text': _texts(13, 30, 'hf')}).to_parquet(parquet)
-  config.num_train_steps = 3
+  config.num_train_steps = 2
   with pytest.raises(WorkdirError, match=r'changed: the data \(mix-'):
     loop.train_and_evaluate(config, workdir, allow_changes=('num_train_steps',))
