@@ -447,3 +447,29 @@ def test_training_on_a_mixture_and_a_changed_source_is_detected(
   config.num_train_steps = 2
   with pytest.raises(WorkdirError, match=r'changed: the data \(mix-'):
     loop.train_and_evaluate(config, workdir, allow_changes=('num_train_steps',))
+
+
+@pytest.mark.slow
+def test_pretokenize_script_writes_a_corpus(tmp_path, cache, tok_path, text_folder):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.helpers import single_device_env  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  args = [sys.executable, 'launch/pretokenize.py', '--config=experiments/default.py:size=tiny',
+          '--config.data.source=folder', f'--config.data.path={text_folder[0]}',
+          f'--config.data.tokenizer={tok_path}', f'--config.data.cache_dir={cache}',
+          f'--config.model.vocab_size={VOCAB}', f'--out={out}']
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(args, cwd=root, env=single_device_env(), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  tok = tokenizer_lib.Tokenizer(tok_path.read_bytes(), 'spm')
+  docs = [d for s in ('train', 'validation') for d in _read_array_record(
+      out / f'{s}.array_record')]
+  assert sorted(docs) == _encoded(tok, text_folder[1])
+  assert f'Wrote {out}: train ' in result.stdout
+  again = subprocess.run(args, cwd=root, env=single_device_env(), capture_output=True,
+                         text=True, timeout=300, check=False)
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines()[-1] == (
+      f'DataError: {out} already holds a tokenized corpus; choose a new folder.')
