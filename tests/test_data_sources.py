@@ -206,6 +206,13 @@ def test_hf_saved_dataset_dict_keeps_its_named_splits(tmp_path, cache, tok_path)
   assert sorted(_documents(ds.eval_batches(), tok)) == _encoded(tok, texts['validation'])
   assert sorted(_train_documents(ds, 30)) == _encoded(tok, texts['train'])
   _assert_resumes_exactly(ds)
+  # data.tokenizer='train' trains on the train split's text.
+  config.data.tokenizer = 'train'
+  trained = pipeline.create_datasets(config)
+  tok = trained.tokenizer
+  assert tok.vocab_size <= VOCAB and tok.digest != ds.tokenizer.digest
+  assert [tok.decode(tok.encode(t)) for t in texts['train']] == texts['train']
+  assert trained.stats['train_tokens'] == sum(len(tok.encode(t)) for t in texts['train'])
 
 
 @pytest.mark.parametrize('fmt', ['parquet', 'jsonl'])
@@ -281,10 +288,15 @@ def test_pretokenized_corpus_is_written_and_trains(tokens_dir, text_folder, cach
   ds = pipeline.create_datasets(config)
   assert sorted(_documents(ds.eval_batches(), tok)) == sorted(val)
   assert sorted(_train_documents(ds, len(train))) == sorted(train)
-  # The baseline counts the stored ids: the same as from the text it came from.
-  text_ds = pipeline.create_datasets(_config(cache, out / 'tokenizer.model',
-                                             path=str(text_folder[0])))
-  assert ds.unigram_loss == pytest.approx(text_ds.unigram_loss, rel=1e-12)
+  # The baseline from the stored ids: add-one smoothed unigram of train (tokens + EOS).
+  def counts(docs):
+    c = np.bincount([t for d in docs for t in d], minlength=VOCAB).astype(float)
+    c[tok.eos_id] += len(docs)
+    return c
+  p = (counts(train) + 1) / (counts(train).sum() + VOCAB)
+  assert ds.unigram_loss == pytest.approx(
+      -(counts(val) * np.log(p)).sum() / counts(val).sum(), rel=1e-9)
+  assert ds.stats['train_tokens'] == sum(map(len, train))
   _assert_resumes_exactly(ds)
 
 
