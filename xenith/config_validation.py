@@ -353,8 +353,9 @@ def _validate_data_sources(config) -> None:
                         f'{DATA_SOURCES[:-1]}')
     if own.source == 'tfds' and not own.tfds_name:
       raise ConfigError(where + 'tfds_name', "is empty; source='tfds' reads that dataset")
-    if own.source in ('hf', 'tokens', 'folder') and not own.path:
-      raise ConfigError(where + 'path', f"is empty; source={own.source!r} reads it")
+    if own.source in ('hf', 'tokens') or entries and own.source == 'folder':
+      if not own.path:
+        raise ConfigError(where + 'path', f"is empty; source={own.source!r} reads it")
     if own.source == 'tokens' and config.data.tokenizer == 'train':
       raise ConfigError('data.tokenizer', "'train' cannot train on token ids (source="
                         "'tokens'); give the corpus's tokenizer.model")
@@ -416,11 +417,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
 
   if not _validate_task(config):  # (A classifier's data source is checked there.)
     _one_of(config, 'data.source', DATA_SOURCES)
+    _validate_data_sources(config)
   if config.data.source == 'folder' and not config.data.get('mixture'):
     _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(storage.check_local(
         v, 'config.data.path', 'its documents are listed and read as local files')),
              "is not a folder (data.source='folder' reads .txt/.jsonl files from it)")
-  _validate_data_sources(config)
   tokenizer = config.data.tokenizer
   if tokenizer not in NAMED_TOKENIZERS and not storage.is_file(
       storage.path(tokenizer, 'config.data.tokenizer')):
