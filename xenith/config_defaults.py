@@ -206,12 +206,25 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data: documents -> TFDS array_record -> grain -> SentencePiece -> packed sequences.
   config.data = ml_collections.ConfigDict()
-  # 'shakespeare' (embedded corpus), 'folder', or 'passkey' (synthetic passkey examples, one
+  # 'shakespeare' (embedded corpus), 'folder', 'tfds' (a prepared TFDS dataset), 'hf' (a
+  # Hugging Face dataset on disk), 'tokens' (a pre-tokenized corpus: docs/data.md) or
+  # 'passkey' (synthetic passkey examples, one
   # per max_seq_len row: xenith/data/passkey_source.py, experiments/passkey_memory.py).
   # task='classification': 'folder' (labelled: xenith/data/labelled.py) or a built-in
   # labelled task, 'shakespeare_genre' or 'hinglish_langid' (docs/classification.md).
   config.data.source = 'shakespeare'
-  config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
+  # source='folder': a folder of .txt / .jsonl (or .gz) files; 'hf': a save_to_disk folder
+  # or .parquet / .arrow / .json(l) files; 'tokens': a folder from launch/pretokenize.py.
+  config.data.path = ''
+  config.data.text_key = 'text'  # The text field of a .jsonl, TFDS or HF record.
+  config.data.tfds_name = ''  # source='tfds': 'name[/config][:version]'.
+  config.data.tfds_data_dir = ''  # source='tfds': where it is prepared; '' = ~/tensorflow_datasets.
+  # The split evaluation reads: 'validation' or 'train' for shakespeare / folder (a hash
+  # split); any split the dataset has for tfds / hf / tokens.
+  config.data.eval_split = 'validation'
+  # Sources mixed by weight instead of the one above: a tuple of dicts of the fields
+  # above that differ plus a weight, e.g. (dict(source='hf', path=..., weight=2.0), ...).
+  config.data.mixture = ()
   config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
   # Hinglish (docs/hinglish.md): prefix each document with its detected language tag
   # (<HIN>/<ENG>/<MIX>); tokenizer='train' then trains with NFC and the tags as pieces 4-11.

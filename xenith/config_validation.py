@@ -23,7 +23,7 @@ from xenith.model.transformer import REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16')
 ON_NONFINITE = ('stop', 'skip')
-DATA_SOURCES = ('shakespeare', 'folder', 'passkey')
+DATA_SOURCES = ('shakespeare', 'folder', 'tfds', 'hf', 'tokens', 'passkey')
 TASKS = ('lm', 'classification')
 NAMED_TOKENIZERS = ('train', 'mixtral')
 WINDOW_SPLITS = ('heads', 'layers')
@@ -342,6 +342,31 @@ def _validate_task(config) -> bool:
   return True
 
 
+def _validate_data_sources(config) -> None:
+  """The fields of the tfds / hf / tokens sources and of a mixture's entries."""
+  from xenith.data import mixture  # pylint: disable=g-import-not-at-top
+  entries = mixture.entries(config.data)  # ConfigError on a bad entry.
+  for own, where in ([(c, f'data.mixture[{i}].') for i, (c, _) in enumerate(entries)]
+                     or [(config.data, 'data.')]):
+    if own.source not in DATA_SOURCES or own.source == 'passkey' and entries:
+      raise ConfigError(where + 'source', f'{own.source!r} must be one of '
+                        f'{DATA_SOURCES[:-1]}')
+    if own.source == 'tfds' and not own.tfds_name:
+      raise ConfigError(where + 'tfds_name', "is empty; source='tfds' reads that dataset")
+    if own.source in ('hf', 'tokens') or entries and own.source == 'folder':
+      if not own.path:
+        raise ConfigError(where + 'path', f"is empty; source={own.source!r} reads it")
+    if own.source == 'tokens' and config.data.tokenizer == 'train':
+      raise ConfigError('data.tokenizer', "'train' cannot train on token ids (source="
+                        "'tokens'); give the corpus's tokenizer.model")
+    if not own.get('text_key', 'text'):
+      raise ConfigError(where + 'text_key', 'must name the text field')
+    if own.source in ('shakespeare', 'folder') and own.get('eval_split', 'validation') not in (
+        'validation', 'train'):
+      raise ConfigError(where + 'eval_split', f"{own.eval_split!r}: source={own.source!r} "
+                        "has splits 'validation' and 'train'")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None,
              process_count: int = 1) -> None:
   """Raises ConfigError on the first invalid field of `config`; `num_devices=None` skips
@@ -393,7 +418,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None,
 
   if not _validate_task(config):  # (A classifier's data source is checked there.)
     _one_of(config, 'data.source', DATA_SOURCES)
-  if config.data.source == 'folder':
+    _validate_data_sources(config)
+  if config.data.source == 'folder' and not config.data.get('mixture'):
     _require(config, 'data.path', lambda v: bool(v) and os.path.isdir(storage.check_local(
         v, 'config.data.path', 'its documents are listed and read as local files')),
              "is not a folder (data.source='folder' reads .txt/.jsonl files from it)")

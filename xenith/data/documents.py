@@ -1,7 +1,9 @@
-"""Documents from a local folder of `.txt` and `.jsonl` files, validated up front.
+"""Documents from a local folder of `.txt` and `.jsonl` files (or `.txt.gz` / `.jsonl.gz`),
+validated up front.
 
 A `.txt` file is one document; a `.jsonl` file holds one document per line, a JSON
-object with a string field "text" and optionally a string field "language" (the name the
+object with a string field "text" (or `text_key`, config.data.text_key) and optionally a
+string field "language" (the name the
 language adapters know it by, e.g. "hin"; none = ''). Folders are searched recursively, in sorted
 order of relative path; hidden files and folders (names starting with '.') are
 ignored. Bad input (a binary file, bytes that are not UTF-8, a malformed JSON line)
@@ -10,6 +12,7 @@ skipped, counted and logged.
 """
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import pathlib
@@ -19,7 +22,7 @@ from absl import logging
 
 from xenith.errors import DataError
 
-SUFFIXES = ('.txt', '.jsonl')
+SUFFIXES = ('.txt', '.jsonl', '.txt.gz', '.jsonl.gz')
 _BINARY_SAMPLE = 4096  # Bytes read to tell a binary file from text in another encoding.
 
 
@@ -50,10 +53,10 @@ def list_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
     rel = path.relative_to(root)
     if any(part.startswith('.') for part in rel.parts):
       continue
-    if path.suffix.lower() in SUFFIXES and path.is_file():
+    if path.name.lower().endswith(SUFFIXES) and path.is_file():
       files.append(path)
   if not files:
-    raise DataError(f'Data folder {str(root)!r} has no .txt or .jsonl files.')
+    raise DataError(f'Data folder {str(root)!r} has no .txt or .jsonl files (nor .gz ones).')
   return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -101,9 +104,20 @@ def _decode(path: pathlib.Path, data: bytes) -> str:
   return text.removeprefix('\ufeff').replace('\r\n', '\n').replace('\r', '\n')
 
 
+def _read(path: pathlib.Path) -> bytes:
+  """A file's bytes, gunzipped for a .gz file (DataError on a broken archive)."""
+  data = path.read_bytes()
+  if not path.name.lower().endswith('.gz'):
+    return data
+  try:
+    return gzip.decompress(data)
+  except (OSError, EOFError) as e:
+    raise DataError(f'{path}: not a readable gzip file ({e}).') from None
+
+
 def decode_file(path: pathlib.Path) -> str:
   """A file's text, checked as `read_folder` checks it (binary, UTF-8; DataError)."""
-  return _decode(path, path.read_bytes())
+  return _decode(path, _read(path))
 
 
 def jsonl_records(path: pathlib.Path, text: str) -> Iterator[tuple[int, dict]]:
@@ -123,16 +137,17 @@ def jsonl_records(path: pathlib.Path, text: str) -> Iterator[tuple[int, dict]]:
     yield lineno, record
 
 
-def _jsonl_texts(path: pathlib.Path, text: str) -> Iterator[tuple[int, str, str]]:
+def _jsonl_texts(path: pathlib.Path, text: str,
+                 text_key: str = 'text') -> Iterator[tuple[int, str, str]]:
   """Yields (line number, text, language) of each record."""
   for lineno, record in jsonl_records(path, text):
-    if 'text' not in record:
-      raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" '
-                      'field.')
-    if not isinstance(record['text'], str):
-      raise DataError(f'{path}:{lineno}: field "text" must be a string, got '
-                      f'{type(record["text"]).__name__}.')
-    yield lineno, record['text'], record_language(f'{path}:{lineno}', record)
+    if text_key not in record:
+      raise DataError(f'{path}:{lineno}: expected a JSON object with a "{text_key}" '
+                      f'field (config.data.text_key); it has {sorted(record)}.')
+    if not isinstance(record[text_key], str):
+      raise DataError(f'{path}:{lineno}: field "{text_key}" must be a string, got '
+                      f'{type(record[text_key]).__name__}.')
+    yield lineno, record[text_key], record_language(f'{path}:{lineno}', record)
 
 
 def record_language(where: str, record: dict) -> str:
@@ -146,9 +161,10 @@ def record_language(where: str, record: dict) -> str:
 
 
 def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
-                log_skips: bool = True) -> Iterator[Document]:
+                log_skips: bool = True, text_key: str = 'text') -> Iterator[Document]:
   """Yields the folder's non-empty documents; counts into `stats` if given.
 
+  `text_key` names the field of each .jsonl record that holds its text.
   `log_skips=False` keeps later passes over an already checked folder quiet.
 
   Raises:
@@ -159,9 +175,10 @@ def read_folder(folder: str | pathlib.Path, stats: DocumentStats | None = None,
   stats = stats if stats is not None else DocumentStats()
   for path in list_files(root):
     rel = path.relative_to(root).as_posix()
-    text = _decode(path, path.read_bytes())
-    if path.suffix.lower() == '.jsonl':
-      records = [(f'{rel}:{n}', t, lang) for n, t, lang in _jsonl_texts(path, text)]
+    text = _decode(path, _read(path))
+    if path.name.lower().endswith(('.jsonl', '.jsonl.gz')):
+      records = [(f'{rel}:{n}', t, lang)
+                 for n, t, lang in _jsonl_texts(path, text, text_key)]
     else:
       records = [(rel, text, '')]
     for where, doc_text, language in records:

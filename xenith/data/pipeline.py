@@ -4,6 +4,9 @@
   -> tfds.data_source -> grain (shard, shuffle per epoch, repeat, tokenize,
   concat-then-split packing, batch)
 
+TFDS and Hugging Face datasets are read in place as passages (record_splits.py), a
+pre-tokenized corpus as token ids (pretokenized.py), several by weight (mixture.py).
+
 Each batch is a dict of int32 arrays [per_process_batch, max_seq_len]: `inputs`
 (each document is BOS + tokens + EOS), `segment_ids` and `positions` (see
 `packing.py`), and with language adapters on `languages`: each token's document's
@@ -25,9 +28,13 @@ import numpy as np
 
 from xenith import storage
 from xenith.data import cache as cache_lib
+from xenith.data import hf_source
 from xenith.data import language_id
+from xenith.data import mixture
 from xenith.data import packing
+from xenith.data import pretokenized
 from xenith.data import sources
+from xenith.data import tfds_source
 from xenith.data import text_dataset
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.data import unigram
@@ -79,8 +86,12 @@ class _Tokenize:
                   if language_tags else None)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    text = _as_str(record['text'])
     tok = self._tokenizer
+    if 'ids' in record:  # Pre-tokenized (pretokenized.py): no text, no language.
+      ids = np.concatenate([[tok.bos_id], record['ids'], [tok.eos_id]]).astype(np.int32)
+      return ({'inputs': ids} if self._languages is None else
+              {'inputs': ids, 'languages': np.zeros_like(ids)})
+    text = _as_str(record['text'])
     # The tag is its id, not text: '<HIN>' + text would change how the text's start encodes.
     tag = [self._tags[language_id.detect(text)]] if self._tags else []
     ids = np.asarray([tok.bos_id, *tag, *tok.encode(text), tok.eos_id], np.int32)
@@ -160,7 +171,7 @@ def _features(languages) -> tuple[str, ...]:
   return ('inputs',) if languages is None else ('inputs', 'languages')
 
 
-def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+def _train_batches(splits, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                    process_index: int, process_count: int,
                    languages: dict[str, int] | None = None,
                    language_tags: bool = False) -> grain.IterDataset:
@@ -170,15 +181,18 @@ def _train_batches(split, tokenizer, *, seq_len: int, batch_size: int, seed: int
   Every process shuffles, tokenizes and packs the whole split in the same order and
   keeps only its rows, so the global batch of step s is the same however many
   processes feed it (a run resumed on another process count sees the same data), and
-  every process's iterator position is the same.
+  every process's iterator position is the same. `splits`: [(split, weight)]; several
+  are mixed by weight (mixture.py).
   """
-  ds = grain.MapDataset.source(split)
   # shuffle -> repeat: epoch e shuffles with shuffle_seed + e, so the order
   # changes every epoch. Hashing config.seed keeps runs with seeds s and s + 1
   # from replaying each other's epochs one epoch apart.
   shuffle_seed = int(np.random.SeedSequence(seed % 2**64).generate_state(1)[0])
-  ds = ds.shuffle(seed=shuffle_seed).repeat().map(
-      _Tokenize(tokenizer, languages, language_tags))
+  parts = [grain.MapDataset.source(split).shuffle(seed=(shuffle_seed + i) % 2**32).repeat()
+           for i, (split, _) in enumerate(splits)]
+  # Document k of the mix is a function of k: the iterator's index is its position.
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in splits])
+  ds = ds.map(_Tokenize(tokenizer, languages, language_tags))
   rows = packing.pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, _features(languages))
   batches = rows.batch(batch_size * process_count, drop_remainder=True)
   if process_count == 1:
@@ -211,6 +225,14 @@ def _check_settings(config, process_index: int, process_count: int) -> None:
                     f'config.model.vocab_size={config.model.vocab_size}.')
   if spec not in ('train', 'mixtral'):
     tokenizer_lib.check_model_path(spec)
+  for data_config in _data_configs(config):
+    if data_config.source == 'tokens':
+      pretokenized.check(data_config, config.model.vocab_size)
+
+
+def _data_configs(config) -> list:
+  """config.data, or each mixture entry's own (mixture.py)."""
+  return [c for c, _ in mixture.entries(config.data)] or [config.data]
 
 
 def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
@@ -241,14 +263,17 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
     return passkey_source.create_datasets(config, Datasets, process_index=process_index,
                                           process_count=process_count, tokenizer=tokenizer)
   cache = cache_lib.cache_dir(config.data)
-  data = _prepare(config, cache)
+  data, train_splits = _prepare(config, cache)
   _check_languages(config, data)
   tokenizer = tokenizer or _text_tokenizer(config, cache, data)
+  for data_config in _data_configs(config):
+    if data_config.source == 'tokens':
+      pretokenized.check(data_config, config.model.vocab_size, tokenizer)
   token_stats = unigram.token_stats(data.train, data.validation, tokenizer,
-                                    cache, data.fingerprint)
+                                    cache, _stats_key(config, data))
   batch_size = config.global_batch_size // process_count
   train = _train_batches(
-      data.train, tokenizer, seq_len=config.max_seq_len, batch_size=batch_size,
+      train_splits, tokenizer, seq_len=config.max_seq_len, batch_size=batch_size,
       seed=config.seed, process_index=process_index,
       process_count=process_count, languages=language_ids(config),
       language_tags=_language_tags(config))
@@ -286,17 +311,61 @@ def load_tokenizer(config, workdir: str | None = None) -> tokenizer_lib.Tokenize
   if config.data.source == 'passkey':
     from xenith.data import passkey_source  # pylint: disable=g-import-not-at-top
     return passkey_source.load_tokenizer(config, cache)
-  data = _prepare(config, cache) if config.data.tokenizer == 'train' else None
+  data = _prepare(config, cache)[0] if config.data.tokenizer == 'train' else None
   return _text_tokenizer(config, cache, data)
 
 
 PINNED_TOKENIZER = 'tokenizer.model'  # A run's tokenizer, copied into its workdir.
 
 
-def _prepare(config, cache) -> text_dataset.PreparedData:
-  """The text source's train/validation splits (prepared once, then cached)."""
-  source = sources.make_source(config.data, cache)
-  return text_dataset.prepare(source, config.data.validation_fraction, cache)
+def _prepare_one(data_config, cache) -> text_dataset.PreparedData:
+  """One source's train split and eval split (`data.eval_split`) as `validation`."""
+  kind = data_config.source
+  if kind == 'tfds':
+    return tfds_source.prepare(data_config, cache)
+  if kind == 'hf':
+    return hf_source.prepare(data_config, cache)
+  if kind == 'tokens':
+    return pretokenized.prepare(data_config, cache)
+  eval_split = data_config.get('eval_split', 'validation')
+  if eval_split not in HASH_SPLITS:
+    raise DataError(f'config.data.eval_split={eval_split!r}: source {kind!r} has splits '
+                    f'{HASH_SPLITS}.')
+  source = sources.make_source(data_config, cache)
+  data = text_dataset.prepare(source, data_config.validation_fraction, cache)
+  if eval_split == 'train':
+    data = dataclasses.replace(data, validation=data.train, stats={
+        **data.stats, 'validation_passages': data.stats['train_passages']})
+  return data
+
+
+HASH_SPLITS = ('validation', 'train')  # The splits of a source split by passage hash.
+
+
+def _prepare(config, cache) -> tuple[text_dataset.PreparedData, list]:
+  """The data (train and eval splits; prepared once, then cached) and [(train split,
+  weight)] per source: one, or each of a mixture's."""
+  entries = mixture.entries(config.data)
+  if not entries:
+    data = _prepare_one(config.data, cache)
+    return data, [(data.train, 1.0)]
+  parts = [_prepare_one(c, cache) for c, _ in entries]
+  weights = [w for _, w in entries]
+  return mixture.combine(parts, weights), [(p.train, w) for p, w in zip(parts, weights)]
+
+
+def text_data(config) -> text_dataset.PreparedData:
+  """The train split and eval split (`validation`) config.data names, prepared."""
+  _check_settings(config, 0, 1)
+  return _prepare(config, cache_lib.cache_dir(config.data))[0]
+
+
+def _stats_key(config, data) -> str:
+  """Names the cached token counts: the data and which eval split(s) they count."""
+  evals = [c.get('eval_split', 'validation') for c in _data_configs(config)]
+  if set(evals) == {'validation'}:
+    return data.fingerprint  # As before eval_split existed: cached counts stay valid.
+  return f'{data.fingerprint}-eval-{"+".join(evals)}'
 
 
 def _language_tags(config) -> bool:

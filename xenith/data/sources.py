@@ -1,4 +1,6 @@
-"""Where documents come from: the embedded Shakespeare corpus or a local folder."""
+"""Where documents come from: the embedded Shakespeare corpus or a local folder.
+
+(Other sources read records in place: tfds_source.py, hf_source.py, pretokenized.py.)"""
 
 import dataclasses
 import os
@@ -29,10 +31,12 @@ class Source:
     fingerprint: changes whenever the documents may have changed.
     folder: returns the folder to read (downloading first if need be); only
       called when the dataset has to be prepared.
+    text_key: the field of a .jsonl record that holds its text.
   """
   kind: str
   fingerprint: str
   folder: Callable[[], pathlib.Path]
+  text_key: str = 'text'
 
 
 def shakespeare_folder(cache: pathlib.Path) -> pathlib.Path:
@@ -80,6 +84,9 @@ def make_source(data_config, cache: pathlib.Path) -> Source:
     folder = pathlib.Path(data_config.path).expanduser().absolute()
     # Listing (and so the missing/empty-folder errors) happens here, at once.
     fingerprint = documents.folder_fingerprint(data_config.path)
-    return Source(kind, fingerprint, lambda: folder)
+    text_key = data_config.get('text_key', 'text') or 'text'
+    if text_key != 'text':  # (Unchanged for 'text', so prepared folders stay valid.)
+      fingerprint = f'{fingerprint}:{text_key}'
+    return Source(kind, fingerprint, lambda: folder, text_key)
   raise DataError(f"Unknown config.data.source {kind!r}; choose 'shakespeare' or "
                   "'folder'.")

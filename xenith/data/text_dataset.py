@@ -54,7 +54,7 @@ class SplitPlan:
     return h < self.fraction or (source, h) == self.forced_validation
 
 
-def plan_splits(folder: pathlib.Path, fraction: float) -> SplitPlan:
+def plan_splits(folder: pathlib.Path, fraction: float, text_key: str = 'text') -> SplitPlan:
   """Reads every document once: validates, counts, ensures a validation passage.
 
   Raises:
@@ -64,7 +64,7 @@ def plan_splits(folder: pathlib.Path, fraction: float) -> SplitPlan:
   counts = {'train': 0, 'validation': 0}
   smallest = None  # (hash, source) of the passage most eligible for validation.
   languages = set()
-  for source, text, language in _passages(folder, stats=doc_stats):
+  for source, text, language in _passages(folder, stats=doc_stats, text_key=text_key):
     languages.add(language)
     h = passages_lib.passage_hash(source, text)
     counts['validation' if h < fraction else 'train'] += 1
@@ -104,10 +104,11 @@ class XenithPassages(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def __init__(self, *, folder: pathlib.Path | None = None,
-               plan: SplitPlan | None = None, **kwargs):
+               plan: SplitPlan | None = None, text_key: str = 'text', **kwargs):
     # Reading an already prepared dataset (tfds.data_source) passes neither.
     self._folder = folder
     self._plan = plan
+    self._text_key = text_key
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -136,7 +137,8 @@ class XenithPassages(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, validation: bool):
-    for i, (source, text, language) in enumerate(_passages(self._folder, log_skips=False)):
+    for i, (source, text, language) in enumerate(
+        _passages(self._folder, log_skips=False, text_key=self._text_key)):
       if self._plan.is_validation(source, text) == validation:
         yield i, {'text': text, 'source': source, 'language': language}
 
@@ -180,11 +182,11 @@ def prepare(source: Source, validation_fraction: float,
     with cache_lib.file_lock(cache, f'tfds-{fp}'):
       if not XenithPassages(data_dir=data_dir).is_prepared():
         folder = source.folder()
-        plan = plan_splits(folder, validation_fraction)
+        plan = plan_splits(folder, validation_fraction, source.text_key)
         logging.info('Preparing %s from %s into %s: %s', fp, folder, data_dir,
                      plan.stats)
         builder = XenithPassages(data_dir=data_dir, folder=folder, plan=plan,
-                                 file_format='array_record')
+                                 text_key=source.text_key, file_format='array_record')
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 try_download_gcs=False))

@@ -31,12 +31,13 @@ def count_tokens(split, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
   counts = np.zeros(tokenizer.vocab_size, np.int64)
   total = 0
   for start in range(0, len(split), _CHUNK):
-    texts = [split[i]['text'].decode()
-             for i in range(start, min(start + _CHUNK, len(split)))]
-    for ids in tokenizer.encode_batch(texts):
+    records = [split[i] for i in range(start, min(start + _CHUNK, len(split)))]
+    # A pre-tokenized record (pretokenized.py) has its 'ids'; a text record is encoded.
+    texts = [r['text'].decode() for r in records if 'ids' not in r]
+    for ids in [r['ids'] for r in records if 'ids' in r] + tokenizer.encode_batch(texts):
       total += len(ids)
       counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    counts[tokenizer.eos_id] += len(texts)
+    counts[tokenizer.eos_id] += len(records)
   return counts, total
 
 
