@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import tempfile
 import unicodedata
 import zipfile
 
@@ -153,8 +154,21 @@ class Tokenizer:
               'add_eos_token': False, 'add_prefix_space': dummy_prefix, 'legacy': False,
               'clean_up_tokenization_spaces': False, **special}
     dump = lambda d: json.dumps(d, indent=2, sort_keys=True).encode()
-    return {SPM_FILE: self._proto, 'tokenizer_config.json': dump(config),
-            'special_tokens_map.json': dump(special)}
+    files = {SPM_FILE: self._proto, 'tokenizer_config.json': dump(config),
+             'special_tokens_map.json': dump(special)}
+    return {**files, hf_tokenizer.TOKENIZER_JSON: _converted(files)}
+
+
+def _converted(files: dict[str, bytes]) -> bytes:
+  """The tokenizer.json transformers converts `files` (a Llama tokenizer.model and its
+  settings) to. Exported with them: next to a config.json of model_type 'mistral',
+  AutoTokenizer would otherwise build a tokenizer without the dummy prefix."""
+  import transformers  # pylint: disable=g-import-not-at-top  (only an export needs it)
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, data in files.items():
+      pathlib.Path(tmp, name).write_bytes(data)
+    converted = transformers.AutoTokenizer.from_pretrained(tmp)
+  return converted.backend_tokenizer.to_str().encode()
 
 
 def mark_nfc(model_proto: bytes) -> bytes:
