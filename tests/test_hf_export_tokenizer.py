@@ -22,7 +22,7 @@ from xenith.train import run_record
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 'ROMEO:'
 NEW_TOKENS = 12
-TRAIN_STEPS = 150
+TRAIN_STEPS = 80
 
 
 def _main(*args):
@@ -104,3 +104,47 @@ def test_export_writes_the_special_token_ids_and_tokenizer_files(exported):
           hf_tokenizer.eos_token_id) == (0, 1, 2, 3)
   text = 'JULIET:\nO Romeo, Romeo! wherefore art thou Romeo? 1597, café.'
   assert hf_tokenizer(text)['input_ids'] == [2, *tokenizer.encode(text)]
+
+
+def byte_level_bpe(vocab_size: int, specials: list[str]):
+  """A byte-level BPE tokenizer (`tokenizers`) trained on a few lines made here."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  lines = [f'{who}: {what} the {thing}, my lord.' for who in ('ROMEO', 'JULIET', 'NURSE')
+           for what in ('I love', 'Thou art', 'Give me') for thing in ('night', 'sword')]
+  tok.train_from_iterator(lines * 20, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  return tok
+
+
+@pytest.mark.slow
+def test_a_run_with_a_tokenizer_json_pins_it_and_generates_from_its_workdir(tmp_path):
+  """A tokenizer.json with only '<|endoftext|>' (BOS, EOS and padding then): the run pins
+  it in its workdir; with the original deleted and another cache, --mode=generate's
+  function still encodes and decodes with it."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  original = tmp_path / 'tok' / 'tokenizer.json'
+  original.parent.mkdir()
+  byte_level_bpe(300, ['<|endoftext|>']).save(str(original))
+  reference = tokenizers.Tokenizer.from_file(str(original))
+  config = default.get_config('size=tiny')
+  config.data.tokenizer = str(original)
+  workdir = tmp_path / 'run'
+  _train(config, workdir, 2)
+  assert sorted(p.name for p in workdir.glob('tokenizer*')) == ['tokenizer.json',
+                                                                'tokenizer_config.json']
+  assert (workdir / 'tokenizer.json').read_bytes() == original.read_bytes()
+  original.unlink()
+  config.data.cache_dir = str(tmp_path / 'other_cache')
+  pinned = pipeline.load_tokenizer(config, str(workdir))
+  eot = reference.token_to_id('<|endoftext|>')
+  assert (pinned.bos_id, pinned.eos_id, pinned.pad_id) == (eot, eot, eot)
+  text = 'JULIET: Give me my Romeo; and, when he shall die'
+  assert pinned.encode(text) == reference.encode(text).ids
+  out = generate.generate_text(config, str(workdir), 'ROMEO:', max_new_tokens=6)
+  assert out.startswith('ROMEO:') and len(out) > len('ROMEO:')
+  assert not (tmp_path / 'other_cache' / 'tokenizers').exists()
