@@ -106,6 +106,10 @@ def test_export_writes_the_special_token_ids_and_tokenizer_files(exported):
   assert hf_tokenizer(text)['input_ids'] == [2, *tokenizer.encode(text)]
 
 
+LINES = [f'{who}: {what} the {thing}, my lord.' for who in ('ROMEO', 'JULIET', 'NURSE')
+         for what in ('I love', 'Thou art', 'Give me') for thing in ('night', 'sword')]
+
+
 def byte_level_bpe(vocab_size: int, specials: list[str]):
   """A byte-level BPE tokenizer (`tokenizers`) trained on a few lines made here."""
   import tokenizers  # pylint: disable=g-import-not-at-top
@@ -113,9 +117,7 @@ def byte_level_bpe(vocab_size: int, specials: list[str]):
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  lines = [f'{who}: {what} the {thing}, my lord.' for who in ('ROMEO', 'JULIET', 'NURSE')
-           for what in ('I love', 'Thou art', 'Give me') for thing in ('night', 'sword')]
-  tok.train_from_iterator(lines * 20, trainers.BpeTrainer(
+  tok.train_from_iterator(LINES * 20, trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=specials,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
   return tok
@@ -131,8 +133,13 @@ def test_a_run_with_a_tokenizer_json_pins_it_and_generates_from_its_workdir(tmp_
   original.parent.mkdir()
   byte_level_bpe(300, ['<|endoftext|>']).save(str(original))
   reference = tokenizers.Tokenizer.from_file(str(original))
+  data = tmp_path / 'data'
+  data.mkdir()
+  for i in range(10):  # Ten small documents: a quick folder source.
+    (data / f'{i}.txt').write_text('\n'.join(LINES[i:] + LINES[:i]))
   config = default.get_config('size=tiny')
-  config.data.tokenizer = str(original)
+  config.data.update(source='folder', path=str(data), tokenizer=str(original),
+                     cache_dir=str(tmp_path / 'cache'), validation_fraction=0.2)
   workdir = tmp_path / 'run'
   _train(config, workdir, 2)
   assert sorted(p.name for p in workdir.glob('tokenizer*')) == ['tokenizer.json',

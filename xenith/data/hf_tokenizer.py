@@ -59,13 +59,14 @@ class HfTokenizer:
       raise DataError(f'Tokenizer {name!r} has no EOS token (no eos_token in its '
                       f'{TOKENIZER_CONFIG}, none of {list(KNOWN["eos_token"])}); '
                       'Xenith ends every document with one.')
+    missing = [f'{role}={token!r}' for role, token in special.items()
+               if token is not None and self._tok.token_to_id(token) is None]
+    if missing:
+      raise DataError(f'Tokenizer {name!r}: {", ".join(missing)} not in its vocabulary.')
     special['bos_token'] = special['bos_token'] or special['eos_token']
     special['pad_token'] = special['pad_token'] or special['eos_token']
     self.special = special
     ids = {role: self._tok.token_to_id(token) for role, token in special.items()}
-    missing = [f'{role}={special[role]!r}' for role, i in ids.items() if i is None]
-    if missing:
-      raise DataError(f'Tokenizer {name!r}: {", ".join(missing)} not in its vocabulary.')
     self._ids = ids
 
   @classmethod

@@ -325,9 +325,9 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
     except RuntimeError as e:
       raise DataError(f'{path}: not a SentencePiece model ({e}).') from None
   if tok.vocab_size > vocab_size:
-    raise ConfigError(f'Tokenizer {tok.name!r} has {tok.vocab_size} pieces, more than '
-                    f'config.model.vocab_size={vocab_size}; raise '
-                    'config.model.vocab_size or pick a smaller config.data.tokenizer.')
+    raise ConfigError('model.vocab_size', f'{vocab_size} is less than the {tok.vocab_size} '
+                      f'pieces of tokenizer {tok.name!r}; raise it or pick a smaller '
+                      'config.data.tokenizer.')
   missing = [t for t in language_id.TAGS.values() if tok.piece_id(t) is None]
   if language_tags and missing:
     raise DataError(f'config.data.language_tags=True needs the tags {missing} as pieces '
