@@ -141,3 +141,19 @@ def test_sentencepiece_export_files_load_in_transformers_as_llama(tmp_path):
     assert hf(text)['input_ids'] == [2, *reference.encode(text)], text
     assert hf.decode(hf(text)['input_ids'], skip_special_tokens=True) == text
   assert hf_tokenizer.TOKENIZER_JSON in sp.export_files()
+
+
+def test_hf_export_files_load_in_transformers(tmp_path):
+  """An HF tokenizer's export files, beside a Mistral config.json: AutoTokenizer has its
+  special tokens and encodes as Xenith does."""
+  tok = _load(_hf_folder(tmp_path / 'tok', ['<pad>', '<s>', '</s>']))
+  out = tmp_path / 'hf'
+  out.mkdir()
+  for name, data in tok.export_files().items():
+    (out / name).write_bytes(data)
+  (out / 'config.json').write_text(json.dumps({'model_type': 'mistral'}))
+  hf = transformers.AutoTokenizer.from_pretrained(out)
+  assert tok.special_token_ids() == {'pad_token_id': 0, 'bos_token_id': 1,
+                                     'eos_token_id': 2}
+  assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+  assert hf(TEXT, add_special_tokens=False)['input_ids'] == tok.encode(TEXT)

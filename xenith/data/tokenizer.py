@@ -316,10 +316,9 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
     tok = train_tokenizer(train_split, vocab_size, cache, fingerprint, language_tags)
   elif spec == 'mixtral':
     tok = Tokenizer(mixtral_model_proto(cache), name='mixtral')
-  elif check_model_path(spec).name.endswith('.json'):
-    tok = hf_tokenizer.HfTokenizer.from_path(os.fspath(check_model_path(spec)))
+  elif (path := check_model_path(spec)).name.endswith('.json'):
+    tok = hf_tokenizer.HfTokenizer.from_path(os.fspath(path))
   else:
-    path = check_model_path(spec)
     try:
       tok = Tokenizer(path.read_bytes(), name=str(path))
     except RuntimeError as e:
