@@ -113,13 +113,12 @@ LINES = [f'{who}: {what} the {thing}, my lord.' for who in ('ROMEO', 'JULIET', '
 def byte_level_bpe(vocab_size: int, specials: list[str]):
   """A byte-level BPE tokenizer (`tokenizers`) trained on a few lines made here."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(LINES * 20, trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=specials,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator(LINES * 20, tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
   return tok
 
 

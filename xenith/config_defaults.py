@@ -212,7 +212,7 @@ def get_config() -> ml_collections.ConfigDict:
   # labelled task, 'shakespeare_genre' or 'hinglish_langid' (docs/classification.md).
   config.data.source = 'shakespeare'
   config.data.path = ''  # For source='folder': a folder of .txt / .jsonl files.
-  config.data.tokenizer = 'train'  # 'train', 'mixtral', a .model, or an HF tokenizer.json/folder (docs/data.md).
+  config.data.tokenizer = 'train'  # 'train', 'mixtral', a .model, an HF tokenizer.json/folder.
   # Hinglish (docs/hinglish.md): prefix each document with its detected language tag
   # (<HIN>/<ENG>/<MIX>); tokenizer='train' then trains with NFC and the tags as pieces 4-11.
   config.data.language_tags = False
