@@ -22,6 +22,7 @@ from xenith.data import pipeline
 from xenith.data import text_dataset
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.data import unigram
+from xenith.errors import ConfigError
 from xenith.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -479,7 +480,7 @@ def test_tokenizer_larger_than_vocab_size_is_rejected(ds, config, tmp_path):
   small = make_config(pathlib.Path(config.data.cache_dir), config.data.path,
                       tokenizer=str(path))
   small.model.vocab_size = ds.tokenizer.vocab_size - 1
-  with pytest.raises(DataError, match='config.model.vocab_size'):
+  with pytest.raises(ConfigError, match='config.model.vocab_size'):
     pipeline.create_datasets(small)
   # The same file within the limit loads and matches.
   small.model.vocab_size = ds.tokenizer.vocab_size
@@ -526,7 +527,7 @@ def test_mixtral_tokenizer(tmp_path):
   assert (tok.bos_id, tok.eos_id) == (1, 2)
   text = 'To be, or not to be: that is the question.\nनमस्ते दुनिया 🙂'
   assert tok.decode(tok.encode(text)) == text
-  with pytest.raises(DataError, match='config.model.vocab_size=2048'):
+  with pytest.raises(ConfigError, match='config.model.vocab_size: 2048 is less'):
     tokenizer_lib.load_tokenizer('mixtral', vocab_size=2048,
                                  cache=cache.expanduser())
 

@@ -225,7 +225,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Sources mixed by weight instead of the one above: a tuple of dicts of the fields
   # above that differ plus a weight, e.g. (dict(source='hf', path=..., weight=2.0), ...).
   config.data.mixture = ()
-  config.data.tokenizer = 'train'  # 'train' (SentencePiece on the train split), 'mixtral', or a .model path.
+  # 'train' (SentencePiece on the train split), 'mixtral', a SentencePiece .model, or a
+  # Hugging Face tokenizer.json / folder holding one.
+  config.data.tokenizer = 'train'
   # Hinglish (docs/hinglish.md): prefix each document with its detected language tag
   # (<HIN>/<ENG>/<MIX>); tokenizer='train' then trains with NFC and the tags as pieces 4-11.
   config.data.language_tags = False

@@ -20,7 +20,6 @@ iterator restored from `get_state()` continues exactly where it stopped.
 
 import dataclasses
 import itertools
-import os
 from typing import Any, Iterator
 
 import grain
@@ -296,16 +295,18 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
 
 def load_tokenizer(config, workdir: str | None = None) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, without building any batches: the copy pinned in `workdir`
-  (`<workdir>/tokenizer.model`, written when a run starts) if there is one, else the one
+  (`<workdir>/tokenizer.model`, or tokenizer.json + tokenizer_config.json for a Hugging
+  Face one, written when a run starts) if there is one, else the one
   `config.data.tokenizer` names. For generation, export and evaluation of a run.
 
   'mixtral' and a .model file load directly; 'train' is the one trained on the prepared
   data (the cached model, the data prepared first if it is not cached yet); the passkey
   source has its own.
   """
-  pinned = storage.path(workdir, '--workdir') / PINNED_TOKENIZER if workdir else None
-  if pinned and storage.is_file(pinned):  # Local or gs:// (storage.py).
-    return tokenizer_lib.Tokenizer(pinned.read_bytes(), name=os.fspath(pinned))
+  pinned = (tokenizer_lib.read_pinned(storage.path(workdir, '--workdir')) if workdir
+            else None)  # Local or gs:// (storage.py).
+  if pinned:
+    return pinned
   _check_settings(config, 0, 1)
   cache = cache_lib.cache_dir(config.data)
   if config.data.source == 'passkey':
@@ -315,7 +316,8 @@ def load_tokenizer(config, workdir: str | None = None) -> tokenizer_lib.Tokenize
   return _text_tokenizer(config, cache, data)
 
 
-PINNED_TOKENIZER = 'tokenizer.model'  # A run's tokenizer, copied into its workdir.
+# A run's SentencePiece tokenizer, copied into its workdir (an HF one: tokenizer.json).
+PINNED_TOKENIZER = tokenizer_lib.SPM_FILE
 
 
 def _prepare_one(data_config, cache) -> text_dataset.PreparedData:

@@ -9,13 +9,22 @@
              single pieces at ids 4-11 (docs/hinglish.md);
   'mixtral': the Mixtral-8x7B model (32,000 pieces) taken from the wheel of
              `mistral-common`, cached;
-  a path:    an existing SentencePiece `.model` file.
+  a path:    an existing SentencePiece `.model` file, or a Hugging Face `tokenizer.json`
+             or a folder holding one (`HfTokenizer`, hf_tokenizer.py).
+
+Both kinds share one interface (vocab_size, bos_id, eos_id, pad_id, digest, encode,
+encode_batch, decode, id_to_piece, piece_id, `files()` to pin it in a workdir and
+`export_files()` / `special_token_ids()` for a Hugging Face export); `read_pinned(dir)`
+reads either back from the files `files()` wrote.
 """
 
 import hashlib
 import io
+import json
 import math
+import os
 import pathlib
+import tempfile
 import unicodedata
 import zipfile
 
@@ -27,8 +36,10 @@ from sentencepiece import sentencepiece_model_pb2
 from xenith import atomic_files
 from xenith import storage
 from xenith.data import cache as cache_lib
+from xenith.data import hf_tokenizer
 from xenith.data import language_id
 from xenith.data import passages as passages_lib
+from xenith.errors import ConfigError
 from xenith.errors import DataError
 
 MIXTRAL_REQUIREMENT = 'mistral-common==1.13.1'
@@ -44,6 +55,7 @@ TRAINING_VERSION = 1
 # The normalizer name that marks a model whose input is NFC-normalised (by `Tokenizer`;
 # SentencePiece has no NFC rule of its own, only NFKC, which folds too much: ² -> 2).
 NFC = 'nfc'
+SPM_FILE = 'tokenizer.model'  # The file a SentencePiece tokenizer is pinned / exported as.
 
 
 class Tokenizer:
@@ -53,6 +65,8 @@ class Tokenizer:
   have <unk> at 0; padding is masked by segment_ids == 0 either way. A model whose
   normalizer is named 'nfc' (`NFC`) encodes the NFC form of its input.
   """
+
+  kind = 'sentencepiece'
 
   def __init__(self, model_proto: bytes, name: str):
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -114,6 +128,47 @@ class Tokenizer:
     """The id of a user-defined piece such as '<HIN>'; None if the model lacks it."""
     i = self._sp.piece_to_id(piece)  # <unk>'s id when there is no such piece.
     return None if self._sp.is_unknown(i) else i
+
+  def files(self) -> dict[str, bytes]:
+    """The files that hold this tokenizer, as a run pins them: {'tokenizer.model': ..}."""
+    return {SPM_FILE: self._proto}
+
+  def special_token_ids(self) -> dict[str, int]:
+    """config.json's token ids (pad 0, unk 1, bos 2, eos 3 for Xenith's trained models)."""
+    ids = {'bos_token_id': self.bos_id, 'eos_token_id': self.eos_id,
+           'pad_token_id': self.pad_id}
+    return {**ids, 'unk_token_id': self._sp.unk_id()} if self._sp.unk_id() >= 0 else ids
+
+  def export_files(self) -> dict[str, bytes]:
+    """tokenizer.model with the settings that make `transformers.AutoTokenizer` load it
+    as a Llama tokenizer that adds BOS (not EOS), as Xenith's documents begin."""
+    piece = lambda i: self._sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+    special = {'bos_token': piece(self.bos_id), 'eos_token': piece(self.eos_id),
+               'unk_token': piece(self._sp.unk_id()),
+               # Mixtral has <unk> at 0: no pad piece, padding is <unk> there.
+               'pad_token': piece(0) if self._sp.is_control(0) else None}
+    special = {k: v for k, v in special.items() if v is not None}
+    dummy_prefix = (sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+                    .normalizer_spec.add_dummy_prefix)
+    config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
+              'add_eos_token': False, 'add_prefix_space': dummy_prefix, 'legacy': False,
+              'clean_up_tokenization_spaces': False, **special}
+    dump = lambda d: json.dumps(d, indent=2, sort_keys=True).encode()
+    files = {SPM_FILE: self._proto, 'tokenizer_config.json': dump(config),
+             'special_tokens_map.json': dump(special)}
+    return {**files, hf_tokenizer.TOKENIZER_JSON: _converted(files)}
+
+
+def _converted(files: dict[str, bytes]) -> bytes:
+  """The tokenizer.json transformers converts `files` (a Llama tokenizer.model and its
+  settings) to. Exported with them: next to a config.json of model_type 'mistral',
+  AutoTokenizer would otherwise build a tokenizer without the dummy prefix."""
+  import transformers  # pylint: disable=g-import-not-at-top  (only an export needs it)
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, data in files.items():
+      pathlib.Path(tmp, name).write_bytes(data)
+    converted = transformers.AutoTokenizer.from_pretrained(tmp)
+  return converted.backend_tokenizer.to_str().encode()
 
 
 def mark_nfc(model_proto: bytes) -> bytes:
@@ -207,12 +262,33 @@ def mixtral_model_proto(cache: pathlib.Path) -> bytes:
 
 
 def check_model_path(spec: str) -> epath.Path:
-  """The `.model` file named by `config.data.tokenizer` (local or gs://), if it exists."""
+  """The tokenizer file named by `config.data.tokenizer` (local or gs://), if it exists: a
+  SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder's tokenizer.model
+  (if it has one; a SentencePiece model) or tokenizer.json."""
   path = storage.path(spec, 'config.data.tokenizer')
+  if path.is_dir():
+    spm_file = path / SPM_FILE
+    path = spm_file if storage.is_file(spm_file) else path / hf_tokenizer.TOKENIZER_JSON
   if not storage.is_file(path):
-    raise DataError(f"config.data.tokenizer={spec!r} is not 'train', 'mixtral' "
-                    'or an existing SentencePiece .model file.')
+    raise DataError(f"config.data.tokenizer={spec!r} is not 'train', 'mixtral', an "
+                    'existing SentencePiece .model file, a Hugging Face tokenizer.json '
+                    'or a folder holding either.')
   return path
+
+
+def read_pinned(directory) -> 'Tokenizer | hf_tokenizer.HfTokenizer | None':
+  """The tokenizer pinned in `directory` (a workdir) by writing its `files()`; None if
+  there is none. A SentencePiece one is tokenizer.model (workdirs from before HF
+  tokenizers have only that), an HF one tokenizer.json + tokenizer_config.json."""
+  directory = storage.path(directory)
+  if storage.is_file(directory / SPM_FILE):
+    return Tokenizer((directory / SPM_FILE).read_bytes(), name=str(directory / SPM_FILE))
+  if storage.is_file(directory / hf_tokenizer.TOKENIZER_JSON):
+    return hf_tokenizer.HfTokenizer.from_path(str(directory))
+  return None
+
+
+PINNED_FILES = (SPM_FILE, hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.TOKENIZER_CONFIG)
 
 
 def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
@@ -221,7 +297,8 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
   """The tokenizer named by `config.data.tokenizer`.
 
   Args:
-    spec: 'train', 'mixtral', or the path of a SentencePiece `.model` file.
+    spec: 'train', 'mixtral', the path of a SentencePiece `.model` file, or of a Hugging
+      Face tokenizer.json or a folder holding one.
     vocab_size: `config.model.vocab_size`; pieces to train, and the most allowed.
     cache: the cache root.
     train_split: the train split (records with 'text' bytes), for 'train'.
@@ -230,8 +307,8 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
       and any tokenizer must have the language tags as pieces.
 
   Raises:
-    DataError: unknown spec, missing file, more pieces than `vocab_size`, or no
-      language tags where they are needed.
+    DataError: unknown spec, missing file, or no language tags where they are needed.
+    ConfigError: more pieces than `vocab_size`.
   """
   if spec == 'train':
     if train_split is None or fingerprint is None:
@@ -239,16 +316,17 @@ def load_tokenizer(spec: str, *, vocab_size: int, cache: pathlib.Path,
     tok = train_tokenizer(train_split, vocab_size, cache, fingerprint, language_tags)
   elif spec == 'mixtral':
     tok = Tokenizer(mixtral_model_proto(cache), name='mixtral')
+  elif (path := check_model_path(spec)).name.endswith('.json'):
+    tok = hf_tokenizer.HfTokenizer.from_path(os.fspath(path))
   else:
-    path = check_model_path(spec)
     try:
       tok = Tokenizer(path.read_bytes(), name=str(path))
     except RuntimeError as e:
       raise DataError(f'{path}: not a SentencePiece model ({e}).') from None
   if tok.vocab_size > vocab_size:
-    raise DataError(f'Tokenizer {tok.name!r} has {tok.vocab_size} pieces, more than '
-                    f'config.model.vocab_size={vocab_size}; raise '
-                    'config.model.vocab_size or pick a smaller config.data.tokenizer.')
+    raise ConfigError('model.vocab_size', f'{vocab_size} is less than the {tok.vocab_size} '
+                      f'pieces of tokenizer {tok.name!r}; raise it or pick a smaller '
+                      'config.data.tokenizer.')
   missing = [t for t in language_id.TAGS.values() if tok.piece_id(t) is None]
   if language_tags and missing:
     raise DataError(f'config.data.language_tags=True needs the tags {missing} as pieces '

@@ -14,6 +14,7 @@ One job per module, lowest first:
   weights         HF tensors <-> Xenith params
   native          Xenith's native format, for models HF cannot express
   convert         a checkpoint directory <-> (`config.model`, params), HF or native
+  tokenizer_files an export's tokenizer files and token ids
   workdir         main.py --mode=import_hf / export_hf
   pretrained      from_pretrained, load_config, save_pretrained
 """

@@ -16,6 +16,7 @@ import numpy as np
 from xenith.hf import configs
 from xenith.hf import convert
 from xenith.hf import safetensors_io
+from xenith.hf import tokenizer_files
 from xenith.hf import weights
 from xenith.hf import workdir
 
@@ -75,7 +76,7 @@ def load_config(path: str) -> dict[str, Any]:
 
 def save_pretrained(path: str, module, params: dict, *,
                     hf_config: dict[str, Any] | None = None, dtype: str | None = None,
-                    native: bool | None = None) -> list[str]:
+                    native: bool | None = None, tokenizer=None) -> list[str]:
   """Writes `module` (any Xenith decoder) with `params` as a checkpoint directory.
 
   config.json + model.safetensors. When Mistral/Mixtral can express the model, the HF
@@ -93,6 +94,9 @@ def save_pretrained(path: str, module, params: dict, *,
   dtype: of the saved tensors; default the one `hf_config` names, else float32.
   native: None picks the format as above; True always writes the native format; False
     the HF one, or raises HfFormatError naming why HF cannot express the model.
+  tokenizer: a `xenith.data.tokenizer` tokenizer (e.g. `pipeline.load_tokenizer(config,
+    workdir)`) to write beside the model, its token ids in config.json and
+    generation_config.json (tokenizer_files.py); None: no tokenizer files.
   Returns why HF cannot express the model: [] when the HF format was written.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -100,5 +104,10 @@ def save_pretrained(path: str, module, params: dict, *,
   # A copy: `FrozenConfigDict.as_configdict()` returns the frozen config's own mutable
   # twin, which a module may have changed while tracing (MoeBlock's shared experts do).
   model = ml_collections.ConfigDict(module.config.to_dict())
-  return convert.save(path, model, jax.tree.map(np.asarray, nn.meta.unbox(params)),
-                      hf_config, dtype, native)
+  if tokenizer:
+    hf_config = tokenizer_files.with_token_ids(hf_config, tokenizer)
+  problems = convert.save(path, model, jax.tree.map(np.asarray, nn.meta.unbox(params)),
+                          hf_config, dtype, native)
+  if tokenizer:
+    tokenizer_files.write(path, tokenizer)
+  return problems

@@ -24,6 +24,7 @@ from xenith.errors import HfFormatError
 from xenith.hf import convert
 from xenith.hf import native
 from xenith.hf import safetensors_io
+from xenith.hf import tokenizer_files
 
 CONFIG_JSON = 'xenith_config.json'
 CONFIG_PY = 'config.py'
@@ -154,10 +155,21 @@ def export_from_workdir(workdir: str, hf_dir: str,
   The HF format when Mistral/Mixtral can express the model, else Xenith's native one
   (`convert.save`). config: the run's config; default `workdir`/xenith_config.json
   (written by the import). dtype: of the tensors; default that of the imported checkpoint,
-  else float32. Returns why HF cannot express the model ([] for the HF format).
+  else float32. The tokenizer pinned in `workdir` (a train run's) goes with it
+  (tokenizer_files.py); an import has none and keeps its config.json's token ids.
+  Returns why HF cannot express the model ([] for the HF format).
   """
+  from xenith.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
   workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
   if config is None:
     config = read_config(workdir)
-  return convert.save(hf_dir, config.model, load_params(workdir, config.model),
-                      find_hf_config(workdir, config), dtype)
+  tokenizer = tokenizer_lib.read_pinned(workdir)
+  hf_config = find_hf_config(workdir, config)
+  if tokenizer:
+    hf_config = tokenizer_files.with_token_ids(hf_config, tokenizer)
+  problems = convert.save(hf_dir, config.model, load_params(workdir, config.model),
+                          hf_config, dtype)
+  if tokenizer:
+    tokenizer_files.write(hf_dir, tokenizer)
+  return problems

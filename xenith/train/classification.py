@@ -215,7 +215,7 @@ def bucket_multiple(model_config) -> int:
 
 
 def base_tokenizer(config):
-  """The tokenizer the base model was trained with: the `tokenizer.model` pinned in the
+  """The tokenizer the base model was trained with: the one (either kind) pinned in the
   workdir `config.init_from_checkpoint` belongs to (it may name the workdir, its
   checkpoints/, a step or its state/), when `config.data.tokenizer` is 'train' (a new
   tokenizer would not match the base's embeddings). None: `config.data.tokenizer`'s."""
@@ -223,10 +223,10 @@ def base_tokenizer(config):
     return None
   path = storage.path(config.init_from_checkpoint, 'config.init_from_checkpoint')
   for directory in (path, *list(path.parents)[:3]):
-    pinned = directory / pipeline.PINNED_TOKENIZER
-    if storage.is_file(pinned):
-      logging.info('Tokenizer: %s, the base model\'s.', pinned)
-      return tokenizer_lib.Tokenizer(pinned.read_bytes(), name=str(pinned))
+    pinned = tokenizer_lib.read_pinned(directory)
+    if pinned:
+      logging.info('Tokenizer: %s, the base model\'s.', pinned.name)
+      return pinned
   return None
 
 

@@ -1,8 +1,9 @@
 """What a workdir was trained with, so that a resume never continues a different run.
 
 When a run starts in an empty workdir it writes `<workdir>/run.json` and a copy of its
-tokenizer (`tokenizer.model`, which resumes and `--mode=generate` then use, so a changed
-corpus can never retrain it under the run). `run.json` holds the flattened config, the
+tokenizer (`tokenizer.model`, or a Hugging Face one's tokenizer.json and
+tokenizer_config.json, which resumes, `--mode=generate`, classify and export then use, so
+a changed corpus can never retrain it under the run). `run.json` holds the flattened config, the
 tokenizer's digest, the prepared data's fingerprint and, for every start, the code
 version (git commit, and whether the tree had changes) and the installed package
 versions.
@@ -26,7 +27,6 @@ import ml_collections
 
 from xenith import atomic_files
 from xenith import storage
-from xenith.data import pipeline
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.errors import WorkdirError
 
@@ -90,7 +90,7 @@ class RunRecord:
   def __init__(self, workdir: str):
     self.workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
     self.path = storage.path(self.workdir) / RECORD_FILE
-    self.tokenizer_path = storage.path(self.workdir) / pipeline.PINNED_TOKENIZER
+    self.tokenizer_dir = storage.path(self.workdir)
     self.record = None
     if self.path.exists():
       try:
@@ -102,16 +102,16 @@ class RunRecord:
 
   def forget(self) -> None:
     """A start with no checkpoint to resume: nothing was trained with the old record."""
-    for path in (self.path, self.tokenizer_path):
+    for path in (self.path, *self._pinned_paths()):
       path.unlink(missing_ok=True)
     self.record = None
 
   def pinned_tokenizer(self) -> tokenizer_lib.Tokenizer | None:
     """The workdir's copy of its tokenizer; None before the first start."""
-    if not storage.is_file(self.tokenizer_path):
-      return None
-    return tokenizer_lib.Tokenizer(self.tokenizer_path.read_bytes(),
-                                   name=os.fspath(self.tokenizer_path))
+    return tokenizer_lib.read_pinned(self.tokenizer_dir)
+
+  def _pinned_paths(self):
+    return [self.tokenizer_dir / name for name in tokenizer_lib.PINNED_FILES]
 
   def check_config(self, config, allow: tuple[str, ...]) -> None:
     """Stops (WorkdirError) when a config field differs from the record, unless allowed.
@@ -154,7 +154,10 @@ class RunRecord:
     one was allowed in)."""
     pinned = self.pinned_tokenizer()
     if pinned is None or pinned.digest != tokenizer.digest:
-      atomic_files.write_bytes(self.tokenizer_path, tokenizer.model_proto)
+      for path in self._pinned_paths():  # Another kind's files would be read first.
+        path.unlink(missing_ok=True)
+      for name, data in tokenizer.files().items():
+        atomic_files.write_bytes(self.tokenizer_dir / name, data)
     starts = (self.record or {}).get('starts', [])
     starts.append({'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step,
                    'allowed_changes': list(allow), 'code': _code_version(),
