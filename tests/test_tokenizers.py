@@ -10,6 +10,7 @@ import tokenizers
 import transformers
 
 from experiments import default
+from xenith.config_validation import validate
 from test_hf_export_tokenizer import byte_level_bpe
 from xenith.data import hf_tokenizer
 from xenith.data import tokenizer as tokenizer_lib
@@ -79,6 +80,14 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path
   assert '\n' not in str(e.value)
   with pytest.raises(DataError, match='a Hugging Face tokenizer.json or a folder'):
     _load(str(tmp_path / 'missing'))
+  # main.py's validation takes the folder and its tokenizer.json, and names a missing one.
+  config = default.get_config('size=tiny')
+  for spec in (folder, f'{folder}/tokenizer.json'):
+    config.data.tokenizer = spec
+    validate(config, num_devices=None)
+  config.data.tokenizer = str(tmp_path / 'missing')
+  with pytest.raises(ConfigError, match=r"^config.data.tokenizer: '.*missing' is neither"):
+    validate(config, num_devices=None)
 
 
 def _sentencepiece(tmp_path):

@@ -11,7 +11,7 @@ import ml_collections
 
 from xenith import sharding
 from xenith import storage
-from xenith.errors import ConfigError
+from xenith.errors import ConfigError, DataError
 from xenith.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from xenith.model import lora
 from xenith.model.lora import TARGETS as LORA_TARGETS
@@ -424,10 +424,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None,
         v, 'config.data.path', 'its documents are listed and read as local files')),
              "is not a folder (data.source='folder' reads .txt/.jsonl files from it)")
   tokenizer = config.data.tokenizer
-  if tokenizer not in NAMED_TOKENIZERS and not storage.is_file(
-      storage.path(tokenizer, 'config.data.tokenizer')):
-    raise ConfigError('data.tokenizer', f'{tokenizer!r} is neither one of '
-                      f'{NAMED_TOKENIZERS} nor an existing SentencePiece .model file')
+  if tokenizer not in NAMED_TOKENIZERS:
+    from xenith.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    try:
+      tokenizer_lib.check_model_path(tokenizer)
+    except DataError:
+      raise ConfigError('data.tokenizer', f'{tokenizer!r} is neither one of '
+                        f'{NAMED_TOKENIZERS} nor an existing SentencePiece .model file, '
+                        'Hugging Face tokenizer.json or a folder holding either') from None
   _require(config, 'data.validation_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)')
   if config.data.get('language_tags') and tokenizer == 'mixtral':
     raise ConfigError('data.language_tags', "True needs the tags as pieces: Mixtral's has "

@@ -5,10 +5,10 @@
   predictions[0].label, predictions[0].probabilities  # 'tragedy', {'comedy': 0.1, ...}
 
 The workdir gives everything: its config (run.json, or the one passed), tokenizer
-(tokenizer.model), label names (labels.json) and newest checkpoint. Texts are encoded
-as in training (BOS + tokens + EOS, the first max_seq_len - 2 tokens of a longer one),
-sorted by length and batched into the training length buckets, so similar lengths share
-a compiled step.
+(tokenizer.model or tokenizer.json), label names (labels.json) and newest checkpoint.
+Texts are encoded as in training (BOS + tokens + EOS, the first max_seq_len - 2 tokens
+of a longer one), sorted by length and batched into the training length buckets, so
+similar lengths share a compiled step.
 """
 
 import dataclasses

@@ -28,7 +28,6 @@ from xenith.errors import DataError
 FORMAT = 'xenith-token-ids'
 VERSION = 1
 METADATA = 'metadata.json'
-TOKENIZER = 'tokenizer.model'
 _SUFFIX = '.array_record'
 
 
@@ -73,9 +72,10 @@ def write(config, out: str) -> dict:
     counts = write_split(root / f'{name}{_SUFFIX}', (tokenizer.encode(t) for t in texts))
     max_id = max(max_id, counts.pop('max_id'))
     splits[name] = counts
-  proto = getattr(tokenizer, 'model_proto', None)  # A SentencePiece tokenizer's file.
-  if proto:
-    atomic_files.write_bytes(root / TOKENIZER, proto)
+  # The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json),
+  # so that data.tokenizer=<this folder> names it.
+  for name, content in tokenizer.files().items():
+    atomic_files.write_bytes(root / name, content)
   metadata = {'format': FORMAT, 'version': VERSION, 'vocab_size': tokenizer.vocab_size,
               'max_id': max_id, 'tokenizer_digest': tokenizer.digest,
               'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id,
@@ -122,7 +122,7 @@ def check(data_config, vocab_size: int, tokenizer=None) -> dict:
                     f'piece tokenizer) do not fit config.model.vocab_size={vocab_size}.')
   if data_config.tokenizer == 'train':
     raise DataError(f"config.data.tokenizer='train' cannot train on token ids; set it to "
-                    f"the corpus's tokenizer, {pathlib.Path(path) / TOKENIZER}.")
+                    f"the corpus's tokenizer, the folder {path} itself.")
   if data_config.get('language_tags'):
     raise DataError('config.data.language_tags needs text; the corpus is token ids.')
   if tokenizer is not None and meta['max_id'] >= tokenizer.vocab_size:
