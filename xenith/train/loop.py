@@ -267,11 +267,11 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       eval_summary, _ = evaluator.evaluate(state.params, config.num_eval_batches)
       train_summary = extra.get('summary') or {}
     for step in range(initial_step + 1, config.num_train_steps + 1):
+      profiler.before(step)  # Outside the annotation, which the trace must see start.
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         local_batch = next(train_iter)
         fed.add(step, local_batch)
         batch = sharding.global_batch(local_batch, batch_sharding)
-        profiler.before(step)
         hists.grads(step, state, batch, dropout_key)  # Before the step: it donates state.
         state, metrics = train_step(state, batch, dropout_key)
       profiler.after(step, state)
