@@ -17,6 +17,7 @@ import os
 import random
 import struct
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ import event_files
 from experiments import default
 from xenith import config_validation
 from xenith.errors import ConfigError
+from xenith.model.build import make_model
 from xenith.train import checkpointing
 from xenith.train import loggers
 
@@ -50,7 +52,7 @@ def _config(corpus, cache):
   config.optimizer.warmup_steps = 1
   config.log_every_steps = 1
   config.eval_every_steps = 2
-  config.checkpoint_every_steps = 2
+  config.checkpoint_every_steps = NUM_STEPS
   config.num_eval_batches = 1
   config.profile_steps = (3, 1)  # A step that compiles nothing: a small trace.
   config.sample_prompts = PROMPTS
@@ -66,7 +68,14 @@ def _config(corpus, cache):
 def final_params(run):
   """(model, params) of the run's last checkpoint (step 4), as generate loads them."""
   config, workdir = run
-  return checkpointing.load_model(config.model, workdir)
+  model = make_model(config.model)
+  # Shapes only (no init compile): the saved params are read into them.
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                   jnp.zeros((1, 8), jnp.int32)))['params']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                      shapes)
+  return model, checkpointing.load_params(workdir, like)
 
 
 @pytest.fixture(scope='module')
