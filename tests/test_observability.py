@@ -34,7 +34,8 @@ from xenith.train import loggers
 NUM_STEPS = 4
 EVAL_STEPS = (2, 4)
 HISTOGRAM_STEPS = (2, 4)
-PROMPTS = ('the king', 'a fair rose')
+# Of different lengths: the shorter one is left-padded in the samples' batch.
+PROMPTS = ('the king', 'my lord doth love the sea and gold')
 NEW_TOKENS = 6
 WORDS = ('the king', 'a fair rose', 'doth', 'love', 'night', 'sweet', 'crown', 'and',
          'my lord', 'is', 'dead', 'thou', 'art', 'sea', 'gold')

@@ -30,14 +30,14 @@ from xenith.model.build import make_model
 from xenith.sizing import flops
 from xenith.train import batch_log
 from xenith.train import checkpointing
+from xenith.train import classification
 from xenith.train import histograms
 from xenith.train import loggers
-from xenith.train import profiling
-from xenith.train import samples
-from xenith.train import classification
 from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
+from xenith.train import profiling
 from xenith.train import run_record
+from xenith.train import samples
 from xenith.train.checkpointing import Checkpointer
 from xenith.train.steps import jit_train_step, make_eval_step
 from xenith.train.train_state import abstract_train_state, init_train_state
@@ -250,8 +250,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
     fed = batch_log.BatchLog.from_env()  # Tests: which rows each process fed.
     # Observability (docs/observability.md): each is off unless its config field is set.
     profiler = profiling.StepProfiler(config, workdir)
-    sampler = samples.SampleWriter(config, model, datasets.tokenizer) if not classifying \
-        else None
+    sampler = None if classifying else samples.SampleWriter(config, model, datasets.tokenizer)
     hists = histograms.HistogramWriter(config, model, mesh, state_shardings, batch_sharding)
 
     def check_finite(step):
