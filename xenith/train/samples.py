@@ -29,12 +29,12 @@ class SampleWriter:
   def enabled(self) -> bool:
     return bool(self._prompts)
 
-  def generate(self, params) -> list[str]:
-    """Each prompt and its greedy continuation, decoded (as `generate_text` prints it)."""
+  def generate(self, params) -> list[list[int]]:
+    """Each prompt's ids and its greedy continuation's, without the BOS."""
     if memory_lib.enabled(self._model.config):  # No left padding: one prompt at a time.
       rows = [np.asarray(jax.device_get(self._run(params, jnp.asarray([t], jnp.int32))[0]))[0]
               for t in self._tokens]
-      return [self._tokenizer.decode([int(x) for x in row[1:]]) for row in rows]
+      return [[int(x) for x in row[1:]] for row in rows]
     lengths = [len(t) for t in self._tokens]
     width = max(lengths)
     prompt = np.zeros((len(self._tokens), width), np.int32)  # [prompts, width], left-padded.
@@ -42,9 +42,20 @@ class SampleWriter:
       prompt[row, width - len(tokens):] = tokens
     out = np.asarray(jax.device_get(self._run(
         params, jnp.asarray(prompt), prompt_lengths=jnp.asarray(lengths, jnp.int32))))
-    # Row r's text: after its padding and its BOS.
-    return [self._tokenizer.decode([int(x) for x in out[row, width - n + 1:]])
-            for row, n in enumerate(lengths)]
+    # Row r's ids: after its padding and its BOS.
+    return [[int(x) for x in out[row, width - n + 1:]] for row, n in enumerate(lengths)]
+
+  def decode(self, ids: list[int]) -> str:
+    """The text of `ids`; ids past the tokenizer's pieces (a model's vocab_size may be
+    larger) show as <id>, where `generate_text` would fail."""
+    parts, run = [], []
+    for i in ids:
+      if i < self._tokenizer.vocab_size:
+        run.append(i)
+      else:
+        parts += [self._tokenizer.decode(run), f'<{i}>']
+        run = []
+    return ''.join(parts + [self._tokenizer.decode(run)])
 
   def _run(self, params, prompt, **kwargs):
     return generate_lib.generate(self._model, params, prompt, self._key,
@@ -52,5 +63,5 @@ class SampleWriter:
 
   def write(self, writer, step: int, params) -> None:
     if self.enabled:
-      texts = self.generate(params)
+      texts = [self.decode(ids) for ids in self.generate(params)]
       writer.write_texts(step, {f'samples/{i}': text for i, text in enumerate(texts)})
