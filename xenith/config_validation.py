@@ -341,8 +341,9 @@ def _validate_observability(config) -> None:
     _require(config, 'log_histograms_every_steps', lambda v: isinstance(v, int) and v >= 0,
              'must be an int >= 0 (0 = off)')
   loggers = config.get('loggers', ('tensorboard',))
-  unknown = [n for n in loggers if n not in LOGGERS] if isinstance(loggers, (tuple, list)) \
-      else [loggers]
+  if not isinstance(loggers, (tuple, list)):
+    raise ConfigError('loggers', f'{loggers!r} must be a tuple of names from {LOGGERS}')
+  unknown = [n for n in loggers if n not in LOGGERS]
   if unknown:
     raise ConfigError('loggers', f'{tuple(unknown)!r} are not loggers; choose from {LOGGERS}')
 
