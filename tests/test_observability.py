@@ -108,6 +108,7 @@ def _summaries(workdir, plugin):
   return dict(out)
 
 
+@pytest.mark.slow
 def test_profile_is_readable_by_xprof(run):
   from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
   _, workdir = run
@@ -136,6 +137,7 @@ def _greedy_by_full_forward(model, params, tokens, n):
   return tokens
 
 
+@pytest.mark.slow
 def test_samples_at_each_eval_are_greedy_continuations(run, final_params):
   from xenith.data import pipeline  # pylint: disable=g-import-not-at-top
   config, workdir = run
@@ -160,6 +162,7 @@ def test_samples_at_each_eval_are_greedy_continuations(run, final_params):
     assert got[i] == _greedy_by_full_forward(model, sharp, tokens, NEW_TOKENS)[1:], prompt
 
 
+@pytest.mark.slow
 def test_histograms_of_params_and_grads(run, final_params):
   _, workdir = run
   histograms = _summaries(workdir, 'histograms')
@@ -195,6 +198,7 @@ def _tb_scalars(workdir):
   return dict(out)
 
 
+@pytest.mark.slow
 def test_jsonl_holds_the_tensorboard_scalars(run):
   _, workdir = run
   by_step = collections.defaultdict(dict)
@@ -239,6 +243,7 @@ def _wandb_records(path):
   return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_tensorboard_scalars(run):
   config, workdir = run
   runs = glob.glob(os.path.join(workdir, 'wandb', 'offline-run-*', 'run-*.wandb'))
