@@ -62,6 +62,26 @@ def get_config() -> ml_collections.ConfigDict:
   # fresh. '' = random init. Ignored once the run has its own checkpoint (resume).
   config.init_from_checkpoint = ''
 
+  # Observability (docs/observability.md).
+  # (start, count): a jax.profiler trace of train steps start .. start + count - 1 in
+  # <workdir>/plugins/profile, for TensorBoard's Profile tab; () = off.
+  config.profile_steps = ()
+  # At each evaluation, these prompts' greedy continuations as TensorBoard text
+  # (samples/<i>); () = off. Language models only.
+  config.sample_prompts = ()
+  config.sample_new_tokens = 32  # Tokens generated per sample prompt.
+  config.log_histograms_every_steps = 0  # Params and gradients histograms; 0 = off.
+  # Metric writers: any of 'tensorboard' (event files in the workdir), 'jsonl'
+  # (<workdir>/metrics.jsonl) and 'wandb' (Weights & Biases, `wandb` below).
+  config.loggers = ('tensorboard',)
+  config.wandb = ml_collections.ConfigDict()
+  config.wandb.project = 'xenith'  # W&B project.
+  config.wandb.entity = ''  # W&B team or user; '' = your default.
+  config.wandb.name = ''  # Run name shown in W&B; '' = W&B's generated name.
+  config.wandb.run_id = ''  # Run id; '' = one made on the first run, kept in the workdir.
+  # '' = WANDB_MODE from the environment (else online); 'offline' needs no network.
+  config.wandb.mode = ''
+
   # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-3  # Peak learning rate.

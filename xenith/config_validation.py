@@ -27,6 +27,7 @@ DATA_SOURCES = ('shakespeare', 'folder', 'tfds', 'hf', 'tokens', 'passkey')
 TASKS = ('lm', 'classification')
 NAMED_TOKENIZERS = ('train', 'mixtral')
 WINDOW_SPLITS = ('heads', 'layers')
+LOGGERS = ('tensorboard', 'jsonl', 'wandb')  # xenith/train/loggers.py
 
 
 def _get(config, field):
@@ -317,6 +318,36 @@ def _validate_passkey(config) -> None:
            'must be an int in [1, 18]')
 
 
+def _validate_observability(config) -> None:
+  """Profiling, samples, histograms and loggers (docs/observability.md)."""
+  profile = tuple(config.get('profile_steps', ()) or ())
+  if profile and (len(profile) != 2 or not all(isinstance(v, int) and v > 0
+                                               for v in profile)):
+    raise ConfigError('profile_steps', f'{profile!r} must be () (off) or (start, count), '
+                      'two positive ints')
+  if profile and profile[0] + profile[1] - 1 > config.num_train_steps:
+    raise ConfigError('profile_steps', f'{profile!r} goes past config.num_train_steps='
+                      f'{config.num_train_steps}')
+  prompts = config.get('sample_prompts', ())
+  if not isinstance(prompts, (tuple, list)) or not all(
+      isinstance(p, str) and p for p in prompts):
+    raise ConfigError('sample_prompts', f'{prompts!r} must be a tuple of non-empty strings')
+  if prompts:
+    _positive(config, 'sample_new_tokens')
+    if config.get('task') == 'classification':
+      raise ConfigError('sample_prompts', "generates text from a language model; set it "
+                        "to () with task='classification'")
+  if 'log_histograms_every_steps' in config:
+    _require(config, 'log_histograms_every_steps', lambda v: isinstance(v, int) and v >= 0,
+             'must be an int >= 0 (0 = off)')
+  loggers = config.get('loggers', ('tensorboard',))
+  if not isinstance(loggers, (tuple, list)):
+    raise ConfigError('loggers', f'{loggers!r} must be a tuple of names from {LOGGERS}')
+  unknown = [n for n in loggers if n not in LOGGERS]
+  if unknown:
+    raise ConfigError('loggers', f'{tuple(unknown)!r} are not loggers; choose from {LOGGERS}')
+
+
 def _validate_task(config) -> bool:
   """The task and, for classification, its settings; True when classifying."""
   task = config.get('task', 'lm')
@@ -415,6 +446,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None,
   _validate_attention(config)
   _validate_memory(config)
   _validate_passkey(config)
+  _validate_observability(config)
 
   if not _validate_task(config):  # (A classifier's data source is checked there.)
     _one_of(config, 'data.source', DATA_SOURCES)

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 import flax.linen as nn
 import jax
@@ -32,10 +31,14 @@ from xenith.sizing import flops
 from xenith.train import batch_log
 from xenith.train import checkpointing
 from xenith.train import classification
+from xenith.train import histograms
+from xenith.train import loggers
 from xenith.train import metrics as metrics_lib
 from xenith.train import optimizer
+from xenith.train import profiling
 from xenith.train import progress as progress_lib
 from xenith.train import run_record
+from xenith.train import samples
 from xenith.train.checkpointing import Checkpointer
 from xenith.train.steps import jit_train_step, make_eval_step
 from xenith.train.train_state import abstract_train_state, init_train_state
@@ -227,8 +230,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       logging.warning('SIGTERM before the first step: nothing new to save; exiting.')
       return {}
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
+    writer = loggers.create_writer(config, workdir, initial_step, flatten_config(config))
     if initial_step == 0:
       writer.write_hparams(flatten_config(config))
       baseline = {} if classifying else {'eval/unigram_baseline_loss': datasets.unigram_loss}
@@ -249,6 +251,10 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
     interval_start, interval_steps = None, 0
     skips = _SkipCounter(config, checkpointer)
     fed = batch_log.BatchLog.from_env()  # Tests: which rows each process fed.
+    # Observability (docs/observability.md): each is off unless its config field is set.
+    profiler = profiling.StepProfiler(config, workdir)
+    sampler = None if classifying else samples.SampleWriter(config, model, datasets.tokenizer)
+    hists = histograms.HistogramWriter(config, model, mesh, state_shardings, batch_sharding)
 
     def check_finite(step):
       if pending is not None and config.on_nonfinite == 'stop':
@@ -263,11 +269,15 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
       eval_summary, _ = evaluator.evaluate(state.params, config.num_eval_batches)
       train_summary = extra.get('summary') or {}
     for step in range(initial_step + 1, config.num_train_steps + 1):
+      profiler.before(step)  # Outside the annotation, which the trace must see start.
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         local_batch = next(train_iter)
         fed.add(step, local_batch)
         batch = sharding.global_batch(local_batch, batch_sharding)
+        hists.grads(step, state, batch, dropout_key)  # Before the step: it donates state.
         state, metrics = train_step(state, batch, dropout_key)
+      profiler.after(step, state)
+      hists.write(writer, step, state)
       skips.add(metrics, step)
       if saved_metrics is not None:  # Resumed mid-interval: log what a non-stop run logs.
         pending, saved_metrics = metrics_lib.from_json(metrics, saved_metrics), None
@@ -307,6 +317,8 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
                                                         config.num_eval_batches)
         evaluator.write(writer, step, eval_summary, eval_extra)
         logging.info(progress.eval_line(step, eval_summary))
+        if sampler is not None:
+          sampler.write(writer, step, state.params)
         interval_start += time.perf_counter() - eval_start  # Evaluation is not train time.
 
       if passkey_set and (step % passkey_every == 0 or last_step):
@@ -332,7 +344,8 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         logging.warning('Stopping at step %d after SIGTERM; the checkpoint is saved.', step)
         break
 
-    writer.flush()
+    profiler.stop()
+    writer.close()  # Flushes; ends a W&B run.
 
   final = {'step': int(state.step), **train_summary, **eval_summary, **passkey_summary}
   if jax.process_index() == 0:
