@@ -35,7 +35,8 @@ RECORD_FILE = 'run.json'
 FREE_FIELDS = ('log_every_steps', 'eval_every_steps', 'num_eval_batches',
                'checkpoint_every_steps', 'keep_checkpoints', 'peak_flops_per_device',
                'max_consecutive_nonfinite', 'passkey.', 'data.cache_dir', 'mesh.',
-               'logical_axis_rules')
+               'logical_axis_rules', 'data.eval_split', 'profile_steps', 'sample_prompts',
+               'sample_new_tokens', 'log_histograms_every_steps', 'loggers', 'wandb.')
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
             'tensorflow-datasets', 'sentencepiece', 'numpy', 'clu', 'safetensors')
 
