@@ -217,6 +217,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (<HIN>/<ENG>/<MIX>); tokenizer='train' then trains with NFC and the tags as pieces 4-11.
   config.data.language_tags = False
   config.data.validation_fraction = 0.02  # Share of passages held out for evaluation.
+  config.data.eval_split = 'validation'  # The split evaluations read: 'validation' or 'train'.
   config.data.cache_dir = ''  # Downloads, prepared datasets, tokenizers; '' = ~/.cache/xenith.
 
   # config.task='classification': labelled documents (xenith/data/labelled.py), one per

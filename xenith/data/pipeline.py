@@ -261,12 +261,21 @@ def create_datasets(config, *, process_index: int = 0, process_count: int = 1,
       fingerprint=data.fingerprint,
       batch_size=batch_size,
       seq_len=config.max_seq_len,
-      _validation_rows=_validation_rows(data.validation, tokenizer,
+      _validation_rows=_validation_rows(_eval_split(config, data), tokenizer,
                                         config.max_seq_len, language_ids(config),
                                         _language_tags(config)),
       _process_index=process_index,
       _process_count=process_count,
   )
+
+
+def _eval_split(config, data: text_dataset.PreparedData):
+  """The prepared split `eval_batches` reads: config.data.eval_split's."""
+  name = config.data.get('eval_split', 'validation')
+  if name not in ('train', 'validation'):
+    raise DataError(f"config.data.eval_split={name!r}: this source has 'train' and "
+                    "'validation'.")
+  return getattr(data, name)
 
 
 def load_tokenizer(config, workdir: str | None = None) -> tokenizer_lib.Tokenizer:
