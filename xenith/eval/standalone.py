@@ -13,9 +13,7 @@ apart from the training run's own `eval/` tags.
 """
 
 import dataclasses
-import json
 import re
-from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -32,6 +30,7 @@ from xenith.data import passkey_examples
 from xenith.data import pipeline
 from xenith.errors import CheckpointMismatchError
 from xenith.errors import ConfigError
+from xenith.errors import DataError
 from xenith.eval import passkey
 from xenith.model import classifier
 from xenith.model.build import make_model
@@ -126,6 +125,11 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     datasets = pipeline.create_datasets(config, process_index=block, process_count=blocks,
                                         tokenizer=tokenizer)
     model = make_model(config.model)
+  if not classifying:
+    split_name = config.data.eval_split
+    if not datasets.stats.get(f'{split_name}_passages', 1):
+      raise DataError(f"config.data.eval_split='{split_name}': the {config.data.source} "
+                      'data has no passages in that split.')
   passkey_config = config.get('passkey')
   passkey_set = None
   if not classifying and passkey_config is not None and passkey_config.lengths:
@@ -175,8 +179,3 @@ def format_table(result: Result) -> str:
   lines += [f'{k:<{width}}  {v:.6g}' for k, v in result.scalars.items()]
   return '\n'.join(lines + [f'Written to {result.path}'])
 
-
-def results_json(path: str) -> dict[str, Any]:
-  """A JSON file `evaluate` wrote, read back."""
-  with storage.path(path).open() as f:
-    return json.load(f)
