@@ -6,8 +6,6 @@ windows against windows cut by hand, generation against Xenith's greedy `generat
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +15,10 @@ from lm_eval.api.instance import Instance
 
 import eval_workdir
 import event_files
-from helpers import single_device_env
 from xenith import generate
 from xenith.errors import FlagError
 from xenith.eval import lm_eval_adapter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
@@ -105,16 +101,21 @@ def test_loglikelihood_rolling_sums_windows_of_max_seq_len(lm):
 
 
 def test_generate_until_is_greedy_generate_cut_at_until(lm):
+  """Two prompts of one token length: Xenith's greedy `generate` on them (no padding),
+  cut at EOS, is what generate_until returns, cut before the first `until` string."""
   tok = lm.tokenizer
-  prompts = ['ROMEO:', 'First Citizen:\nBefore we proceed']
+  by_length = {}
+  for p in ('ROMEO:', 'JULIET:', 'KING:', 'QUEEN:', 'HAMLET:', 'Good morrow', 'My lord,',
+            'First Citizen:', 'What say you', 'Come hither'):
+    by_length.setdefault(len(tok.encode(p)), []).append(p)
+  prompts = next(ps for ps in by_length.values() if len(ps) >= 2)[:2]
+  ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+  out = np.asarray(generate.generate(lm.model, lm.params, jnp.asarray(ids, jnp.int32),
+                                     jax.random.key(0), max_new_tokens=12))
   full = []
-  for prompt in prompts:  # Each prompt alone, no padding, greedy.
-    ids = [tok.bos_id] + tok.encode(prompt)
-    out = generate.generate(lm.model, lm.params, jnp.asarray([ids], jnp.int32),
-                            jax.random.key(0), max_new_tokens=12)
-    new = [int(t) for t in out[0, len(ids):]]
-    full.append(tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new))
-  assert all(len(text.strip()) >= 2 for text in full), full
+  for row in out[:, len(ids[0]):].tolist():
+    full.append(tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
+  assert len(full[0].strip()) >= 2, full
   stops = [full[0].strip()[1], 'no such stop']
   got = lm.generate_until([
       _request('generate_until', p, {'until': [s], 'max_gen_toks': 12})
@@ -165,21 +166,24 @@ metric_list:
   return mc
 
 
-def test_main_lm_eval_runs_local_tasks_offline(lm, tmp_path):
-  """--mode=lm_eval on a multiple-choice and a generate_until task defined in YAMLs
-  over JSONL files: the accuracy is the share of questions whose likeliest choice
-  (NumPy over the model's logits) is the gold one; results JSON and TensorBoard
-  lm_eval/<task>/<metric>; an unknown task is a one-line error."""
+def test_harness_runs_local_tasks_offline(lm, tmp_path, monkeypatch):
+  """lm-eval's own evaluator (`run_tasks`, what --mode=lm_eval calls) on a
+  multiple-choice and a generate_until task defined in YAMLs over JSONL files: the
+  accuracy is the share of questions whose likeliest choice (NumPy over the model's
+  logits) is the gold one; results JSON and TensorBoard lm_eval/<task>/<metric>; an
+  unknown task is a FlagError."""
   workdir, _ = eval_workdir.trained()
   mc = _write_tasks(tmp_path / 'tasks')
-  env = {**single_device_env(), 'HF_HOME': str(tmp_path / 'hf')}
-  result = subprocess.run(
-      [sys.executable, 'main.py', '--mode=lm_eval', f'--workdir={workdir}',
-       '--tasks=xenith_mc,xenith_gen', f'--include_path={tmp_path / "tasks"}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'xenith_mc' in result.stdout and 'acc' in result.stdout
-  with open(os.path.join(workdir, 'lm_eval', 'results_step4.json')) as f:
+  monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+  monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'hf' / 'datasets'))
+  with pytest.raises(FlagError, match='unknown lm-eval task'):
+    lm_eval_adapter.run_tasks(workdir, ['no_such_task_xyz'],
+                              include_path=str(tmp_path / 'tasks'))
+  table, path = lm_eval_adapter.run_tasks(
+      workdir, ['xenith_mc', 'xenith_gen'], include_path=str(tmp_path / 'tasks'), lm=lm)
+  assert 'xenith_mc' in table and 'acc' in table
+  assert path == os.path.join(workdir, 'lm_eval', 'results_step4.json')
+  with open(path) as f:
     written = json.load(f)
   tok = lm.tokenizer
   right = []
@@ -196,6 +200,3 @@ def test_main_lm_eval_runs_local_tasks_offline(lm, tmp_path):
   scalars = event_files.read_scalars(workdir)
   assert scalars['lm_eval/xenith_mc/acc'] == [(4, pytest.approx(np.mean(right)))]
   assert 'lm_eval/xenith_gen/exact_match' in scalars
-  with pytest.raises(FlagError, match='unknown lm-eval task'):
-    lm_eval_adapter.run_tasks(workdir, ['no_such_task_xyz'],
-                              include_path=str(tmp_path / 'tasks'))

@@ -224,10 +224,11 @@ def _scalars(results: dict[str, Any]) -> dict[str, float]:
 
 def run_tasks(workdir: str, tasks: list[str], *, config=None, step: int | None = None,
               include_path: str | None = None, num_fewshot: int | None = None,
-              limit: int | None = None, batch_size: int = 8,
-              bootstrap_iters: int = 1000) -> tuple[str, str]:
-  """Runs harness `tasks` on the workdir's checkpoint; returns (lm-eval's table, the
-  results JSON path). Unknown tasks fail (FlagError) before the model loads."""
+              limit: int | None = None, batch_size: int = 8, bootstrap_iters: int = 1000,
+              lm: XenithLM | None = None) -> tuple[str, str]:
+  """Runs harness `tasks` on the workdir's checkpoint (or on `lm`, loaded from it
+  already); returns (lm-eval's table, the results JSON path). Unknown tasks fail
+  (FlagError) before the model loads."""
   # Offline: task data comes from local files; nothing may reach the hub.
   os.environ['HF_DATASETS_OFFLINE'] = '1'
   os.environ['HF_HUB_OFFLINE'] = '1'
@@ -241,7 +242,7 @@ def run_tasks(workdir: str, tasks: list[str], *, config=None, step: int | None =
   if unknown:
     raise FlagError(f'--tasks: unknown lm-eval task(s) {unknown}; define them in a YAML '
                     'under --include_path, or check the names (lm-eval ls tasks).')
-  lm = XenithLM.from_workdir(workdir, config, step, batch_size)
+  lm = lm or XenithLM.from_workdir(workdir, config, step, batch_size)
   results = lm_eval.simple_evaluate(
       model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
       task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
