@@ -19,7 +19,7 @@ def config():
   c.eval_every_steps = 2
   c.checkpoint_every_steps = 2
   c.keep_checkpoints = 5
-  c.num_eval_batches = 2
+  c.num_eval_batches = 1
   c.passkey.lengths = (128,)
   c.passkey.num_examples = 2
   c.passkey.batch_size = 8  # conftest's 8 devices.
