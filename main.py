@@ -157,9 +157,8 @@ def _workdir_config(argv):
   workdir = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
   if not workdir:
     return argv
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'xenith', 'eval',
-                      'workdir_config.py')
-  return [argv[0], f'--config={path}:{workdir[-1]}', *argv[1:]]
+  from xenith.eval import workdir_config  # pylint: disable=g-import-not-at-top
+  return [argv[0], f'--config={workdir_config.__file__}:{workdir[-1]}', *argv[1:]]
 
 
 def parse_flags(argv):
