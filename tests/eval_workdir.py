@@ -1,7 +1,9 @@
 """One tiny trained language-model workdir, shared by the evaluation tests (trained once
 per test session, in-process on conftest's 8 CPU devices)."""
 
+import atexit
 import functools
+import shutil
 import tempfile
 
 from experiments import default
@@ -31,4 +33,5 @@ def trained() -> tuple[str, dict]:
   """(workdir, training's final metrics)."""
   from xenith.train import loop  # pylint: disable=g-import-not-at-top
   workdir = tempfile.mkdtemp(prefix='xenith_eval_')
+  atexit.register(shutil.rmtree, workdir, True)
   return workdir, loop.train_and_evaluate(config(), workdir)
