@@ -68,7 +68,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard logs and final metrics.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'describe', 'generate', 'classify', 'import_hf', 'export_hf'],
+    'mode', 'train', ['train', 'describe', 'generate', 'classify', 'import_hf', 'export_hf',
+                      'eval', 'lm_eval'],
     'train: train and evaluate in --workdir, resuming if it has a checkpoint. describe: '
     'print parameters, FLOPs per token and memory per device, allocating nothing. '
     'import_hf: Hugging Face Mixtral/Mistral checkpoint --hf_dir -> Xenith config and '
@@ -76,7 +77,9 @@ _MODE = flags.DEFINE_enum(
     'checkpoint --hf_dir (config from the import, or --config; Xenith\'s native format '
     'for a model HF cannot express). generate: continue '
     '--prompt with the newest params in --workdir and print the text. classify: label '
-    'each text of --input with a classification run\'s newest checkpoint in --workdir.')
+    'each text of --input with a classification run\'s newest checkpoint in --workdir. '
+    'eval: a checkpoint of --workdir on any data source and split (docs/eval.md). '
+    'lm_eval: lm-evaluation-harness --tasks on the newest checkpoint of --workdir.')
 _HF_DIR = flags.DEFINE_string(
     'hf_dir', None, 'import_hf / export_hf: the Hugging Face checkpoint directory '
     '(config.json + *.safetensors) to read / write.')
@@ -97,6 +100,21 @@ _MEMORY_BANK = flags.DEFINE_string(
     'memory_bank', None, 'generate, memory models: continue from the memory state saved '
     'in this .npz (if it exists; the prompt then gets no BOS) and save the state after '
     'the output there, so the next call continues the same document.')
+_CHECKPOINT_STEP = flags.DEFINE_integer(
+    'checkpoint_step', None, 'eval, lm_eval: the checkpoint step to evaluate (default: '
+    'the newest).', lower_bound=0)
+_SPLIT = flags.DEFINE_string('split', None, 'eval: the split to evaluate (sets '
+                             'config.data.eval_split).')
+_EVAL_NAME = flags.DEFINE_string(
+    'eval_name', None, 'eval: names the results: eval/<name>_step<N>.json and the '
+    'TensorBoard tags eval_<name>/... (default: <source>_<split>).')
+_TASKS = flags.DEFINE_list('tasks', [], 'lm_eval: the harness tasks to run.')
+_INCLUDE_PATH = flags.DEFINE_string(
+    'include_path', None, 'lm_eval: a folder of task YAMLs to add to the harness\'s own.')
+_NUM_FEWSHOT = flags.DEFINE_integer('num_fewshot', None, 'lm_eval: few-shot examples '
+                                    '(default: each task\'s).', lower_bound=0)
+_LIMIT = flags.DEFINE_integer('limit', None, 'lm_eval: at most this many documents per '
+                              'task.', lower_bound=1)
 _ALLOW_CHANGES = flags.DEFINE_list(
     'allow_changes', [], 'train: resume although these differ from what the workdir was '
     'trained with: config fields or prefixes (num_train_steps, optimizer), tokenizer, '
@@ -120,8 +138,27 @@ _COMPILE = flags.DEFINE_bool(
     'device and FLOPs per token beside the estimates (xenith/sizing/compiled.py).')
 
 
+def _config_overrides(argv):
+  return [a.split('=', 1)[0][len('--config.'):] for a in argv if a.startswith('--config.')]
+
+
+def _workdir_config(argv):
+  """eval / lm_eval with `--config.*` overrides but no --config: the overrides apply to
+  the workdir's own config (xenith/eval/workdir_config.py)."""
+  modes = ('--mode=eval', '--mode=lm_eval')
+  if (not any(a in modes for a in argv) or not _config_overrides(argv)
+      or any(a.startswith('--config=') for a in argv)):
+    return argv
+  workdir = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]
+  if not workdir:
+    return argv
+  from xenith.eval import workdir_config  # pylint: disable=g-import-not-at-top
+  return [argv[0], f'--config={workdir_config.__file__}:{workdir[-1]}', *argv[1:]]
+
+
 def parse_flags(argv):
   """absl's flag parsing, with config-file and unknown-field failures as one line."""
+  argv = _workdir_config(argv)
   try:
     argv = flags.FLAGS(argv)
     if _CONFIG.value is not None:  # Optional for import_hf / export_hf only.
@@ -163,7 +200,7 @@ class _ProcessPrefix(logging.logging.Filter):
     return True
 
 
-_ONE_PROCESS_MODES = ('generate', 'classify', 'import_hf', 'export_hf')
+_ONE_PROCESS_MODES = ('generate', 'classify', 'import_hf', 'export_hf', 'lm_eval')
 
 
 def _join_processes() -> None:
@@ -185,7 +222,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   console.configure(_VERBOSE)  # Short lines, no library chatter unless --verbosity=1.
   modes = {'train': _train, 'describe': _describe, 'generate': _generate,
-           'classify': _classify, 'import_hf': _import_hf, 'export_hf': _export_hf}
+           'classify': _classify, 'import_hf': _import_hf, 'export_hf': _export_hf,
+           'eval': _eval, 'lm_eval': _lm_eval}
   if _MODE.value != 'train':
     sigterm.restore_default()  # Only training has a safe point to stop at.
   try:
@@ -289,6 +327,28 @@ def _classify():
   if _OUTPUT.value:
     classify.write_jsonl(_OUTPUT.value, texts, predictions)
     print(f'Wrote {len(texts)} predictions to {_OUTPUT.value}.')
+
+
+def _eval():
+  from xenith.eval import standalone  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value:
+    raise app.UsageError('--mode=eval needs --workdir.')
+  config = _CONFIG.value  # None: the workdir's run.json.
+  result = standalone.evaluate(_WORKDIR.value, config, step=_CHECKPOINT_STEP.value,
+                               split=_SPLIT.value, name=_EVAL_NAME.value)
+  if distributed.is_primary():
+    print(standalone.format_table(result), flush=True)
+
+
+def _lm_eval():
+  from xenith.eval import lm_eval_adapter  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value or not _TASKS.value:
+    raise app.UsageError('--mode=lm_eval needs --workdir and --tasks.')
+  table, path = lm_eval_adapter.run_tasks(
+      _WORKDIR.value, _TASKS.value, config=_CONFIG.value, step=_CHECKPOINT_STEP.value,
+      include_path=_INCLUDE_PATH.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value)
+  print(table)
+  print(f'Written to {path}')
 
 
 def _hf_dirs():
