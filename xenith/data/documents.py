@@ -67,11 +67,17 @@ def folder_fingerprint(folder: str | pathlib.Path) -> str:
   edit, addition, removal or rename changes it.
   """
   root = pathlib.Path(folder).expanduser()
+  return stat_fingerprint(root, list_files(root))
+
+
+def stat_fingerprint(root: pathlib.Path, files: list[pathlib.Path]) -> str:
+  """A hash of each file's path relative to `root` (its name when `root` is the one
+  file), size and modification time."""
   h = hashlib.sha256()
-  for path in list_files(root):
+  for path in files:
     st = path.stat()
-    h.update(f'{path.relative_to(root).as_posix()}\0{st.st_size}\0'
-             f'{st.st_mtime_ns}\n'.encode())
+    name = path.name if root.is_file() else path.relative_to(root).as_posix()
+    h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   return h.hexdigest()
 
 

@@ -7,10 +7,10 @@ Nothing is downloaded: the hub is offline and `datasets` caches under
 `<Xenith cache>/hf`, never in ~/.cache/huggingface.
 """
 
-import hashlib
 import os
 import pathlib
 
+from xenith.data import documents
 from xenith.data import record_splits
 from xenith.data import text_dataset
 from xenith.errors import DataError
@@ -28,16 +28,6 @@ def _files(root: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in ([root] if root.is_file() else root.rglob('*'))
                 if p.is_file() and not any(s.startswith('.') for s in p.relative_to(
                     root.parent if root.is_file() else root).parts))
-
-
-def _fingerprint(root: pathlib.Path) -> str:
-  """Relative paths, sizes and modification times of every file (no file is read)."""
-  h = hashlib.sha256()
-  for p in _files(root):
-    st = p.stat()
-    h.update(f'{p.name if root.is_file() else p.relative_to(root).as_posix()}\0'
-             f'{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-  return h.hexdigest()
 
 
 class _Column:
@@ -89,7 +79,9 @@ def open_splits(data_config, cache: pathlib.Path) -> tuple[dict, dict]:
   named = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {'train': loaded}
   key = data_config.get('text_key', 'text') or 'text'
   splits = {name: _Column(ds, key) for name, ds in named.items()}
-  return {'name': os.fspath(root), 'files': _fingerprint(root)}, splits
+  # Paths, sizes and modification times of every file (no file is read).
+  fingerprint = documents.stat_fingerprint(root, _files(root))
+  return {'name': os.fspath(root), 'files': fingerprint}, splits
 
 
 def prepare(data_config, cache) -> text_dataset.PreparedData:
