@@ -466,7 +466,7 @@ def test_bad_folders_and_settings_raise_data_error(tmp_path, corpus):
     pipeline.create_datasets(make_config(cache, corpus, source='web'))
   with pytest.raises(DataError, match='validation_fraction'):
     pipeline.create_datasets(make_config(cache, corpus, validation_fraction=1.0))
-  with pytest.raises(DataError, match='not .train., .mixtral. or an existing'):
+  with pytest.raises(DataError, match='is not .train., .mixtral., an existing SentencePiece'):
     pipeline.create_datasets(make_config(cache, corpus, tokenizer='nope.model'))
   config = make_config(cache, corpus)
   config.global_batch_size = 3
