@@ -27,9 +27,6 @@ SIZES = {
 
 LOGICAL_AXIS_RULES = config_defaults.LOGICAL_AXIS_RULES
 
-# Greedy continuations of these, as TensorBoard text at each evaluation (docs/observability.md).
-SAMPLE_PROMPTS = ('ROMEO:', 'To be, or not to be,')
-
 # config.model fields each size sets (besides global_batch_size and max_seq_len).
 _MODEL_SIZE_FIELDS = ('vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'num_kv_heads',
                       'head_dim', 'mlp_dim')
@@ -67,8 +64,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The defaults derive these from max_seq_len; they follow the size's.
   config.model.attention.window_reference_length = s['max_seq_len']
   config.model.rope_scaling.original_max_position = s['max_seq_len']
-  if size != 'tiny':  # Tests run tiny: no generation to compile at each of their evals.
-    config.sample_prompts = SAMPLE_PROMPTS
   return config
 
 

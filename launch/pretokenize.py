@@ -5,9 +5,8 @@ r"""Tokenizes a text source once into a pre-tokenized corpus (data.source='token
       --config.data.tokenizer=/models/spm.model --out=/data/books_tokens
 
 Writes `--out/train.array_record`, `--out/<data.eval_split>.array_record`,
-`--out/metadata.json` and `--out/tokenizer.model` (xenith/data/pretokenized.py); train
-on it with --config.data.source=tokens --config.data.path=<out>
---config.data.tokenizer=<out>/tokenizer.model.
+`--out/metadata.json` and the tokenizer's files (xenith/data/pretokenized.py); train on
+it with --config.data.source=tokens --config.data.path=<out> --config.data.tokenizer=<out>.
 """
 
 import os
@@ -20,7 +19,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
-from xenith.data import pretokenized
+from xenith.data import tokenize_corpus
 from xenith.errors import DataError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config naming the '
@@ -32,7 +31,7 @@ flags.mark_flags_as_required(['config', 'out'])
 def main(argv):
   del argv
   try:
-    meta = pretokenized.write(_CONFIG.value, _OUT.value)
+    meta = tokenize_corpus.write(_CONFIG.value, _OUT.value)
   except DataError as e:
     sys.exit(f'DataError: {e}')
   print(f'Wrote {_OUT.value}: ' + ', '.join(

@@ -20,6 +20,7 @@ from xenith import config_validation
 from xenith.data import documents
 from xenith.data import pipeline
 from xenith.data import pretokenized
+from xenith.data import tokenize_corpus
 from xenith.data import tokenizer as tokenizer_lib
 from xenith.errors import ConfigError, DataError
 
@@ -268,7 +269,7 @@ def text_folder(tmp_path_factory):
 @pytest.fixture(scope='module')
 def tokens_dir(tmp_path_factory, cache, tok_path, text_folder):
   out = tmp_path_factory.mktemp('tokens') / 'corpus'
-  meta = pretokenized.write(_config(cache, tok_path, path=str(text_folder[0])), str(out))
+  meta = tokenize_corpus.write(_config(cache, tok_path, path=str(text_folder[0])), str(out))
   return out, meta
 
 

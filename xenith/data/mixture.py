@@ -12,12 +12,12 @@ every checkpoint) is the mixture's position too. Evaluation reads every source's
 split in turn; a trained tokenizer and the unigram baseline see all train splits.
 """
 
+import dataclasses
 import hashlib
 import json
 
 import ml_collections
 
-from xenith.data import text_dataset
 from xenith.errors import ConfigError
 
 # The `config.data` fields an entry may set; `weight` is the entry's own.
@@ -65,8 +65,7 @@ class Concat:
     raise IndexError(i)
 
 
-def combine(parts: list[text_dataset.PreparedData],
-            weights: list[float]) -> text_dataset.PreparedData:
+def combine(parts: list, weights: list[float]):
   """One PreparedData of all parts: train and validation concatenated (for the
   tokenizer, the baseline and evaluation); the fingerprint covers each part's and its
   weight."""
@@ -75,7 +74,9 @@ def combine(parts: list[text_dataset.PreparedData],
   for p in parts:
     for k, v in p.stats.items():
       stats[k] = stats.get(k, 0) + v
-  return text_dataset.PreparedData(
-      f'mix-{hashlib.sha256(key.encode()).hexdigest()[:16]}',
-      Concat(p.train for p in parts), Concat(p.validation for p in parts), stats,
-      tuple(sorted({lang for p in parts for lang in p.languages})))
+  # A PreparedData (text_dataset.py; not imported: config validation imports this
+  # module, and must not need TFDS).
+  return dataclasses.replace(
+      parts[0], fingerprint=f'mix-{hashlib.sha256(key.encode()).hexdigest()[:16]}',
+      train=Concat(p.train for p in parts), validation=Concat(p.validation for p in parts),
+      stats=stats, languages=tuple(sorted({lang for p in parts for lang in p.languages})))

@@ -9,7 +9,8 @@ document (passage), its token ids without BOS/EOS as little-endian int32; and
    "splits": {"train": {"documents": n, "tokens": t}, ...}}
 
 plus the tokenizer itself (`tokenizer.model`), so `data.tokenizer` can name it.
-`write(...)` (or `python launch/pretokenize.py`) makes one from any text source. The
+`xenith.data.tokenize_corpus.write(config, out)` (or `python launch/pretokenize.py`)
+makes one from any text source. The
 pipeline adds BOS/EOS and packs as for text. A corpus whose tokenizer is not
 `data.tokenizer`, or with ids >= model.vocab_size, stops the run before training.
 """
@@ -51,29 +52,22 @@ def write_split(path: pathlib.Path, docs) -> dict[str, int]:
   return counts
 
 
-def write(config, out: str) -> dict:
-  """Tokenizes the text source that `config.data` names (its train split and
-  config.data.eval_split) into folder `out`, with the tokenizer it names; returns the
-  metadata. Use the written tokenizer (`out/tokenizer.model`) as data.tokenizer after."""
-  from xenith.data import pipeline  # pylint: disable=g-import-not-at-top
-  if config.data.source in ('tokens', 'passkey') or config.data.get('mixture'):
-    raise DataError(f"Pre-tokenizing reads one text source, not {config.data.source!r} "
-                    'or a mixture.')
+def write_corpus(data: text_dataset.PreparedData, tokenizer, out: str,
+                 eval_split: str) -> dict:
+  """Writes `data`'s train split and its validation split (named `eval_split`), encoded
+  with `tokenizer`, into the new folder `out`; returns the metadata. The folder then also
+  names the tokenizer (its files are copied there), for data.tokenizer."""
   root = pathlib.Path(out).expanduser()
   if (root / METADATA).exists():
     raise DataError(f'{root} already holds a tokenized corpus; choose a new folder.')
   root.mkdir(parents=True, exist_ok=True)
-  data = pipeline.text_data(config)
-  tokenizer = pipeline.load_tokenizer(config)
-  eval_split = config.data.get('eval_split', 'validation')
   splits, max_id = {}, -1
   for name, split in (('train', data.train), (eval_split, data.validation)):
     texts = (split[i]['text'].decode() for i in range(len(split)))
     counts = write_split(root / f'{name}{_SUFFIX}', (tokenizer.encode(t) for t in texts))
     max_id = max(max_id, counts.pop('max_id'))
     splits[name] = counts
-  # The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json),
-  # so that data.tokenizer=<this folder> names it.
+  # The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json).
   for name, content in tokenizer.files().items():
     atomic_files.write_bytes(root / name, content)
   metadata = {'format': FORMAT, 'version': VERSION, 'vocab_size': tokenizer.vocab_size,
