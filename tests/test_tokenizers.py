@@ -131,17 +131,22 @@ def test_either_kind_is_pinned_in_the_workdir_and_a_change_is_refused(tmp_path):
   assert tokenizer_lib.read_pinned(str(tmp_path / 'tok' / 'missing')) is None
 
 
+def _exported(tokenizer, out):
+  """`tokenizer`'s export files beside a Mistral config.json in `out`, loaded by
+  transformers.AutoTokenizer."""
+  out.mkdir()
+  for name, data in tokenizer.export_files().items():
+    (out / name).write_bytes(data)
+  (out / 'config.json').write_text(json.dumps({'model_type': 'mistral'}))
+  return transformers.AutoTokenizer.from_pretrained(out)
+
+
 def test_sentencepiece_export_files_load_in_transformers_as_llama(tmp_path):
   """tokenizer.model + tokenizer_config.json + tokenizer.json, beside a Mistral
   config.json: AutoTokenizer adds BOS (not EOS), has pad 0, unk 1, bos 2, eos 3, and
   encodes and decodes as SentencePiece does."""
   sp, sp_path = _sentencepiece(tmp_path)
-  out = tmp_path / 'hf'
-  out.mkdir()
-  for name, data in sp.export_files().items():
-    (out / name).write_bytes(data)
-  (out / 'config.json').write_text(json.dumps({'model_type': 'mistral'}))
-  hf = transformers.AutoTokenizer.from_pretrained(out)
+  hf = _exported(sp, tmp_path / 'hf')
   assert (hf.pad_token_id, hf.unk_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2, 3)
   assert sp.special_token_ids() == {'pad_token_id': 0, 'unk_token_id': 1,
                                     'bos_token_id': 2, 'eos_token_id': 3}
@@ -156,12 +161,7 @@ def test_hf_export_files_load_in_transformers(tmp_path):
   """An HF tokenizer's export files, beside a Mistral config.json: AutoTokenizer has its
   special tokens and encodes as Xenith does."""
   tok = _load(_hf_folder(tmp_path / 'tok', ['<pad>', '<s>', '</s>']))
-  out = tmp_path / 'hf'
-  out.mkdir()
-  for name, data in tok.export_files().items():
-    (out / name).write_bytes(data)
-  (out / 'config.json').write_text(json.dumps({'model_type': 'mistral'}))
-  hf = transformers.AutoTokenizer.from_pretrained(out)
+  hf = _exported(tok, tmp_path / 'hf')
   assert tok.special_token_ids() == {'pad_token_id': 0, 'bos_token_id': 1,
                                      'eos_token_id': 2}
   assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
