@@ -138,15 +138,11 @@ _COMPILE = flags.DEFINE_bool(
     'device and FLOPs per token beside the estimates (xenith/sizing/compiled.py).')
 
 
-def _config_overrides(argv):
-  return [a.split('=', 1)[0][len('--config.'):] for a in argv if a.startswith('--config.')]
-
-
 def _workdir_config(argv):
   """eval / lm_eval with `--config.*` overrides but no --config: the overrides apply to
   the workdir's own config (xenith/eval/workdir_config.py)."""
   modes = ('--mode=eval', '--mode=lm_eval')
-  if (not any(a in modes for a in argv) or not _config_overrides(argv)
+  if (not any(a in modes for a in argv) or not config_errors.overrides(argv)
       or any(a.startswith('--config=') for a in argv)):
     return argv
   workdir = [a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')]

@@ -14,7 +14,7 @@ import re
 from typing import Sequence
 
 
-def _overrides(argv: Sequence[str]) -> list[str]:
+def overrides(argv: Sequence[str]) -> list[str]:
   """The dotted fields of `--config.<field>=...` arguments, in order."""
   return [a.split('=', 1)[0][len('--config.'):] for a in argv if a.startswith('--config.')]
 
@@ -29,7 +29,7 @@ def unknown_field(error: BaseException, argv: Sequence[str]) -> str:
   missing = names[0] if names else text.strip('"\'').splitlines()[0]
   hint = re.search(r'[Dd]id you mean "([^"]+)"', text)
   path = missing
-  for override in _overrides(argv):  # The full dotted path of the override that failed.
+  for override in overrides(argv):  # The full dotted path of the override that failed.
     parts = override.split('.')
     if missing in parts:
       path = '.'.join(parts[:parts.index(missing) + 1])

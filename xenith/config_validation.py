@@ -389,7 +389,7 @@ def _validate_data_sources(config) -> None:
         raise ConfigError(where + 'path', f"is empty; source={own.source!r} reads it")
     if own.source == 'tokens' and config.data.tokenizer == 'train':
       raise ConfigError('data.tokenizer', "'train' cannot train on token ids (source="
-                        "'tokens'); give the corpus's tokenizer.model")
+                        "'tokens'); give the corpus folder, which holds its tokenizer")
     if not own.get('text_key', 'text'):
       raise ConfigError(where + 'text_key', 'must name the text field')
     if own.source in ('shakespeare', 'folder') and own.get('eval_split', 'validation') not in (

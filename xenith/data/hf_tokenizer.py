@@ -66,8 +66,7 @@ class HfTokenizer:
     special['bos_token'] = special['bos_token'] or special['eos_token']
     special['pad_token'] = special['pad_token'] or special['eos_token']
     self.special = special
-    ids = {role: self._tok.token_to_id(token) for role, token in special.items()}
-    self._ids = ids
+    self._ids = {role: self._tok.token_to_id(token) for role, token in special.items()}
 
   @classmethod
   def from_path(cls, spec: str) -> 'HfTokenizer':

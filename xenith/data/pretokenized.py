@@ -8,7 +8,8 @@ document (passage), its token ids without BOS/EOS as little-endian int32; and
    "tokenizer_digest": ..., "bos_id": b, "eos_id": e,
    "splits": {"train": {"documents": n, "tokens": t}, ...}}
 
-plus the tokenizer itself (`tokenizer.model`), so `data.tokenizer` can name it.
+plus the tokenizer's own files (`tokenizer.model`, or tokenizer.json +
+tokenizer_config.json), so `data.tokenizer` can name the folder.
 `xenith.data.tokenize_corpus.write(config, out)` (or `python launch/pretokenize.py`)
 makes one from any text source. The
 pipeline adds BOS/EOS and packs as for text. A corpus whose tokenizer is not
@@ -23,6 +24,7 @@ import pathlib
 import numpy as np
 
 from xenith import atomic_files
+from xenith.data import documents
 from xenith.data import text_dataset
 from xenith.errors import DataError
 
@@ -99,7 +101,7 @@ def metadata(path: str) -> dict:
     meta = json.loads(file.read_text())
   except (OSError, ValueError):
     raise DataError(f'{file} is missing or not JSON: config.data.path must be a folder '
-                    "written by xenith.data.pretokenized.write (source='tokens').") from None
+                    "written by launch/pretokenize.py (source='tokens').") from None
   if meta.get('format') != FORMAT or meta.get('version') != VERSION:
     raise DataError(f'{file}: not a {FORMAT} v{VERSION} corpus.')
   return meta
@@ -140,10 +142,8 @@ def prepare(data_config, cache) -> text_dataset.PreparedData:
     if name not in names:
       raise DataError(f'{root} has splits {names}; config.data.eval_split or training '
                       f'needs {name!r}.')
-  h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-  for name in names:
-    st = (root / f'{name}{_SUFFIX}').stat()
-    h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  files = documents.stat_fingerprint(root, [root / f'{n}{_SUFFIX}' for n in names])
+  h = hashlib.sha256(json.dumps({'metadata': meta, 'files': files}, sort_keys=True).encode())
   train, validation = _Ids(root / f'train{_SUFFIX}'), _Ids(root / f'{eval_split}{_SUFFIX}')
   stats = {'documents': len(train), 'skipped_empty_documents': 0,
            'train_passages': len(train), 'validation_passages': len(validation)}

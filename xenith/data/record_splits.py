@@ -63,16 +63,16 @@ def _build_index(splits, text_key: str, hashed: bool, fraction: float, where: st
   index, empty = {}, 0
   for name, records in splits.items():
     rows, val = [], []
+    held_out = hashed and name == 'train'  # Its validation passages are drawn by hash.
     for r in range(len(records)):
       passages = passages_lib.split_passages(
           record_text(records[r], text_key, f'{where} split {name!r} record {r}'))
       empty += not passages
       for k, p in enumerate(passages):
-        test = hashed and name == 'train'
-        (val if test and passages_lib.passage_hash(str(r), p) < fraction else rows).append(
-            (r, k))
+        to_val = held_out and passages_lib.passage_hash(str(r), p) < fraction
+        (val if to_val else rows).append((r, k))
     index[name] = np.asarray(rows, np.int64).reshape(-1, 2)
-    if hashed and name == 'train':
+    if held_out:
       if not val and len(rows) > 1:  # As for a folder: always one validation passage.
         val.append(rows.pop())
       index['validation'] = np.asarray(val, np.int64).reshape(-1, 2)

@@ -25,15 +25,10 @@ from xenith import atomic_files
 from xenith import sharding
 from xenith import storage
 from xenith.config_validation import validate
-from xenith.data import labelled
-from xenith.data import passkey_examples
 from xenith.data import pipeline
 from xenith.errors import CheckpointMismatchError
 from xenith.errors import ConfigError
 from xenith.errors import DataError
-from xenith.eval import passkey
-from xenith.model import classifier
-from xenith.model.build import make_model
 from xenith.train import checkpointing
 from xenith.train import classification
 from xenith.train import loop
@@ -52,10 +47,7 @@ class Result:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The committed checkpoint steps of `workdir`, ascending."""
-  directory = storage.path(workdir, '--workdir') / 'checkpoints'
-  if not directory.is_dir():
-    return []
-  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
+  return checkpointing.committed_steps(storage.path(workdir, '--workdir') / 'checkpoints')
 
 
 def pick_step(workdir: str, step: int | None) -> int:
@@ -111,50 +103,31 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   batch_sharding = sharding.batch_sharding(mesh, rules)
   block, blocks = sharding.process_rows(batch_sharding, config.global_batch_size)
   tokenizer = pipeline.load_tokenizer(config, workdir)  # The run's pinned copy.
+  datasets, model, batch_sharding = loop.task_data_and_model(config, batch_sharding, block,
+                                                             blocks, tokenizer)
   if classifying:
     labels = classification.read_labels(workdir)
-    datasets = labelled.create_datasets(
-        config, process_index=block, process_count=blocks, tokenizer=tokenizer,
-        bucket_multiple=classification.bucket_multiple(config.model))
     if list(datasets.labels) != labels:
       raise ConfigError('data', f'the data has the labels {datasets.labels}; the head was '
                         f'trained for {labels}')
-    batch_sharding = classification.batch_shardings(batch_sharding, config)
-    model = classifier.make_classifier(config, len(labels))
   else:
-    datasets = pipeline.create_datasets(config, process_index=block, process_count=blocks,
-                                        tokenizer=tokenizer)
-    model = make_model(config.model)
-  if not classifying:
     split_name = config.data.eval_split
     if not datasets.stats.get(f'{split_name}_passages', 1):
       raise DataError(f"config.data.eval_split='{split_name}': the {config.data.source} "
                       'data has no passages in that split.')
-  passkey_config = config.get('passkey')
-  passkey_set = None
-  if not classifying and passkey_config is not None and passkey_config.lengths:
-    passkey_set = passkey_examples.make_eval_set(
-        tokenizer, passkey_config.lengths, passkey_config.num_examples,
-        seed=passkey_config.seed, digits=passkey_config.digits)
+  passkey_set = None if classifying else loop.passkey_eval_set(config, tokenizer)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_state, state_shardings = abstract_train_state(
         model, optimizer.create_optimizer(config), config.max_seq_len, mesh, rules)
     # Raises CheckpointMismatchError naming the first difference: before any compile.
     params = checkpointing.load_params(item, abstract_state.params)
-    if classifying:
-      evaluator = classification.Evaluator(model, datasets, state_shardings, batch_sharding,
-                                           mesh, workdir)
-    else:
-      evaluator = loop._LmEvaluator(model, datasets, state_shardings, batch_sharding, mesh)  # pylint: disable=protected-access
+    evaluator = loop.make_evaluator(config, model, datasets, state_shardings,
+                                    batch_sharding, mesh, workdir)
     scalars, _ = evaluator.evaluate(params, config.num_eval_batches)
     if passkey_set:
-      predict = jax.jit(passkey.make_predict_fn(model),
-                        in_shardings=(state_shardings.params, batch_sharding, batch_sharding),
-                        out_shardings=sharding.replicated(mesh))
-      scalars.update(loop._passkey_evaluate(  # pylint: disable=protected-access
-          predict, params, passkey_set, passkey_config, batch_sharding,
-          sharding.batch_parallelism(dict(mesh.shape), rules)))
+      scalars.update(loop.make_passkey_evaluator(
+          config, model, passkey_set, state_shardings, batch_sharding, mesh, rules)(params))
 
   scalars = _renamed(scalars, f'eval_{name}')
   path = f'{storage.check_supported(workdir)}/eval/{name}_step{step}.json'

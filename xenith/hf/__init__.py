@@ -13,8 +13,8 @@ One job per module, lowest first:
   configs         config.json <-> `config.model`
   weights         HF tensors <-> Xenith params
   native          Xenith's native format, for models HF cannot express
-  convert         a checkpoint directory <-> (`config.model`, params), HF or native
   tokenizer_files an export's tokenizer files and token ids
+  convert         a checkpoint directory <-> (`config.model`, params), HF or native
   workdir         main.py --mode=import_hf / export_hf
   pretrained      from_pretrained, load_config, save_pretrained
 """

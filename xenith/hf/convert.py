@@ -15,6 +15,7 @@ from xenith.errors import HfFormatError
 from xenith.hf import configs
 from xenith.hf import native
 from xenith.hf import safetensors_io
+from xenith.hf import tokenizer_files
 from xenith.hf import weights
 
 
@@ -57,14 +58,26 @@ def save_hf(path: str, model: ml_collections.ConfigDict, params: dict,
 
 def save(path: str, model: ml_collections.ConfigDict, params: dict,
          hf_config: dict[str, Any] | None = None, dtype: str | None = None,
-         native_format: bool | None = None) -> list[str]:
+         native_format: bool | None = None, tokenizer=None) -> list[str]:
   """Writes `model` with `params` to `path`: HF format if it can express them, else native.
 
   native_format: None picks; True always writes the native format; False writes HF or
   raises HfFormatError. hf_config, dtype: as in `save_hf` (the native format keeps only
-  the dtype). Returns why HF cannot express the model ([] when HF format was written):
-  `configs.export_problems`, and any params no HF tensor holds (none is dropped).
+  the dtype). tokenizer: written beside the model, its token ids in config.json
+  (tokenizer_files.py); None: no tokenizer files. Returns why HF cannot express the model
+  ([] when HF format was written): `configs.export_problems`, and any params no HF tensor
+  holds (none is dropped).
   """
+  if tokenizer is not None:
+    hf_config = tokenizer_files.with_token_ids(hf_config, tokenizer)
+  problems = _save_model(path, model, params, hf_config, dtype, native_format)
+  if tokenizer is not None:
+    tokenizer_files.write(path, tokenizer)
+  return problems
+
+
+def _save_model(path, model, params, hf_config, dtype, native_format) -> list[str]:
+  """`save` without the tokenizer."""
   dtype = dtype or (configs.tensor_dtype(hf_config) if hf_config else 'float32')
   problems = configs.export_problems(model)
   if not problems:

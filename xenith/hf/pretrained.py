@@ -16,7 +16,6 @@ import numpy as np
 from xenith.hf import configs
 from xenith.hf import convert
 from xenith.hf import safetensors_io
-from xenith.hf import tokenizer_files
 from xenith.hf import weights
 from xenith.hf import workdir
 
@@ -104,10 +103,5 @@ def save_pretrained(path: str, module, params: dict, *,
   # A copy: `FrozenConfigDict.as_configdict()` returns the frozen config's own mutable
   # twin, which a module may have changed while tracing (MoeBlock's shared experts do).
   model = ml_collections.ConfigDict(module.config.to_dict())
-  if tokenizer:
-    hf_config = tokenizer_files.with_token_ids(hf_config, tokenizer)
-  problems = convert.save(path, model, jax.tree.map(np.asarray, nn.meta.unbox(params)),
-                          hf_config, dtype, native)
-  if tokenizer:
-    tokenizer_files.write(path, tokenizer)
-  return problems
+  return convert.save(path, model, jax.tree.map(np.asarray, nn.meta.unbox(params)),
+                      hf_config, dtype, native, tokenizer)

@@ -24,7 +24,6 @@ from xenith.errors import HfFormatError
 from xenith.hf import convert
 from xenith.hf import native
 from xenith.hf import safetensors_io
-from xenith.hf import tokenizer_files
 
 CONFIG_JSON = 'xenith_config.json'
 CONFIG_PY = 'config.py'
@@ -164,12 +163,6 @@ def export_from_workdir(workdir: str, hf_dir: str,
   workdir = storage.check_supported(workdir, '--workdir')  # Local or gs://.
   if config is None:
     config = read_config(workdir)
-  tokenizer = tokenizer_lib.read_pinned(workdir)
-  hf_config = find_hf_config(workdir, config)
-  if tokenizer:
-    hf_config = tokenizer_files.with_token_ids(hf_config, tokenizer)
-  problems = convert.save(hf_dir, config.model, load_params(workdir, config.model),
-                          hf_config, dtype)
-  if tokenizer:
-    tokenizer_files.write(hf_dir, tokenizer)
-  return problems
+  return convert.save(hf_dir, config.model, load_params(workdir, config.model),
+                      find_hf_config(workdir, config), dtype,
+                      tokenizer=tokenizer_lib.read_pinned(workdir))

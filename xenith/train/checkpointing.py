@@ -297,6 +297,14 @@ def _read_extra(directory: str, step: int) -> dict[str, Any]:
     return {}
 
 
+def committed_steps(checkpoints) -> list[int]:
+  """The steps saved in a `checkpoints/` folder, ascending ([] when there is none): only
+  committed saves have a plain number for a name."""
+  if not checkpoints.is_dir():
+    return []
+  return sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit())
+
+
 def params_dir(path: str) -> str:
   """The Orbax item holding `{'params': ...}` that `path` names.
 
@@ -306,9 +314,9 @@ def params_dir(path: str) -> str:
   path = storage.path(path, 'the checkpoint path')  # Local or gs://.
   if (path / 'checkpoints').is_dir():
     path = path / 'checkpoints'
-  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
-  if steps:  # Only committed saves have a plain number for a name.
-    path = path / str(max(steps))
+  steps = committed_steps(path)
+  if steps:
+    path = path / str(steps[-1])
   if (path / 'state').is_dir():
     path = path / 'state'
   if not storage.is_file(path / '_METADATA'):

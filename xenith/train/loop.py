@@ -87,17 +87,61 @@ class _LmEvaluator:
     writer.write_scalars(step, scalars)
 
 
-def _passkey_evaluate(predict_step, params, eval_set, passkey_config, batch_sharding,
-                      row_multiple) -> dict[str, float]:
-  """Passkey retrieval scalars (`passkey.evaluate`); every process builds every row."""
+def task_data_and_model(config, batch_sharding, process_index: int, process_count: int,
+                        tokenizer):
+  """config.task's datasets, model and batch sharding: a language model's packed text, or
+  a classifier's labelled batches (whose sharding also covers the labels)."""
+  if config.get('task') == 'classification':
+    datasets = labelled.create_datasets(
+        config, process_index=process_index, process_count=process_count,
+        tokenizer=tokenizer, bucket_multiple=classification.bucket_multiple(config.model))
+    return (datasets, classifier.make_classifier(config, len(datasets.labels)),
+            classification.batch_shardings(batch_sharding, config))
+  datasets = pipeline.create_datasets(
+      config, process_index=process_index, process_count=process_count,
+      tokenizer=tokenizer)
+  return datasets, make_model(config.model), batch_sharding
+
+
+def make_evaluator(config, model, datasets, state_shardings, batch_sharding, mesh,
+                   workdir: str):
+  """The evaluation of config.task: `evaluate(params, num_batches)` and `write`."""
+  if config.get('task') == 'classification':
+    return classification.Evaluator(model, datasets, state_shardings, batch_sharding, mesh,
+                                    workdir)
+  return _LmEvaluator(model, datasets, state_shardings, batch_sharding, mesh)
+
+
+def passkey_eval_set(config, tokenizer):
+  """{length: examples} of config.passkey; None when it has no lengths. Built before any
+  compile, so a length too short for the examples fails early."""
+  passkey_config = config.get('passkey')
+  if passkey_config is None or not passkey_config.lengths:
+    return None
+  return passkey_examples.make_eval_set(
+      tokenizer, passkey_config.lengths, passkey_config.num_examples,
+      seed=passkey_config.seed, digits=passkey_config.digits)
+
+
+def make_passkey_evaluator(config, model, eval_set, state_shardings, batch_sharding, mesh,
+                           rules):
+  """params -> passkey retrieval scalars (`passkey.evaluate`); every process builds every
+  row."""
+  predict_step = jax.jit(passkey.make_predict_fn(model),
+                         in_shardings=(state_shardings.params, batch_sharding,
+                                       batch_sharding),
+                         out_shardings=sharding.replicated(mesh))
+  row_multiple = sharding.batch_parallelism(dict(mesh.shape), rules)
 
   def put(x):
     return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
 
-  def predict(tokens, positions):
-    return jax.device_get(predict_step(params, put(tokens), put(positions)))
+  def evaluate(params) -> dict[str, float]:
+    def predict(tokens, positions):
+      return jax.device_get(predict_step(params, put(tokens), put(positions)))
+    return passkey.evaluate(predict, eval_set, config.passkey.batch_size, row_multiple)
 
-  return passkey.evaluate(predict, eval_set, passkey_config.batch_size, row_multiple)
+  return evaluate
 
 
 def _read_final(path: str) -> dict[str, Any] | None:
@@ -155,49 +199,32 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
   # The run's own tokenizer, unless a new one is allowed in.
   tokenizer = None if 'tokenizer' in allow_changes else record.pinned_tokenizer()
   classifying = config.get('task') == 'classification'
-  if classifying:
-    datasets = labelled.create_datasets(
-        config, process_index=block, process_count=blocks,
-        tokenizer=tokenizer or classification.base_tokenizer(config),
-        bucket_multiple=classification.bucket_multiple(config.model))
-    batch_sharding = classification.batch_shardings(batch_sharding, config)
-    model = classifier.make_classifier(config, len(datasets.labels))
-  else:
-    datasets = pipeline.create_datasets(
-        config, process_index=block, process_count=blocks, tokenizer=tokenizer)
-    model = make_model(config.model)
+  if classifying and tokenizer is None:
+    tokenizer = classification.base_tokenizer(config)
+  datasets, model, batch_sharding = task_data_and_model(config, batch_sharding, block,
+                                                        blocks, tokenizer)
   if resuming:
     record.check_data(datasets.tokenizer, datasets.fingerprint, allow_changes)
   if classifying:
     classification.pin_labels(workdir, datasets.labels)
-  passkey_config = config.get('passkey')
-  passkey_set = None  # {length: examples}, built now so a too-short length fails early.
-  if passkey_config is not None and passkey_config.lengths:
-    passkey_set = passkey_examples.make_eval_set(
-        datasets.tokenizer, passkey_config.lengths, passkey_config.num_examples,
-        seed=passkey_config.seed, digits=passkey_config.digits)
-    passkey_every = passkey_config.every_steps or config.eval_every_steps
+  passkey_set = passkey_eval_set(config, datasets.tokenizer)
+  if passkey_set:
+    passkey_every = config.passkey.every_steps or config.eval_every_steps
   tx = optimizer.create_optimizer(config)
   lr_schedule = optimizer.learning_rate_schedule(config)
-  replicated = sharding.replicated(mesh)
 
   with (jax.set_mesh(mesh), nn.logical_axis_rules(rules),
         Checkpointer(workdir, config.keep_checkpoints) as checkpointer):
     abstract_state, state_shardings = abstract_train_state(
         model, tx, config.max_seq_len, mesh, rules)
-    if classifying:
-      train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding,
-                                  loss_fn=classification.make_loss_fn(model, with_aux=True))
-      evaluator = classification.Evaluator(model, datasets, state_shardings, batch_sharding,
-                                           mesh, workdir)
-    else:
-      train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding)
-      evaluator = _LmEvaluator(model, datasets, state_shardings, batch_sharding, mesh)
-    passkey_step = jax.jit(passkey.make_predict_fn(model),
-                           in_shardings=(state_shardings.params, batch_sharding,
-                                         batch_sharding),
-                           out_shardings=replicated)
-    passkey_rows = sharding.batch_parallelism(dict(mesh.shape), rules)
+    loss_fn = (classification.make_loss_fn(model, with_aux=True) if classifying
+               else None)
+    train_step = jit_train_step(model, tx, config, mesh, state_shardings, batch_sharding,
+                                loss_fn=loss_fn)
+    evaluator = make_evaluator(config, model, datasets, state_shardings, batch_sharding,
+                               mesh, workdir)
+    passkey_eval = None if passkey_set is None else make_passkey_evaluator(
+        config, model, passkey_set, state_shardings, batch_sharding, mesh, rules)
 
     train_iter = iter(datasets.train)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
@@ -325,8 +352,7 @@ def _train_and_evaluate(config, workdir, allow_changes) -> dict[str, float]:
         jax.block_until_ready(state)
         passkey_start = time.perf_counter()
         with report_progress.timed('passkey', wait_jax_async_dispatch=False):
-          passkey_summary = _passkey_evaluate(passkey_step, state.params, passkey_set,
-                                              passkey_config, batch_sharding, passkey_rows)
+          passkey_summary = passkey_eval(state.params)
         writer.write_scalars(step, passkey_summary)
         logging.info(progress.eval_line(step, passkey_summary, 'passkey'))
         interval_start += time.perf_counter() - passkey_start  # Not train time either.

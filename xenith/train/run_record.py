@@ -189,7 +189,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-
 CONFIG_TEXT_FILE = 'config.txt'  # Not config.json: that name is the HF export's.
 
 
